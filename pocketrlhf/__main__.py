@@ -1,0 +1,3 @@
+from pocketrlhf.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,80 @@
+"""The ``pocketrlhf`` command: one sub-command per job, each with its own typed config.
+
+    pocketrlhf <command> [POSITIONAL] [--config run.yaml] [--option value ...]
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+import logging
+import sys
+from dataclasses import dataclass
+
+from pocketrlhf import __version__
+from pocketrlhf.config import help_text, parse_args
+from pocketrlhf.errors import PocketError
+
+
+@dataclass(frozen=True)
+class Command:
+    module: str
+    config: str
+    function: str
+    summary: str
+    positional: tuple[str, ...] = ()
+
+
+COMMANDS: dict[str, Command] = {
+    "demo": Command("pocketrlhf.demo", "DemoConfig", "run", "the whole pipeline on a built-in task and a tiny local model"),
+    "sft": Command("pocketrlhf.stages.sft", "SFTConfig", "train", "supervised fine-tuning of an adapter on a frozen base"),
+    "env": Command("pocketrlhf.env", "EnvConfig", "run", "versions, devices and bitsandbytes kernel check (for bug reports)"),
+}
+
+
+def usage() -> str:
+    lines = [f"pocketrlhf {__version__}: RLHF (SFT, reward model, PPO, DPO) on one GPU, every role on one frozen base.",
+             "", "usage: pocketrlhf <command> [--config FILE] [--option value ...]", "", "commands:"]
+    lines += [f"  {name:<18} {cmd.summary}" for name, cmd in COMMANDS.items()]
+    lines += ["", "Run 'pocketrlhf <command> --help' for a command's options."]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(usage())
+        return 0
+    if argv[0] in ("-V", "--version"):
+        print(__version__)
+        return 0
+    name, rest = argv[0], argv[1:]
+    # Two-word commands ("data stackexchange").
+    if rest and f"{name} {rest[0]}" in COMMANDS:
+        name, rest = f"{name} {rest[0]}", rest[1:]
+    if name not in COMMANDS:
+        close = difflib.get_close_matches(name, list(COMMANDS), n=1)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        print(f"error: unknown command '{name}'{hint}; run 'pocketrlhf --help' for the list", file=sys.stderr)
+        return 2
+    cmd = COMMANDS[name]
+    module = importlib.import_module(cmd.module)
+    config_cls = getattr(module, cmd.config)
+    if "-h" in rest or "--help" in rest:
+        print(help_text(config_cls, name, cmd.summary, cmd.positional))
+        return 0
+    try:
+        cfg = parse_args(config_cls, rest, cmd.positional)
+        getattr(module, cmd.function)(cfg)
+    except PocketError as e:
+        logging.getLogger("pocketrlhf").debug("error", exc_info=True)
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())

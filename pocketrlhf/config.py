@@ -1,0 +1,305 @@
+"""Typed configs for every command: defaults < YAML file < command-line flags.
+
+Each command owns one dataclass. Keys are the same in YAML (``learning_rate: 1e-4``) and on the
+command line (``--learning-rate 1e-4`` or ``--learning_rate 1e-4``). Unknown keys are an error
+that names the closest valid key. This module imports neither torch nor transformers so that
+``--help`` and config errors are instant.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal, get_args, get_origin
+
+import yaml
+
+from pocketrlhf.errors import ConfigError
+
+
+def option(default: Any, help: str = "", **extra: Any) -> Any:
+    """A dataclass field with help text; mutable defaults are copied per instance."""
+    metadata = {"help": help, **extra}
+    if isinstance(default, (list, dict)):
+        return dataclasses.field(default_factory=lambda d=default: type(d)(d), metadata=metadata)
+    return dataclasses.field(default=default, metadata=metadata)
+
+
+# ---------------------------------------------------------------------------------------------
+# Options shared by several commands (mixed into the per-command dataclasses).
+
+
+@dataclasses.dataclass
+class ModelOptions:
+    model: str = option("", "base model: a local Hugging Face directory (or a hub id where the network allows)")
+    quantization: Literal["none", "8bit", "4bit"] = option(
+        "none", "load the frozen base in 16/32-bit, LLM.int8 (8bit) or NF4/FP4 (4bit)"
+    )
+    quant_type: Literal["nf4", "fp4"] = option("nf4", "4-bit data type")
+    double_quant: bool = option(True, "4-bit: quantize the quantization constants too (QLoRA double quantization)")
+    compute_dtype: Literal["bfloat16", "float16", "float32"] = option("bfloat16", "4-bit: dtype of the matmuls")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = option(
+        "auto", "dtype of the non-quantized weights (auto: bf16/fp16 on GPU, fp32 on CPU)"
+    )
+    device: Literal["auto", "cpu", "cuda", "mps"] = option("auto", "where to run")
+    trust_remote_code: bool = option(False, "run Python code shipped with the model (off: safer)")
+
+
+@dataclasses.dataclass
+class AdapterOptions:
+    adapter: Literal["lora", "loha", "lokr", "adalora", "ia3", "prompt_tuning", "prefix_tuning"] = option(
+        "lora", "peft method trained on the frozen base"
+    )
+    lora_r: int = option(16, "rank of LoRA/LoHa/LoKr/AdaLoRA")
+    lora_alpha: float = option(32.0, "LoRA scaling numerator (scale = alpha / r)")
+    lora_dropout: float = option(0.0, "dropout on the adapter input (kept 0 for RL and DPO: log-probs must be exact)")
+    target_modules: str = option(
+        "all-linear", "comma-separated module names, or all-linear (every linear layer but the output head)"
+    )
+    num_virtual_tokens: int = option(16, "prompt/prefix tuning: number of virtual tokens")
+    gradient_checkpointing: bool = option(False, "recompute activations in backward to save memory")
+
+
+@dataclasses.dataclass
+class TrainOptions:
+    output_dir: str = option("runs/run", "run directory: config, metrics.jsonl, checkpoints, final adapter")
+    seed: int = option(0, "random seed (data order, init, sampling)")
+    learning_rate: float = option(2e-4, "peak learning rate")
+    lr_scheduler: Literal["linear", "cosine", "constant"] = option("cosine", "schedule after warm-up")
+    warmup_steps: int = option(0, "linear warm-up steps")
+    weight_decay: float = option(0.0, "AdamW weight decay")
+    optimizer: Literal["adamw", "adamw_8bit", "paged_adamw", "paged_adamw_8bit"] = option(
+        "adamw", "optimizer (8-bit and paged ones from bitsandbytes)"
+    )
+    adam_eps: float = option(1e-8, "Adam epsilon")
+    max_grad_norm: float = option(1.0, "gradient clipping (0: off)")
+    batch_size: int = option(8, "micro-batch size per device")
+    gradient_accumulation_steps: int = option(1, "micro-batches per optimizer step")
+    epochs: float = option(1.0, "passes over the training data (ignored when max_steps > 0)")
+    max_steps: int = option(0, "optimizer steps (0: derived from epochs)")
+    logging_steps: int = option(1, "log metrics every N steps")
+    eval_steps: int = option(0, "evaluate every N steps (0: only at the end)")
+    save_steps: int = option(0, "checkpoint every N steps (0: only the final adapter)")
+    save_total_limit: int = option(2, "keep at most N checkpoints (0: keep all)")
+    resume: str = option("", "continue a run: auto (latest checkpoint in output_dir, if any) or a checkpoint path")
+    report_to: Literal["none", "tensorboard"] = option("none", "extra metrics sink besides metrics.jsonl")
+    progress: bool = option(True, "show a progress bar")
+
+
+# ---------------------------------------------------------------------------------------------
+# Parsing.
+
+
+def config_fields(cls: type) -> dict[str, dataclasses.Field]:
+    hints = typing.get_type_hints(cls)
+    out = {}
+    for f in dataclasses.fields(cls):
+        f.type = hints[f.name]
+        out[f.name] = f
+    return out
+
+
+def _suggest(key: str, valid: list[str]) -> str:
+    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def _strip_optional(tp: Any) -> tuple[Any, bool]:
+    origin = get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in get_args(tp) if a is not type(None)]
+        if len(args) == 1:
+            return args[0], True
+    return tp, False
+
+
+_TRUE = {"true", "1", "yes", "on", "y"}
+_FALSE = {"false", "0", "no", "off", "n"}
+
+
+def coerce(tp: Any, value: Any, where: str) -> Any:
+    """Turn a YAML value or a command-line string into the field's type, or raise ConfigError."""
+    tp, optional = _strip_optional(tp)
+    if value is None or (optional and isinstance(value, str) and value.lower() in {"none", "null", ""}):
+        if optional:
+            return None
+        raise ConfigError(f"{where}: a value is required")
+    origin = get_origin(tp)
+    if origin is Literal:
+        choices = get_args(tp)
+        text = str(value).lower() if isinstance(value, bool) else str(value)
+        if text not in choices:
+            raise ConfigError(f"{where}: '{value}' is not one of {', '.join(choices)}{_suggest(text, list(choices))}")
+        return text
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        text = str(value).lower()
+        if text in _TRUE:
+            return True
+        if text in _FALSE:
+            return False
+        raise ConfigError(f"{where}: expected true or false, got '{value}'")
+    if tp is int:
+        if isinstance(value, bool):
+            raise ConfigError(f"{where}: expected an integer, got '{value}'")
+        try:
+            number = float(value) if isinstance(value, str) and ("e" in value.lower()) else value
+            if isinstance(number, float) and not number.is_integer():
+                raise ValueError
+            return int(number)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{where}: expected an integer, got '{value}'") from None
+    if tp is float:
+        if isinstance(value, bool):
+            raise ConfigError(f"{where}: expected a number, got '{value}'")
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{where}: expected a number, got '{value}'") from None
+    if tp is str:
+        if isinstance(value, (dict, list)):
+            raise ConfigError(f"{where}: expected a string, got {type(value).__name__}")
+        return str(value)
+    if origin is list:
+        (item_tp,) = get_args(tp) or (str,)
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()] if value.strip() else []
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: expected a list, got '{value}'")
+        return [coerce(item_tp, v, where) for v in value]
+    if origin is dict or tp is dict:
+        if isinstance(value, str):
+            try:
+                value = json.loads(value)
+            except json.JSONDecodeError:
+                value = yaml.safe_load(value)
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got '{value}'")
+        return value
+    raise ConfigError(f"{where}: unsupported option type {tp}")
+
+
+def read_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
+        raise ConfigError(f"{where}: invalid YAML ({getattr(e, 'problem', e)})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of option: value at the top level")
+    return data
+
+
+def from_dict(cls: type, data: dict, source: str = "config", base: Any = None) -> Any:
+    """Build (or update ``base``) from a mapping, checking every key and value."""
+    fields_ = config_fields(cls)
+    values = dataclasses.asdict(base) if base is not None else {}
+    for key, value in data.items():
+        name = str(key).replace("-", "_")
+        if name not in fields_:
+            raise ConfigError(f"{source}: unknown key '{key}'{_suggest(name, list(fields_))}")
+        values[name] = coerce(fields_[name].type, value, f"{source}: {name}")
+    try:
+        return cls(**values)
+    except ConfigError:
+        raise
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"{source}: {e}") from None
+
+
+def parse_args(cls: type, argv: list[str], positional: tuple[str, ...] = ()) -> Any:
+    """``[positional...] [--config FILE] [--key value | --key=value | --flag | --no-flag]...``"""
+    fields_ = config_fields(cls)
+    flags: dict[str, Any] = {}
+    positionals: list[str] = []
+    config_file = None
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if not arg.startswith("--") or arg == "--":
+            positionals.append(arg)
+            i += 1
+            continue
+        key, eq, inline = arg[2:].partition("=")
+        name = key.replace("-", "_")
+        if name == "config":
+            if not eq and i + 1 >= len(argv):
+                raise ConfigError("--config needs a YAML file")
+            config_file = inline if eq else argv[i + 1]
+            i += 1 if eq else 2
+            continue
+        negated = False
+        if name not in fields_ and name.startswith("no_") and name[3:] in fields_:
+            name, negated = name[3:], True
+        if name not in fields_:
+            close = difflib.get_close_matches(name, list(fields_), n=1, cutoff=0.5)
+            hint = f" (did you mean --{close[0].replace('_', '-')}?)" if close else ""
+            raise ConfigError(f"unknown option --{key}{hint}")
+        tp, _ = _strip_optional(fields_[name].type)
+        if tp is bool and not eq:
+            nxt = argv[i + 1].lower() if i + 1 < len(argv) else ""
+            if not negated and nxt in _TRUE | _FALSE:
+                flags[name] = coerce(bool, nxt, f"--{key}")
+                i += 2
+            else:
+                flags[name] = not negated
+                i += 1
+            continue
+        if eq:
+            raw = inline
+            i += 1
+        else:
+            if i + 1 >= len(argv):
+                raise ConfigError(f"--{key} needs a value")
+            raw = argv[i + 1]
+            i += 2
+        flags[name] = coerce(fields_[name].type, raw, f"--{key}")
+    if len(positionals) > len(positional):
+        extra = positionals[len(positional)]
+        raise ConfigError(f"unexpected argument '{extra}'")
+    for name, value in zip(positional, positionals):
+        flags[name] = coerce(fields_[name].type, value, name)
+    cfg = cls()
+    if config_file:
+        cfg = from_dict(cls, read_yaml(config_file), source=str(config_file), base=cfg)
+    values = dataclasses.asdict(cfg)
+    values.update(flags)
+    try:
+        return cls(**values)
+    except ConfigError:
+        raise
+    except (TypeError, ValueError) as e:
+        raise ConfigError(str(e)) from None
+
+
+def to_dict(cfg: Any) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def save_config(cfg: Any, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+def help_text(cls: type, command: str, summary: str, positional: tuple[str, ...] = ()) -> str:
+    lines = [f"usage: pocketrlhf {command} {' '.join(p.upper() for p in positional)} [--config FILE] [--option value ...]".replace("  ", " "),
+             "", summary, "", "options (also valid as YAML keys, with underscores):"]
+    for name, f in config_fields(cls).items():
+        tp, _ = _strip_optional(f.type)
+        if get_origin(tp) is Literal:
+            kind = "|".join(get_args(tp))
+        else:
+            kind = getattr(tp, "__name__", str(tp))
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        lines.append(f"  --{name.replace('_', '-'):<28} {kind:<18} default: {default!r}")
+        if f.metadata.get("help"):
+            lines.append(f"      {f.metadata['help']}")
+    return "\n".join(lines)

@@ -1,0 +1,190 @@
+"""Detect a dataset's format from its columns and turn rows into prompt/completion text.
+
+SFT: ``text`` | ``prompt`` + ``completion`` | ``messages`` | ``question`` + ``response_j`` (Stack Exchange).
+Preference: ``prompt`` + ``chosen`` + ``rejected`` (explicit) | ``chosen`` + ``rejected`` (implicit
+prompt: the common prefix) | ``question`` + ``response_j`` + ``response_k`` (``response_j`` better).
+Prompt-only (PPO): ``prompt`` | ``question`` | ``messages``.
+
+Rows with an empty or missing field are skipped and counted; a wrong type is an error.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import Counter
+from dataclasses import dataclass, field
+
+from pocketrlhf.data.loading import DataError, require_string
+from pocketrlhf.data.templates import completion_text, prompt_text, render
+
+SFT_FORMATS = {
+    "messages": ("messages",),
+    "prompt_completion": ("prompt", "completion"),
+    "stackexchange": ("question", "response_j"),
+    "text": ("text",),
+}
+PREFERENCE_FORMATS = {
+    "explicit": ("prompt", "chosen", "rejected"),
+    "stackexchange": ("question", "response_j", "response_k"),
+    "implicit": ("chosen", "rejected"),
+}
+PROMPT_FORMATS = {"prompt": ("prompt",), "stackexchange": ("question",), "messages": ("messages",)}
+
+
+@dataclass
+class Skipped:
+    """Why rows were left out, and how many; reported at the end of every data step."""
+
+    counts: Counter = field(default_factory=Counter)
+
+    def add(self, reason: str) -> None:
+        self.counts[reason] += 1
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+    def describe(self) -> str:
+        return ", ".join(f"{n} {reason}" for reason, n in self.counts.most_common()) or "none"
+
+
+def detect(columns: list[str], formats: dict[str, tuple[str, ...]], source: str, kind: str) -> str:
+    for name, needed in formats.items():
+        if all(c in columns for c in needed):
+            return name
+    wanted = " | ".join("+".join(v) for v in formats.values())
+    raise DataError(f"{source}: no usable columns for {kind} data: expected {wanted}; found {', '.join(columns) or 'none'}")
+
+
+@dataclass
+class TextPair:
+    prompt: str  # already formatted (template applied), may be ""
+    completion: str  # formatted; the EOS token is appended at tokenization
+
+
+def _messages(value, source: str, row: int) -> list[dict] | None:
+    if value is None:
+        return None
+    if not isinstance(value, list) or not all(isinstance(m, dict) and "role" in m and "content" in m for m in value):
+        raise DataError(f"{source}: row {row}: column 'messages' must be a list of {{role, content}} objects")
+    for m in value:
+        if not isinstance(m["content"], str):
+            raise DataError(f"{source}: row {row}: column 'messages' has a non-string content ({type(m['content']).__name__})")
+    return value or None
+
+
+def _split_chat(messages: list[dict], fmt: str, tokenizer) -> TextPair | None:
+    if messages[-1]["role"] != "assistant":
+        return None
+    head = render(messages[:-1], fmt, tokenizer, add_generation_prompt=True)
+    full = render(messages, fmt, tokenizer)
+    if not full.startswith(head):
+        raise DataError("the chat template renders an answer that does not extend its prompt; pass --template chatml")
+    answer = full[len(head):]
+    # The template closes the turn itself; strip its trailing newline so EOS follows end-of-turn.
+    return TextPair(head, answer.rstrip("\n"))
+
+
+def sft_pairs(ds, source: str, template: str = "plain", tokenizer=None, fmt: str | None = None) -> tuple[list[TextPair], Skipped]:
+    """Rows as (prompt, completion) texts with the template applied."""
+    fmt = fmt or detect(ds.column_names, SFT_FORMATS, source, "SFT")
+    skipped = Skipped()
+    out: list[TextPair] = []
+    chat_fmt = "auto" if template == "plain" else template
+    for i, row in enumerate(ds, start=1):
+        if fmt == "messages":
+            msgs = _messages(row["messages"], source, i)
+            pair = _split_chat(msgs, chat_fmt, tokenizer) if msgs else None
+            if pair is None:
+                skipped.add("rows without a final assistant message" if msgs else "rows with empty messages")
+                continue
+            out.append(pair)
+            continue
+        if fmt == "text":
+            text = require_string(row["text"], source, i, "text")
+            if text is None:
+                skipped.add("rows with empty text")
+                continue
+            out.append(TextPair("", text))
+            continue
+        p_col, c_col = SFT_FORMATS[fmt]
+        prompt = require_string(row[p_col], source, i, p_col)
+        completion = require_string(row[c_col], source, i, c_col)
+        if prompt is None or completion is None:
+            skipped.add(f"rows with an empty {p_col if prompt is None else c_col}")
+            continue
+        tmpl = "stackllama" if fmt == "stackexchange" and template == "plain" else template
+        out.append(TextPair(prompt_text(prompt, tmpl, tokenizer), completion_text(completion, tmpl, tokenizer)))
+    if not out:
+        raise DataError(f"{source}: no usable rows ({skipped.describe()} skipped)")
+    return out, skipped
+
+
+@dataclass
+class PreferencePair:
+    prompt: str
+    chosen: str
+    rejected: str
+
+
+def _common_prefix(a: str, b: str) -> str:
+    return os.path.commonprefix([a, b])
+
+
+def preference_pairs(ds, source: str, template: str = "plain", tokenizer=None) -> tuple[list[PreferencePair], Skipped]:
+    """Rows as (prompt, chosen, rejected) texts with the template applied."""
+    fmt = detect(ds.column_names, PREFERENCE_FORMATS, source, "preference")
+    skipped = Skipped()
+    out: list[PreferencePair] = []
+    tmpl = "stackllama" if fmt == "stackexchange" and template == "plain" else template
+    for i, row in enumerate(ds, start=1):
+        cols = PREFERENCE_FORMATS[fmt]
+        values = [require_string(row[c], source, i, c) for c in cols]
+        if any(v is None for v in values):
+            missing = cols[[v is None for v in values].index(True)]
+            skipped.add(f"rows with an empty {missing}")
+            continue
+        if fmt == "implicit":
+            chosen, rejected = values
+            prompt = _common_prefix(chosen, rejected)
+            # Split on a word boundary so both answers start with a whole token.
+            cut = max(prompt.rfind(" "), prompt.rfind("\n"))
+            prompt = prompt[: cut + 1] if cut >= 0 else ""
+            out.append(PreferencePair(prompt, chosen[len(prompt):], rejected[len(prompt):]))
+            continue
+        prompt, chosen, rejected = values
+        if chosen == rejected:
+            skipped.add("pairs whose two answers are identical")
+            continue
+        out.append(PreferencePair(prompt_text(prompt, tmpl, tokenizer), completion_text(chosen, tmpl, tokenizer),
+                                  completion_text(rejected, tmpl, tokenizer)))
+    if not out:
+        raise DataError(f"{source}: no usable preference pairs ({skipped.describe()} skipped)")
+    return out, skipped
+
+
+def prompts(ds, source: str, template: str = "plain", tokenizer=None) -> tuple[list[str], Skipped]:
+    """Prompt-only rows (PPO), formatted and opened for the answer."""
+    fmt = detect(ds.column_names, PROMPT_FORMATS, source, "prompt")
+    skipped = Skipped()
+    out = []
+    tmpl = "stackllama" if fmt == "stackexchange" and template == "plain" else template
+    for i, row in enumerate(ds, start=1):
+        if fmt == "messages":
+            msgs = _messages(row["messages"], source, i)
+            if not msgs:
+                skipped.add("rows with empty messages")
+                continue
+            if msgs[-1]["role"] == "assistant":
+                msgs = msgs[:-1]
+            out.append(render(msgs, "auto" if template == "plain" else template, tokenizer, add_generation_prompt=True))
+            continue
+        col = PROMPT_FORMATS[fmt][0]
+        text = require_string(row[col], source, i, col)
+        if text is None:
+            skipped.add(f"rows with an empty {col}")
+            continue
+        out.append(prompt_text(text, tmpl, tokenizer))
+    if not out:
+        raise DataError(f"{source}: no usable prompts ({skipped.describe()} skipped)")
+    return out, skipped

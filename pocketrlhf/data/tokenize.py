@@ -1,0 +1,99 @@
+"""Token-level data: prompt/completion tokenization, packing, and right-padded batches.
+
+Prompt and completion are tokenized separately and concatenated, exactly as at generation time
+(the prompt alone, then the model's tokens), so the seam between them looks the same in SFT,
+RM, DPO and PPO. Every completion ends with the EOS token id.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+import torch
+
+from pocketrlhf.data.formats import Skipped, TextPair
+from pocketrlhf.errors import DataError
+
+
+@dataclass
+class TokenExample:
+    input_ids: list[int]
+    loss_mask: list[int]  # 1 where the token is trained on (its log-prob counts)
+
+
+def encode(tokenizer, text: str, special: bool) -> list[int]:
+    if not text:
+        return []
+    return tokenizer(text, add_special_tokens=special)["input_ids"]
+
+
+def tokenize_pair(tokenizer, prompt: str, completion: str, completion_only: bool) -> TokenExample:
+    """``[BOS] prompt completion EOS``; the loss covers the completion (+EOS) or, if not
+    ``completion_only``, every token."""
+    prompt_ids = encode(tokenizer, prompt, special=True)
+    completion_ids = encode(tokenizer, completion, special=not prompt_ids) + [tokenizer.eos_token_id]
+    ids = prompt_ids + completion_ids
+    mask = ([0] * len(prompt_ids) if completion_only else [1] * len(prompt_ids)) + [1] * len(completion_ids)
+    return TokenExample(ids, mask)
+
+
+def tokenize_sft(tokenizer, pairs: list[TextPair], completion_only: bool, max_length: int | None,
+                 skipped: Skipped) -> list[TokenExample]:
+    out = []
+    truncated = 0
+    for pair in pairs:
+        ex = tokenize_pair(tokenizer, pair.prompt, pair.completion, completion_only)
+        if max_length and len(ex.input_ids) > max_length:
+            truncated += 1
+            ex = TokenExample(ex.input_ids[:max_length], ex.loss_mask[:max_length])
+        if sum(ex.loss_mask[1:]) == 0:
+            skipped.add("rows with no trainable token after truncation")
+            continue
+        out.append(ex)
+    if truncated:
+        skipped.counts["rows truncated to max_length (kept)"] += truncated
+    return out
+
+
+def pack(examples: list[TokenExample], seq_length: int, seed: int) -> list[TokenExample]:
+    """StackLLaMA packing: shuffle, concatenate (each example already ends with EOS), cut into
+    chunks of exactly ``seq_length`` and drop the incomplete tail."""
+    order = list(range(len(examples)))
+    random.Random(seed).shuffle(order)
+    ids: list[int] = []
+    mask: list[int] = []
+    for i in order:
+        ids.extend(examples[i].input_ids)
+        mask.extend(examples[i].loss_mask)
+    n = len(ids) // seq_length
+    if n == 0:
+        raise DataError(f"not enough tokens for one packed sequence of {seq_length} (the data has {len(ids)}); "
+                         "lower --seq-length or add data")
+    return [TokenExample(ids[k * seq_length:(k + 1) * seq_length], mask[k * seq_length:(k + 1) * seq_length])
+            for k in range(n)]
+
+
+def collate(examples: list[TokenExample], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-padded batch: input_ids, attention_mask, loss_mask."""
+    width = max(len(e.input_ids) for e in examples)
+    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    attn = torch.zeros((len(examples), width), dtype=torch.long)
+    loss = torch.zeros((len(examples), width), dtype=torch.long)
+    for row, e in enumerate(examples):
+        n = len(e.input_ids)
+        ids[row, :n] = torch.tensor(e.input_ids)
+        attn[row, :n] = 1
+        loss[row, :n] = torch.tensor(e.loss_mask)
+    return {"input_ids": ids, "attention_mask": attn, "loss_mask": loss}
+
+
+def left_pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-padded ids and attention mask, for generation (every row ends at the same column)."""
+    width = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    attn = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, s in enumerate(sequences):
+        ids[row, width - len(s):] = torch.tensor(s, dtype=torch.long)
+        attn[row, width - len(s):] = 1
+    return ids, attn

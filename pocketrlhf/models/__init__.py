@@ -1,0 +1,1 @@
+"""Models: load and quantize the base, attach adapters and heads, and run forward passes."""

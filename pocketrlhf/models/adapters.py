@@ -1,0 +1,226 @@
+"""peft adapters on a frozen base: create, save (peft format + tokenizer), load, switch.
+
+Several adapters live on ONE base in memory (policy, reference copy, value, reward). peft's
+``set_adapter`` also rewrites requires_grad (it freezes every adapter but the active one), so
+switching goes through ``AdapterSet.use`` which switches and then restores our own trainability.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import re
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+from pocketrlhf.errors import ModelLoadError
+
+log = logging.getLogger("pocketrlhf")
+
+ADAPTER_CONFIG = "adapter_config.json"
+PROMPT_LEARNING = {"prompt_tuning", "prefix_tuning"}
+
+
+def is_adapter_dir(path: str | Path) -> bool:
+    return (Path(path) / ADAPTER_CONFIG).is_file()
+
+
+def adapter_base_path(path: str | Path) -> str:
+    """The base model an adapter directory was trained on (``base_model_name_or_path``)."""
+    cfg = json.loads((Path(path) / ADAPTER_CONFIG).read_text())
+    return cfg.get("base_model_name_or_path") or ""
+
+
+def make_peft_config(
+    method: str,
+    r: int = 16,
+    alpha: float = 32.0,
+    dropout: float = 0.0,
+    target_modules: str = "all-linear",
+    num_virtual_tokens: int = 16,
+    total_steps: int = 1000,
+    task_type: str = "CAUSAL_LM",
+):
+    import peft
+
+    targets: str | list[str] | None
+    if target_modules.strip() in ("", "all-linear"):
+        targets = "all-linear"
+    else:
+        targets = [t.strip() for t in target_modules.split(",") if t.strip()]
+    common = dict(task_type=task_type)
+    if method == "lora":
+        return peft.LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets, bias="none", **common)
+    if method == "loha":
+        return peft.LoHaConfig(r=r, alpha=alpha, module_dropout=dropout, target_modules=targets, **common)
+    if method == "lokr":
+        return peft.LoKrConfig(r=r, alpha=alpha, module_dropout=dropout, target_modules=targets, **common)
+    if method == "adalora":
+        # AdaLoRA prunes rank on a schedule measured in optimizer steps.
+        total = max(total_steps, 3)
+        return peft.AdaLoraConfig(
+            init_r=r, target_r=max(1, r // 2), lora_alpha=alpha, lora_dropout=dropout, target_modules=targets,
+            total_step=total, tinit=max(1, total // 10), tfinal=max(1, total // 10), **common,
+        )
+    if method == "ia3":
+        # IA3 also needs to know which targets are feed-forward layers; peft knows them per
+        # architecture when targets are left to it.
+        ia3_targets = None if targets == "all-linear" else targets
+        kwargs = {} if ia3_targets is None else {"target_modules": ia3_targets, "feedforward_modules": []}
+        return peft.IA3Config(**kwargs, **common)
+    if method == "prompt_tuning":
+        return peft.PromptTuningConfig(num_virtual_tokens=num_virtual_tokens, **common)
+    if method == "prefix_tuning":
+        return peft.PrefixTuningConfig(num_virtual_tokens=num_virtual_tokens, **common)
+    raise ValueError(f"unknown adapter method '{method}'")
+
+
+def attach_adapter(model: torch.nn.Module, peft_config, name: str = "default"):
+    """Add a fresh trainable adapter. ``model`` may be a plain transformers model or a PeftModel."""
+    import peft
+
+    try:
+        if isinstance(model, peft.PeftModel):
+            model.add_adapter(name, peft_config)
+            return model
+        return peft.get_peft_model(model, peft_config, adapter_name=name)
+    except ValueError as e:
+        msg = str(e).splitlines()[0]
+        if "not found in the base model" in msg or "Target module" in msg:
+            raise ModelLoadError(f"adapter target modules do not exist in this base model: {msg}") from None
+        raise
+    except TypeError as e:
+        if "not supported" in str(e):
+            method = str(getattr(peft_config.peft_type, "value", peft_config.peft_type)).lower()
+            raise ModelLoadError(f"peft's {method} cannot adapt this architecture's layers ({e}); "
+                                 "try --adapter lora, adalora or ia3") from None
+        raise
+
+
+def _describe_mismatch(err: Exception, path: str) -> str:
+    text = str(err)
+    m = re.search(r"size mismatch for ([^:]+): copying a param with shape (torch.Size\(\[[^\]]*\]\)) from checkpoint, "
+                  r"the shape in current model is (torch.Size\(\[[^\]]*\]\))", text)
+    if m:
+        return (f"adapter {path} does not match this base model: {m.group(1)} has shape {m.group(2)} in the adapter "
+                f"but {m.group(3)} in the base (was it trained on another model?)")
+    return f"adapter {path} does not match this base model: {text.splitlines()[0]}"
+
+
+def load_adapter(model: torch.nn.Module, path: str | Path, name: str = "default", trainable: bool = False):
+    """Load a saved peft adapter onto ``model`` (plain or PeftModel); errors clearly on a mismatch."""
+    import peft
+
+    path = str(path)
+    if not is_adapter_dir(path):
+        raise ModelLoadError(f"{path} is not an adapter directory (no {ADAPTER_CONFIG})")
+    if not (Path(path) / "adapter_model.safetensors").is_file():
+        raise ModelLoadError(f"{path} has no adapter_model.safetensors (pocketrlhf loads safetensors only)")
+    try:
+        with warnings_as_errors_for_missing_keys():
+            if isinstance(model, peft.PeftModel):
+                result = model.load_adapter(path, adapter_name=name, is_trainable=trainable)
+            else:
+                model = peft.PeftModel.from_pretrained(model, path, adapter_name=name, is_trainable=trainable)
+                result = None
+    except (RuntimeError, ValueError, KeyError) as e:
+        raise ModelLoadError(_describe_mismatch(e, path)) from None
+    unexpected = getattr(result, "unexpected_keys", None) or []
+    if unexpected:
+        raise ModelLoadError(f"adapter {path} does not match this base model: unexpected weights such as {unexpected[0]}")
+    return model
+
+
+@contextlib.contextmanager
+def warnings_as_errors_for_missing_keys() -> Iterator[None]:
+    """peft only warns when an adapter's weights find no layer to load into; we refuse."""
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        yield
+    for w in caught:
+        text = str(w.message)
+        lowered = text.lower()
+        if "missing adapter keys" in lowered or ("unexpected" in lowered and "key" in lowered):
+            raise ValueError(text)
+        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+
+
+def save_adapter(model, path: str | Path, name: str = "default", tokenizer=None) -> Path:
+    """Write one adapter in peft's format (adapter_config.json + adapter_model.safetensors) plus tokenizer."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(str(path), selected_adapters=[name], safe_serialization=True)
+    nested = path / name
+    if name != "default" and nested.is_dir():
+        # peft nests non-default adapters in a sub-folder; keep one adapter per directory.
+        for f in nested.iterdir():
+            f.replace(path / f.name)
+        nested.rmdir()
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(path))
+    return path
+
+
+def trainable_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+class AdapterSet:
+    """Switch the active adapter of a PeftModel without peft touching requires_grad."""
+
+    def __init__(self, model):
+        self.model = model
+
+    def _snapshot(self) -> list[tuple[torch.nn.Parameter, bool]]:
+        return [(p, p.requires_grad) for p in self.model.parameters()]
+
+    @contextlib.contextmanager
+    def use(self, name: str | None) -> Iterator[None]:
+        """Run the body with adapter ``name`` active, or with every adapter disabled when None."""
+        if name is None:
+            with self.model.disable_adapter():
+                yield
+            return
+        previous = self.model.active_adapter
+        if previous == name:
+            yield
+            return
+        flags = self._snapshot()
+        self.model.set_adapter(name)
+        for p, flag in flags:
+            p.requires_grad_(flag)
+        try:
+            yield
+        finally:
+            self.model.set_adapter(previous)
+            for p, flag in flags:
+                p.requires_grad_(flag)
+
+
+def load_adapter_weights(model, directory: str | Path, name: str = "default") -> None:
+    """Overwrite adapter ``name``'s weights from a saved adapter folder (resume)."""
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    state = load_file(str(Path(directory) / "adapter_model.safetensors"))
+    result = set_peft_model_state_dict(model, state, adapter_name=name)
+    if getattr(result, "unexpected_keys", None):
+        raise ModelLoadError(f"{directory}: weights do not fit adapter '{name}' ({result.unexpected_keys[0]})")
+
+
+ADAPTER_INFO = "pocketrlhf_adapter.json"
+
+
+def write_adapter_info(directory: str | Path, **info) -> None:
+    """What chat/serve/PPO need to use an adapter as it was trained (stage, prompt format, base)."""
+    (Path(directory) / ADAPTER_INFO).write_text(json.dumps(info, indent=2))
+
+
+def read_adapter_info(directory: str | Path) -> dict:
+    path = Path(directory) / ADAPTER_INFO
+    return json.loads(path.read_text()) if path.is_file() else {}

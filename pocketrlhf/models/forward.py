@@ -1,0 +1,212 @@
+"""The one place that knows how to run a model family: hidden states, logits, token log-probs.
+
+Every stage and role (SFT loss, reward, value, policy, reference, DPO) gets its numbers through
+``response_logprobs`` and ``final_hidden_states``. Conventions, used everywhere:
+
+* ``input_ids``/``attention_mask`` are [B, T]; padding may be left or right. Pad positions are
+  never shown to the model: their ids are replaced by 0 (the pad id may lie outside the
+  embedding matrix) and their attention is masked.
+* ``position_ids = cumsum(mask) - 1``, so a left-padded row gets the same positions as unpadded
+  (matters for absolute-position models such as GPT-2; spec 1.1.5).
+* Log-probs are aligned with tokens: ``logprobs[b, t] = log p(x_t | x_<t)`` computed from the
+  hidden state at t-1, in fp32, with logits divided by the sampling temperature; 0 where the
+  mask is 0 (and always at t = 0).
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+# Above this many fp32 logits per forward, each chunk's logits are recomputed in backward
+# instead of stored (chunked, Liger-style); below it the recomputation costs more than it saves.
+_RECOMPUTE_LOGITS_ABOVE = 1 << 25
+_CHUNK_ROWS = 2048
+
+
+@dataclass
+class LogprobOutput:
+    logprobs: torch.Tensor  # [B, T] fp32
+    hidden: torch.Tensor | None = None  # [B, T, d] final hidden states
+    entropy: torch.Tensor | None = None  # [B, T] fp32, entropy of the (tempered) next-token distribution
+
+
+def unwrap(model: torch.nn.Module) -> tuple[torch.nn.Module | None, torch.nn.Module]:
+    """``(peft_model_or_None, transformers_causal_lm)`` under any DDP/accelerate wrapper."""
+    while hasattr(model, "module") and isinstance(model, torch.nn.parallel.DistributedDataParallel):
+        model = model.module
+    try:
+        import peft
+
+        if isinstance(model, peft.PeftModel):
+            return model, model.get_base_model()
+    except ImportError:  # pragma: no cover
+        pass
+    return None, model
+
+
+def model_inputs(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pad-free ids and positions: pad ids become 0 (masked anyway), positions skip padding."""
+    mask = attention_mask.long()
+    ids = input_ids.masked_fill(mask == 0, 0)
+    position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+    return ids, position_ids
+
+
+def _accepts_position_ids(module: torch.nn.Module) -> bool:
+    cached = getattr(module, "_pocketrlhf_accepts_position_ids", None)
+    if cached is None:
+        cached = "position_ids" in inspect.signature(module.forward).parameters
+        module._pocketrlhf_accepts_position_ids = cached  # type: ignore[attr-defined]
+    return cached
+
+
+def _prompt_learning(peft_model) -> tuple[bool, int]:
+    """Whether the active adapter prepends virtual tokens/prefixes, and how many output rows it adds."""
+    if peft_model is None or getattr(peft_model, "disable_adapters", False) is True:
+        return False, 0
+    cfg = peft_model.active_peft_config
+    if not cfg.is_prompt_learning:
+        return False, 0
+    added = cfg.num_virtual_tokens if cfg.peft_type.value in ("PROMPT_TUNING", "P_TUNING") else 0
+    return True, added
+
+
+def final_hidden_states(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Last-layer hidden states [B, T, d] (after the final norm) with the active adapter applied."""
+    peft_model, lm = unwrap(model)
+    ids, position_ids = model_inputs(input_ids, attention_mask)
+    prompt_learning, added = _prompt_learning(peft_model)
+    if prompt_learning:
+        # Virtual tokens are injected by PeftModel.forward itself, so go through it.
+        out = peft_model(input_ids=ids, attention_mask=attention_mask, output_hidden_states=True, use_cache=False)
+        return out.hidden_states[-1][:, added:]
+    backbone = lm.base_model  # LlamaModel, GPT2Model, GPTNeoXModel, ... (LoRA layers are inside)
+    kwargs = {"position_ids": position_ids} if _accepts_position_ids(backbone) else {}
+    out = backbone(input_ids=ids, attention_mask=attention_mask, use_cache=False, **kwargs)
+    return out.last_hidden_state
+
+
+def output_logits(model: torch.nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    """Vocabulary logits from final hidden states, with the family's output scaling."""
+    _, lm = unwrap(model)
+    logits = lm.get_output_embeddings()(hidden)
+    cfg = lm.config
+    scale = getattr(cfg, "logit_scale", None)
+    if isinstance(scale, (int, float)) and scale != 1:
+        logits = logits * scale
+    cap = getattr(cfg, "final_logit_softcapping", None)
+    if cap:
+        logits = torch.tanh(logits / cap) * cap
+    return logits
+
+
+def _chunk_logprobs(model, hidden_rows, targets, temperature: float, with_entropy: bool):
+    logits = output_logits(model, hidden_rows).float() / temperature
+    lse = torch.logsumexp(logits, dim=-1)
+    logprobs = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - lse
+    if not with_entropy:
+        return logprobs, None
+    entropy = lse - (F.softmax(logits, dim=-1) * logits).sum(-1)
+    return logprobs, entropy
+
+
+def response_logprobs(
+    model: torch.nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    response_mask: torch.Tensor | None = None,
+    temperature: float = 1.0,
+    return_hidden: bool = False,
+    return_entropy: bool = False,
+    hidden: torch.Tensor | None = None,
+) -> LogprobOutput:
+    """log p(x_t | x_<t) for every token t where ``response_mask`` is 1 (default: every real token).
+
+    Only the masked positions go through the output layer, in chunks, so a long prompt or a large
+    vocabulary costs no full [B, T, V] fp32 tensor.
+    """
+    if response_mask is None:
+        response_mask = attention_mask
+    if hidden is None:
+        hidden = final_hidden_states(model, input_ids, attention_mask)
+    wanted = (response_mask[:, 1:] * attention_mask[:, 1:]).bool()
+    rows = hidden[:, :-1][wanted]
+    targets = input_ids[:, 1:][wanted]
+    out_lp = torch.zeros(input_ids.shape, dtype=torch.float32, device=hidden.device)
+    out_ent = torch.zeros(input_ids.shape, dtype=torch.float32, device=hidden.device) if return_entropy else None
+    if rows.shape[0]:
+        vocab = output_logits_size(model)
+        recompute = torch.is_grad_enabled() and rows.requires_grad and rows.shape[0] * vocab > _RECOMPUTE_LOGITS_ABOVE
+        lp_parts, ent_parts = [], []
+        for start in range(0, rows.shape[0], _CHUNK_ROWS):
+            h, tgt = rows[start : start + _CHUNK_ROWS], targets[start : start + _CHUNK_ROWS]
+            if recompute:
+                lp, ent = checkpoint(_chunk_logprobs, model, h, tgt, temperature, return_entropy, use_reentrant=False)
+            else:
+                lp, ent = _chunk_logprobs(model, h, tgt, temperature, return_entropy)
+            lp_parts.append(lp)
+            if ent is not None:
+                ent_parts.append(ent)
+        shifted = torch.zeros(wanted.shape, dtype=torch.float32, device=hidden.device)
+        shifted = shifted.masked_scatter(wanted, torch.cat(lp_parts))
+        out_lp = torch.cat([out_lp[:, :1], shifted], dim=1)
+        if return_entropy:
+            ent_shifted = torch.zeros(wanted.shape, dtype=torch.float32, device=hidden.device)
+            ent_shifted = ent_shifted.masked_scatter(wanted, torch.cat(ent_parts).detach())
+            out_ent = torch.cat([out_ent[:, :1], ent_shifted], dim=1)
+    return LogprobOutput(out_lp, hidden if return_hidden else None, out_ent)
+
+
+def output_logits_size(model: torch.nn.Module) -> int:
+    _, lm = unwrap(model)
+    return lm.get_output_embeddings().weight.shape[0]
+
+
+def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Index of the last real token of each row (right or left padding)."""
+    positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
+    return (positions * attention_mask.long()).max(dim=1).values
+
+
+def disable_dropout(model: torch.nn.Module) -> None:
+    """Dropout off everywhere (spec 1.3): nn.Dropout modules and attention-probability dropout."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+        for attr in ("attention_dropout", "attn_dropout_p", "dropout_rate"):
+            if isinstance(getattr(module, attr, None), float):
+                setattr(module, attr, 0.0)
+    _, lm = unwrap(model)
+    for attr in ("attention_dropout", "attn_pdrop", "resid_pdrop", "embd_pdrop", "hidden_dropout", "dropout"):
+        if isinstance(getattr(lm.config, attr, None), float):
+            setattr(lm.config, attr, 0.0)
+
+
+class LMWithHeads(torch.nn.Module):
+    """A (peft) causal LM plus named scalar heads, as one module: what accelerate/DDP wraps.
+
+    ``forward`` returns token log-probs (and entropy) plus, for each requested head, its output
+    at every position, aligned like the log-probs (head output at t reads the state before x_t).
+    """
+
+    def __init__(self, model: torch.nn.Module, heads: dict[str, torch.nn.Module] | None = None):
+        super().__init__()
+        self.model = model
+        self.heads = torch.nn.ModuleDict(heads or {})
+
+    def forward(self, input_ids, attention_mask, response_mask=None, temperature: float = 1.0,
+                return_entropy: bool = False, heads: tuple[str, ...] = ()) -> dict[str, torch.Tensor]:
+        out = response_logprobs(self.model, input_ids, attention_mask, response_mask, temperature,
+                                return_hidden=bool(heads), return_entropy=return_entropy)
+        result = {"logprobs": out.logprobs}
+        if out.entropy is not None:
+            result["entropy"] = out.entropy
+        for name in heads:
+            values = self.heads[name](out.hidden)  # [B, T]: value of the state after token t
+            result[name] = torch.cat([values.new_zeros(values.shape[0], 1), values[:, :-1]], dim=1)
+        return result

@@ -1,0 +1,160 @@
+"""Load a frozen base model (16/32-bit, LLM.int8 or 4-bit) and a tokenizer with sane padding.
+
+Safe by default: safetensors weights only, and no code from the model repo unless asked.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pocketrlhf.errors import ModelLoadError
+from pocketrlhf.models.quantization import bnb_config, guard_cpu_4bit
+
+log = logging.getLogger("pocketrlhf")
+
+PAD_TOKEN = "<|pad|>"
+
+
+def resolve_device(device: str = "auto") -> str:
+    if device == "auto":
+        if torch.cuda.is_available():
+            return f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return "mps"
+        return "cpu"
+    if device == "cuda":
+        if not torch.cuda.is_available():
+            raise ModelLoadError("--device cuda was asked for, but torch sees no CUDA GPU (torch.cuda.is_available() is False)")
+        return f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+    if device == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise ModelLoadError("--device mps was asked for, but this torch build sees no Apple GPU")
+    return device
+
+
+def resolve_dtype(dtype: str, device: str) -> torch.dtype:
+    if dtype != "auto":
+        return getattr(torch, dtype)
+    if device.startswith("cuda"):
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if device == "mps":
+        return torch.float16
+    return torch.float32
+
+
+def is_local(path: str) -> bool:
+    return Path(path).expanduser().exists()
+
+
+def check_safetensors(path: str) -> None:
+    """Refuse pickle-only checkpoints before transformers gets a chance to unpickle them."""
+    p = Path(path).expanduser()
+    if not p.is_dir():
+        if p.exists():
+            raise ModelLoadError(f"{path} is a file; pass the model's directory (with config.json and *.safetensors)")
+        return
+    if not (p / "config.json").is_file():
+        raise ModelLoadError(f"{path} has no config.json: not a Hugging Face model directory")
+    if any(p.glob("*.safetensors")) or (p / "model.safetensors.index.json").is_file():
+        return
+    pickles = sorted(x.name for x in p.glob("*.bin")) + sorted(x.name for x in p.glob("*.pt"))
+    if pickles:
+        raise ModelLoadError(
+            f"{path} has only pickle weights ({pickles[0]}); pocketrlhf loads safetensors only because pickle files "
+            "can run code. Convert once with transformers (load, then save_pretrained(..., safe_serialization=True))."
+        )
+    raise ModelLoadError(f"{path} has no *.safetensors weight files")
+
+
+def load_tokenizer(path: str, trust_remote_code: bool = False, revision: str | None = None):
+    """Tokenizer with a pad token distinct from EOS, right padding (training default).
+
+    When the tokenizer has no pad token (or pads with EOS), an unused special token or a new
+    ``<|pad|>`` token is used. A new pad id may lie beyond the embedding matrix: that is fine,
+    because pad positions are always masked and replaced before any forward pass
+    (``models.forward.model_inputs``), so the embeddings never need resizing.
+    """
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code, revision=revision)
+    except Exception as e:  # noqa: BLE001 - many error types; one clear message
+        raise ModelLoadError(f"cannot load a tokenizer from {path}: {e}") from None
+    if tok.eos_token_id is None:
+        raise ModelLoadError(f"the tokenizer of {path} has no EOS token; completions must end with one")
+    if tok.pad_token_id is None or tok.pad_token_id == tok.eos_token_id:
+        unk = tok.unk_token_id
+        if unk is not None and unk not in (tok.eos_token_id, tok.bos_token_id):
+            tok.pad_token = tok.unk_token
+        else:
+            tok.add_special_tokens({"pad_token": PAD_TOKEN})
+    tok.padding_side = "right"
+    return tok
+
+
+def load_base(
+    model: str,
+    quantization: str = "none",
+    quant_type: str = "nf4",
+    double_quant: bool = True,
+    compute_dtype: str = "bfloat16",
+    dtype: str = "auto",
+    device: str = "auto",
+    trust_remote_code: bool = False,
+    training: bool = True,
+    revision: str | None = None,
+) -> torch.nn.Module:
+    """The frozen base causal LM, on ``device``, with every parameter's requires_grad off."""
+    from transformers import AutoModelForCausalLM
+
+    if not model:
+        raise ModelLoadError("no base model given: pass --model DIR (a Hugging Face model directory)")
+    dev = resolve_device(device)
+    if quantization != "none" and dev == "mps":
+        raise ModelLoadError("bitsandbytes 8-bit/4-bit does not run on Apple GPUs (mps); use --quantization none or --device cpu")
+    if is_local(model):
+        check_safetensors(model)
+        # Absolute, so that adapter_config.json's base_model_name_or_path works from any folder.
+        model = str(Path(model).expanduser().resolve())
+    torch_dtype = resolve_dtype(dtype, dev)
+    kwargs: dict[str, Any] = dict(
+        dtype=torch_dtype,
+        use_safetensors=True,
+        trust_remote_code=trust_remote_code,
+        device_map={"": dev},
+        revision=revision,
+    )
+    qcfg = bnb_config(quantization, quant_type, double_quant, compute_dtype)
+    if qcfg is not None:
+        kwargs["quantization_config"] = qcfg
+    try:
+        lm = AutoModelForCausalLM.from_pretrained(model, **kwargs)
+    except ValueError as e:
+        if "trust_remote_code" in str(e):
+            raise ModelLoadError(f"{model} needs its own Python code to load; re-run with --trust-remote-code if you trust it") from None
+        raise ModelLoadError(f"cannot load {model}: {e}") from None
+    except OSError as e:
+        where = "" if is_local(model) else " (not a local directory, and the hub could not be reached or has no such model)"
+        raise ModelLoadError(f"cannot load {model}{where}: {str(e).splitlines()[0]}") from None
+    for p in lm.parameters():
+        p.requires_grad_(False)
+    if quantization == "4bit" and dev == "cpu":
+        guard_cpu_4bit(lm, training=training)
+    lm.config.use_cache = not training
+    return lm
+
+
+def model_reference(path: str) -> str:
+    """A local model path made absolute (recorded in run outputs), or a hub id as given."""
+    p = Path(path).expanduser()
+    return str(p.resolve()) if p.exists() else path
+
+
+def model_summary(model: torch.nn.Module) -> dict:
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    return {"trainable_params": trainable, "total_params": total}

@@ -1,0 +1,282 @@
+"""Building blocks shared by every training stage: run directory, metrics, checkpoints, resume,
+optimizers, schedules, progress bar. The stage files (sft.py, rm.py, ppo.py, dpo.py) keep only
+their algorithm.
+
+Run directory layout::
+
+    OUTPUT_DIR/config.yaml        the resolved config (defaults < YAML < flags)
+    OUTPUT_DIR/metrics.jsonl      one JSON object per logged step/eval
+    OUTPUT_DIR/checkpoint-N/      adapter(s), heads, optimizer, scheduler, RNG, data position
+    OUTPUT_DIR/adapter/           the final adapter (peft format + tokenizer)
+    OUTPUT_DIR/summary.json       final metrics, written when the stage finishes
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import random
+import shutil
+import time
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import numpy as np
+import torch
+
+from pocketrlhf.config import ConfigError, save_config, to_dict
+
+log = logging.getLogger("pocketrlhf")
+
+CHECKPOINT_PREFIX = "checkpoint-"
+STATE_FILE = "trainer_state.json"
+
+
+def setup_logging(level: int = logging.INFO) -> None:
+    if not log.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("[pocketrlhf] %(message)s"))
+        log.addHandler(handler)
+    log.setLevel(level)
+    log.propagate = False
+    # bitsandbytes logs a warning on import when an optional CPU kernel package is absent.
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    for noisy in ("transformers", "datasets", "peft", "accelerate"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+    try:
+        import transformers
+
+        transformers.logging.set_verbosity_error()
+        transformers.logging.disable_progress_bar()
+    except ImportError:  # pragma: no cover
+        pass
+
+
+def set_seed(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class Run:
+    """One stage's output directory: config, metrics, checkpoints. Only the main process writes."""
+
+    def __init__(self, cfg: Any, stage: str, is_main: bool = True):
+        self.cfg = cfg
+        self.stage = stage
+        self.is_main = is_main
+        self.dir = Path(cfg.output_dir)
+        self.metrics_path = self.dir / "metrics.jsonl"
+        self._tb = None
+        self._start = time.time()
+        if is_main:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            save_config(cfg, self.dir / "config.yaml")
+            if getattr(cfg, "report_to", "none") == "tensorboard":
+                try:
+                    from torch.utils.tensorboard import SummaryWriter
+                except ImportError:
+                    raise ConfigError("--report-to tensorboard needs the tensorboard package: pip install 'pocketrlhf[tensorboard]'") from None
+                self._tb = SummaryWriter(str(self.dir / "tensorboard"))
+
+    # -- metrics ---------------------------------------------------------------------------
+    def log(self, step: int, metrics: dict, split: str = "train") -> None:
+        if not self.is_main:
+            return
+        record = {"stage": self.stage, "split": split, "step": step, "time": round(time.time() - self._start, 3)}
+        record.update({k: _jsonable(v) for k, v in metrics.items()})
+        with self.metrics_path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self._tb is not None:
+            for k, v in metrics.items():
+                if isinstance(v, (int, float)) and math.isfinite(v):
+                    self._tb.add_scalar(f"{self.stage}/{split}/{k}", v, step)
+
+    def truncate_metrics(self, after_step: int) -> None:
+        """On resume, forget what the interrupted run logged past its last checkpoint."""
+        if not self.is_main or not self.metrics_path.exists():
+            return
+        kept = [line for line in self.metrics_path.read_text().splitlines()
+                if line.strip() and json.loads(line).get("step", 0) <= after_step]
+        self.metrics_path.write_text("".join(line + "\n" for line in kept))
+
+    def write_summary(self, summary: dict) -> None:
+        if self.is_main:
+            (self.dir / "summary.json").write_text(json.dumps({k: _jsonable(v) for k, v in summary.items()}, indent=2))
+
+    def close(self) -> None:
+        if self._tb is not None:
+            self._tb.close()
+
+    # -- checkpoints -----------------------------------------------------------------------
+    def checkpoints(self) -> list[Path]:
+        found = []
+        for p in self.dir.glob(f"{CHECKPOINT_PREFIX}*"):
+            suffix = p.name[len(CHECKPOINT_PREFIX):]
+            if p.is_dir() and suffix.isdigit() and (p / STATE_FILE).is_file():
+                found.append(p)
+        return sorted(found, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX):]))
+
+    def save_checkpoint(self, step: int, write: Callable[[Path], None], state: dict) -> Path | None:
+        """Write into a temporary folder, then rename: a crash never leaves a half checkpoint."""
+        if not self.is_main:
+            return None
+        final = self.dir / f"{CHECKPOINT_PREFIX}{step}"
+        tmp = self.dir / f".tmp-{CHECKPOINT_PREFIX}{step}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        write(tmp)
+        (tmp / STATE_FILE).write_text(json.dumps({"step": step, **{k: _jsonable(v) for k, v in state.items()}}, indent=2))
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        limit = getattr(self.cfg, "save_total_limit", 0)
+        if limit and limit > 0:
+            for old in self.checkpoints()[:-limit]:
+                shutil.rmtree(old, ignore_errors=True)
+        return final
+
+    def resume_from(self) -> Path | None:
+        """The checkpoint to continue from, per ``cfg.resume`` ("" none, "auto" latest, or a path)."""
+        resume = getattr(self.cfg, "resume", "")
+        if not resume:
+            return None
+        if resume == "auto":
+            found = self.checkpoints()
+            return found[-1] if found else None
+        path = Path(resume)
+        if not (path / STATE_FILE).is_file():
+            raise ConfigError(f"--resume {resume}: not a checkpoint folder (no {STATE_FILE})")
+        return path
+
+
+def read_state(checkpoint: Path) -> dict:
+    return json.loads((checkpoint / STATE_FILE).read_text())
+
+
+def save_torch_state(path: Path, optimizer, scheduler, extra: dict | None = None) -> None:
+    torch.save(optimizer.state_dict(), path / "optimizer.pt")
+    torch.save(scheduler.state_dict(), path / "scheduler.pt")
+    torch.save({"rng": rng_state(), **(extra or {})}, path / "rng_state.pt")
+
+
+def load_torch_state(path: Path, optimizer, scheduler) -> dict:
+    # weights_only=False is needed for numpy RNG state; these files are our own checkpoints.
+    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=False))
+    scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=False))
+    extra = torch.load(path / "rng_state.pt", weights_only=False)
+    set_rng_state(extra.pop("rng"))
+    return extra
+
+
+def _jsonable(v: Any) -> Any:
+    if isinstance(v, torch.Tensor):
+        return v.item() if v.numel() == 1 else v.tolist()
+    if isinstance(v, (np.floating, np.integer)):
+        return v.item()
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    return v
+
+
+# ---------------------------------------------------------------------------------------------
+# Optimizer and schedule.
+
+
+def build_optimizer(params: Iterable[torch.nn.Parameter], cfg: Any, device: str) -> torch.optim.Optimizer:
+    params = [p for p in params if p.requires_grad]
+    if not params:
+        raise RuntimeError("nothing to train: no parameter requires grad")
+    kind = cfg.optimizer
+    kwargs = dict(lr=cfg.learning_rate, weight_decay=cfg.weight_decay, eps=cfg.adam_eps)
+    if kind.startswith("paged") and not str(device).startswith("cuda"):
+        fallback = "adamw_8bit" if kind.endswith("8bit") else "adamw"
+        log.warning("%s pages optimizer state through CUDA unified memory and cannot run on %s; using %s instead",
+                    kind, device, fallback)
+        kind = fallback
+    if kind == "adamw":
+        return torch.optim.AdamW(params, **kwargs)
+    import bitsandbytes as bnb
+
+    if kind == "adamw_8bit":
+        return bnb.optim.AdamW8bit(params, **kwargs)
+    if kind == "paged_adamw":
+        return bnb.optim.PagedAdamW(params, **kwargs)
+    if kind == "paged_adamw_8bit":
+        return bnb.optim.PagedAdamW8bit(params, **kwargs)
+    raise ConfigError(f"unknown optimizer '{kind}'")
+
+
+def build_scheduler(optimizer, cfg: Any, total_steps: int):
+    from transformers import get_scheduler
+
+    name = {"linear": "linear", "cosine": "cosine", "constant": "constant_with_warmup"}[cfg.lr_scheduler]
+    return get_scheduler(name, optimizer, num_warmup_steps=cfg.warmup_steps, num_training_steps=max(total_steps, 1))
+
+
+# ---------------------------------------------------------------------------------------------
+# Progress.
+
+
+class Progress:
+    """tqdm bar over optimizer steps, showing loss, tokens/s (or another rate) and ETA."""
+
+    def __init__(self, total: int, initial: int, desc: str, enabled: bool, unit: str = "step"):
+        from tqdm.auto import tqdm
+
+        self.bar = tqdm(total=total, initial=initial, desc=desc, unit=unit, disable=not enabled, dynamic_ncols=True,
+                        smoothing=0.1)
+
+    def update(self, n: int = 1, **postfix: Any) -> None:
+        if postfix:
+            self.bar.set_postfix({k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in postfix.items()}, refresh=False)
+        self.bar.update(n)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+class Throughput:
+    """Counts units (tokens, samples) between logging steps."""
+
+    def __init__(self):
+        self.start = time.perf_counter()
+        self.count = 0
+
+    def add(self, n: int) -> None:
+        self.count += n
+
+    def rate(self, reset: bool = True) -> float:
+        now = time.perf_counter()
+        rate = self.count / max(now - self.start, 1e-9)
+        if reset:
+            self.start, self.count = now, 0
+        return rate
+
+
+def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
+    """The data order of one epoch: a function of (seed, epoch) only, so a resumed run replays it."""
+    g = torch.Generator().manual_seed(seed * 1000003 + epoch)
+    return torch.randperm(n, generator=g).tolist()
+
+
+def no_sync(accelerator, model, active: bool):
+    return accelerator.no_sync(model) if active and accelerator.num_processes > 1 else nullcontext()
