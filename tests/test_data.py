@@ -173,3 +173,23 @@ def test_chat_formats_render_what_training_appends():
         head = render(msgs[:1], fmt, add_generation_prompt=True)
         assert render(msgs, fmt).startswith(head + completion_text("a", fmt).rstrip()) or \
             (head + completion_text("a", fmt)).startswith(render(msgs, fmt).rstrip())
+
+
+def test_preference_tokenization_and_batch_layout(tok):
+    from pocketrlhf.data.formats import PreferencePair
+    from pocketrlhf.data.tokenize import collate_preferences, tokenize_preferences
+
+    skipped = Skipped()
+    pairs = [PreferencePair("Write a review.", " great fun .", " a dull ending ."),
+             PreferencePair("Write " * 40, " ok .", " bad ."),
+             PreferencePair("p", " word" * 40, " bad .")]
+    out = tokenize_preferences(tok, pairs, max_length=24, skipped=skipped)
+    assert len(out) == 2 and skipped.counts["pairs with an answer longer than max_length"] == 1
+    assert len(out[1].prompt_ids) + len(out[1].chosen_ids) <= 24  # prompt cut from the left
+    assert all(e.chosen_ids[-1] == tok.eos_token_id and e.rejected_ids[-1] == tok.eos_token_id for e in out)
+    batch = collate_preferences(out, tok.pad_token_id)
+    assert batch["input_ids"].shape[0] == 4  # chosen rows, then rejected rows
+    n_prompt = len(out[0].prompt_ids)
+    assert batch["response_mask"][0, :n_prompt].sum() == 0
+    assert batch["response_mask"][0].sum() == len(out[0].chosen_ids)
+    assert batch["response_mask"][2].sum() == len(out[0].rejected_ids)

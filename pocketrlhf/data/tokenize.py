@@ -97,3 +97,51 @@ def left_pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, tor
         ids[row, width - len(s):] = torch.tensor(s, dtype=torch.long)
         attn[row, width - len(s):] = 1
     return ids, attn
+
+
+@dataclass
+class PreferenceExample:
+    prompt_ids: list[int]
+    chosen_ids: list[int]  # completion tokens, ending with EOS
+    rejected_ids: list[int]
+
+
+def tokenize_preferences(tokenizer, pairs, max_length: int | None, skipped: Skipped) -> list[PreferenceExample]:
+    """Prompt and both answers tokenized separately (as at generation time), EOS after each answer.
+
+    A pair longer than ``max_length`` loses prompt tokens from the left (the end of the prompt,
+    next to the answer, is kept); a pair whose answer alone does not fit is skipped and counted.
+    """
+    out = []
+    cut = 0
+    for pair in pairs:
+        prompt = encode(tokenizer, pair.prompt, special=True)
+        chosen = encode(tokenizer, pair.chosen, special=not prompt) + [tokenizer.eos_token_id]
+        rejected = encode(tokenizer, pair.rejected, special=not prompt) + [tokenizer.eos_token_id]
+        if max_length:
+            longest = max(len(chosen), len(rejected))
+            if longest >= max_length:
+                skipped.add("pairs with an answer longer than max_length")
+                continue
+            if len(prompt) + longest > max_length:
+                prompt = prompt[len(prompt) + longest - max_length:]
+                cut += 1
+        out.append(PreferenceExample(prompt, chosen, rejected))
+    if cut:
+        skipped.counts["pairs whose prompt was cut from the left to fit max_length (kept)"] += cut
+    return out
+
+
+def collate_preferences(examples: list[PreferenceExample], pad_id: int) -> dict[str, torch.Tensor]:
+    """One right-padded batch: rows [0, B) are prompt+chosen, rows [B, 2B) prompt+rejected.
+    ``response_mask`` is 1 on answer tokens (EOS included)."""
+    seqs = [(e.prompt_ids, e.chosen_ids) for e in examples] + [(e.prompt_ids, e.rejected_ids) for e in examples]
+    width = max(len(p) + len(a) for p, a in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    attn = torch.zeros((len(seqs), width), dtype=torch.long)
+    response = torch.zeros((len(seqs), width), dtype=torch.long)
+    for row, (p, a) in enumerate(seqs):
+        ids[row, :len(p) + len(a)] = torch.tensor(p + a)
+        attn[row, :len(p) + len(a)] = 1
+        response[row, len(p):len(p) + len(a)] = 1
+    return {"input_ids": ids, "attention_mask": attn, "response_mask": response}
