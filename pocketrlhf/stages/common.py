@@ -27,7 +27,7 @@ from typing import Any, Callable, Iterable
 import numpy as np
 import torch
 
-from pocketrlhf.config import ConfigError, save_config, to_dict
+from pocketrlhf.config import ConfigError, save_config
 
 log = logging.getLogger("pocketrlhf")
 

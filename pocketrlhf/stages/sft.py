@@ -9,17 +9,17 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from pathlib import Path
 import torch
 
 from pocketrlhf.config import AdapterOptions, ModelOptions, TrainOptions, option
 from pocketrlhf.data.formats import Skipped, sft_pairs
 from pocketrlhf.data.loading import load_records
-from pocketrlhf.errors import DataError
 from pocketrlhf.data.templates import TemplateName
 from pocketrlhf.data.tokenize import TokenExample, collate, pack, tokenize_sft
 from pocketrlhf.stages import common
 from pocketrlhf.stages.common import log
+from pocketrlhf.stages.loop import Loop, plan_steps, sequences_per_step, split_holdout
+from pocketrlhf.stages.loop import micro_batches, step_indices  # noqa: F401  (re-exported for other stages)
 
 
 @dataclasses.dataclass
@@ -48,11 +48,8 @@ def prepare_data(cfg: SFTConfig, tokenizer) -> tuple[list[TokenExample], list[To
         eval_pairs, eval_skipped = sft_pairs(load_records(cfg.eval_data), cfg.eval_data, cfg.template, tokenizer)
         for k, v in eval_skipped.counts.items():
             skipped.counts[f"eval {k}"] += v
-    elif cfg.eval_fraction > 0 and len(pairs) >= 10:
-        order = common.epoch_order(len(pairs), cfg.seed, epoch=-1)
-        n_eval = max(1, int(round(len(pairs) * cfg.eval_fraction)))
-        eval_pairs = [pairs[i] for i in order[:n_eval]]
-        pairs = [pairs[i] for i in order[n_eval:]]
+    else:
+        pairs, eval_pairs = split_holdout(pairs, cfg.eval_fraction, cfg.seed)
     max_len = None if cfg.packing else cfg.seq_length
     train = tokenize_sft(tokenizer, pairs, cfg.completion_only, max_len, skipped)
     evals = tokenize_sft(tokenizer, eval_pairs, cfg.completion_only, max_len, skipped) if eval_pairs else []
@@ -94,54 +91,22 @@ def build_policy(cfg, tokenizer=None, total_steps: int = 1000, adapter_name: str
     return model
 
 
-def sequences_per_step(cfg, world_size: int) -> int:
-    return cfg.batch_size * cfg.gradient_accumulation_steps * world_size
+class SFTLoss:
+    """Summed -log p over trained tokens; the loop divides by the global token count."""
 
+    def __init__(self, pad_id: int):
+        self.pad_id = pad_id
 
-def plan_steps(cfg, n_sequences: int, world_size: int) -> tuple[int, int]:
-    """(steps per epoch, total optimizer steps); the incomplete last global batch is dropped."""
-    per_step = sequences_per_step(cfg, world_size)
-    steps_per_epoch = n_sequences // per_step
-    if steps_per_epoch == 0:
-        raise DataError(f"{n_sequences} training sequences are fewer than one step's {per_step} "
-                         f"(batch_size x gradient_accumulation_steps x processes); lower them or add data")
-    total = cfg.max_steps if cfg.max_steps > 0 else max(1, math.ceil(cfg.epochs * steps_per_epoch))
-    return steps_per_epoch, total
+    def batch(self, examples: list[TokenExample]) -> dict[str, torch.Tensor]:
+        return collate(examples, self.pad_id)
 
+    def units(self, examples: list[TokenExample]) -> int:
+        return sum(sum(e.loss_mask[1:]) for e in examples)
 
-def step_indices(cfg, step: int, steps_per_epoch: int, n: int, world_size: int) -> list[int]:
-    """Sequence indices of global step ``step`` (0-based); a function of the step alone."""
-    per_step = sequences_per_step(cfg, world_size)
-    epoch, k = divmod(step, steps_per_epoch)
-    return common.epoch_order(n, cfg.seed, epoch)[k * per_step:(k + 1) * per_step]
-
-
-def micro_batches(indices: list[int], cfg, rank: int) -> list[list[int]]:
-    """This process's share of a global batch, split into gradient-accumulation micro-batches."""
-    share = cfg.batch_size * cfg.gradient_accumulation_steps
-    mine = indices[rank * share:(rank + 1) * share]
-    return [mine[i:i + cfg.batch_size] for i in range(0, len(mine), cfg.batch_size)]
-
-
-def token_nll(lm, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(sum of -log p over trained tokens, number of trained tokens) for one micro-batch."""
-    out = lm(batch["input_ids"], batch["attention_mask"], batch["loss_mask"])
-    mask = batch["loss_mask"][:, 1:].float() * batch["attention_mask"][:, 1:].float()
-    return -(out["logprobs"][:, 1:] * mask).sum(), mask.sum()
-
-
-@torch.no_grad()
-def evaluate(lm, examples: list[TokenExample], cfg, pad_id: int, device, accelerator) -> dict:
-    total, count = torch.zeros((), device=device), torch.zeros((), device=device)
-    rank, world = accelerator.process_index, accelerator.num_processes
-    for start in range(rank * cfg.batch_size, len(examples), cfg.batch_size * world):
-        batch = {k: v.to(device) for k, v in collate(examples[start:start + cfg.batch_size], pad_id).items()}
-        nll, n = token_nll(lm, batch)
-        total += nll
-        count += n
-    total, count = accelerator.reduce(total, "sum"), accelerator.reduce(count, "sum")
-    loss = (total / count.clamp(min=1)).item()
-    return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "tokens": int(count.item())}
+    def loss(self, module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        out = module(batch["input_ids"], batch["attention_mask"], batch["loss_mask"])
+        mask = batch["loss_mask"][:, 1:] * batch["attention_mask"][:, 1:]
+        return -(out["logprobs"][:, 1:] * mask).sum(), {}
 
 
 def train(cfg: SFTConfig) -> dict:
@@ -153,76 +118,30 @@ def train(cfg: SFTConfig) -> dict:
 
     common.setup_logging()
     accelerator = Accelerator(cpu=cfg.device == "cpu")
-    world, rank = accelerator.num_processes, accelerator.process_index
     run = common.Run(cfg, "sft", accelerator.is_main_process)
     common.set_seed(cfg.seed)
     tokenizer = load_tokenizer(cfg.model, cfg.trust_remote_code)
     train_set, eval_set, data_report = prepare_data(cfg, tokenizer)
-    steps_per_epoch, total_steps = plan_steps(cfg, len(train_set), world)
+    steps_per_epoch, total_steps = plan_steps(cfg, len(train_set), accelerator.num_processes)
 
     model = build_policy(cfg, tokenizer, total_steps)
-    device = next(p for p in model.parameters() if p.requires_grad).device
-    optimizer = common.build_optimizer(model.parameters(), cfg, str(device))
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = common.build_optimizer(params, cfg, str(params[0].device))
     scheduler = common.build_scheduler(optimizer, cfg, total_steps)
-
-    start_step = 0
-    checkpoint = run.resume_from()
-    if checkpoint is not None:
-        load_adapter_weights(model, checkpoint / "adapter")
-        common.load_torch_state(checkpoint, optimizer, scheduler)
-        start_step = common.read_state(checkpoint)["step"]
-        run.truncate_metrics(start_step)
-        log.info("resuming from %s (step %d of %d)", checkpoint, start_step, total_steps)
-
     # Weights are already placed by load_base (quantized weights cannot be moved anyway).
-    lm = accelerator.prepare_model(LMWithHeads(model), device_placement=False)
-    pad_id = tokenizer.pad_token_id
+    module = accelerator.prepare_model(LMWithHeads(model), device_placement=False)
+    loop = Loop(cfg, run, accelerator, module, params, optimizer, scheduler, SFTLoss(tokenizer.pad_token_id),
+                train_set, eval_set, write_checkpoint=lambda path: save_adapter(model, path / "adapter"))
+    start_step = loop.resume(lambda path: load_adapter_weights(model, path / "adapter"))
     log.info("sft: %d train / %d eval sequences, %d steps of %d sequences; trainable %s params",
-             len(train_set), len(eval_set), total_steps, sequences_per_step(cfg, world),
-             f"{sum(p.numel() for p in model.parameters() if p.requires_grad):,}")
-
-    def write_checkpoint(path: Path) -> None:
-        save_adapter(model, path / "adapter")
-        common.save_torch_state(path, optimizer, scheduler)
-
-    progress = common.Progress(total_steps, start_step, "sft", cfg.progress and accelerator.is_main_process)
-    speed = common.Throughput()
-    last = {}
-    for step in range(start_step, total_steps):
-        indices = step_indices(cfg, step, steps_per_epoch, len(train_set), world)
-        global_tokens = sum(sum(train_set[i].loss_mask[1:]) for i in indices)
-        batches = micro_batches(indices, cfg, rank)
-        step_nll = torch.zeros((), device=device)
-        for j, ids in enumerate(batches):
-            batch = {k: v.to(device) for k, v in collate([train_set[i] for i in ids], pad_id).items()}
-            with common.no_sync(accelerator, lm, j < len(batches) - 1):
-                nll, _ = token_nll(lm, batch)
-                # DDP averages gradients over processes, hence the factor `world`.
-                accelerator.backward(nll / global_tokens * world)
-            step_nll += nll.detach()
-            speed.add(int(batch["attention_mask"].sum()) * world)
-        grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm) if cfg.max_grad_norm > 0 else None
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        loss = (accelerator.reduce(step_nll, "sum") / global_tokens).item()
-        done = step + 1
-        last = {"loss": loss, "lr": scheduler.get_last_lr()[0], "epoch": step / steps_per_epoch}
-        if grad_norm is not None:
-            last["grad_norm"] = float(grad_norm)
-        if done % cfg.logging_steps == 0 or done == total_steps:
-            last["tokens_per_s"] = speed.rate()
-            run.log(done, last)
-        progress.update(1, loss=loss, tok_s=int(last.get("tokens_per_s", 0)) or None)
-        if eval_set and cfg.eval_steps and done % cfg.eval_steps == 0 and done != total_steps:
-            run.log(done, evaluate(lm, eval_set, cfg, pad_id, device, accelerator), split="eval")
-        if cfg.save_steps and done % cfg.save_steps == 0 and done != total_steps:
-            run.save_checkpoint(done, write_checkpoint, {"epoch": step / steps_per_epoch, "total_steps": total_steps})
-    progress.close()
+             len(train_set), len(eval_set), total_steps, sequences_per_step(cfg, accelerator.num_processes),
+             f"{sum(p.numel() for p in params):,}")
+    last = loop.fit(start_step, steps_per_epoch, total_steps)
 
     summary = {"train_loss": last.get("loss"), "steps": total_steps, **data_report}
     if eval_set:
-        metrics = evaluate(lm, eval_set, cfg, pad_id, device, accelerator)
+        metrics = loop.evaluate()
+        metrics["perplexity"] = math.exp(min(metrics["loss"], 50.0))
         run.log(total_steps, metrics, split="eval")
         summary.update({"eval_loss": metrics["loss"], "eval_perplexity": metrics["perplexity"]})
     accelerator.wait_for_everyone()

@@ -1,0 +1,168 @@
+"""The offline training loop shared by SFT, RM and DPO.
+
+A stage supplies a ``StageLoss``: how to batch examples, how many loss units (tokens, pairs)
+examples hold, and the summed loss plus summed metrics of a micro-batch. The loop does the rest:
+deterministic data order, gradient accumulation and processes (loss normalised by the global
+unit count, so any split of a global batch gives the same gradient), clipping, schedule,
+logging, periodic eval and atomic checkpoints, and exact resume.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Protocol, Sequence
+
+import torch
+
+from pocketrlhf.errors import DataError
+from pocketrlhf.stages import common
+
+
+class StageLoss(Protocol):
+    def batch(self, examples: Sequence[Any]) -> dict[str, torch.Tensor]: ...
+
+    def units(self, examples: Sequence[Any]) -> int: ...
+
+    def loss(self, module: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """(summed loss over the batch's units, {metric: summed value}) for one micro-batch."""
+        ...
+
+
+def sequences_per_step(cfg, world_size: int) -> int:
+    return cfg.batch_size * cfg.gradient_accumulation_steps * world_size
+
+
+def plan_steps(cfg, n_examples: int, world_size: int) -> tuple[int, int]:
+    """(steps per epoch, total optimizer steps); the incomplete last global batch is dropped."""
+    per_step = sequences_per_step(cfg, world_size)
+    steps_per_epoch = n_examples // per_step
+    if steps_per_epoch == 0:
+        raise DataError(f"{n_examples} training examples are fewer than one step's {per_step} "
+                        f"(batch_size x gradient_accumulation_steps x processes); lower them or add data")
+    total = cfg.max_steps if cfg.max_steps > 0 else max(1, math.ceil(cfg.epochs * steps_per_epoch))
+    return steps_per_epoch, total
+
+
+def step_indices(cfg, step: int, steps_per_epoch: int, n: int, world_size: int) -> list[int]:
+    """Example indices of global step ``step`` (0-based): a function of the step alone."""
+    per_step = sequences_per_step(cfg, world_size)
+    epoch, k = divmod(step, steps_per_epoch)
+    return common.epoch_order(n, cfg.seed, epoch)[k * per_step:(k + 1) * per_step]
+
+
+def micro_batches(indices: list[int], cfg, rank: int) -> list[list[int]]:
+    """This process's share of a global batch, split into gradient-accumulation micro-batches."""
+    share = cfg.batch_size * cfg.gradient_accumulation_steps
+    mine = indices[rank * share:(rank + 1) * share]
+    return [mine[i:i + cfg.batch_size] for i in range(0, len(mine), cfg.batch_size)]
+
+
+def split_holdout(items: list, fraction: float, seed: int, minimum: int = 10) -> tuple[list, list]:
+    """(train, held-out) with a seeded split; no hold-out for tiny data or fraction 0."""
+    if fraction <= 0 or len(items) < minimum:
+        return items, []
+    order = common.epoch_order(len(items), seed, epoch=-1)
+    n_eval = max(1, int(round(len(items) * fraction)))
+    return [items[i] for i in order[n_eval:]], [items[i] for i in order[:n_eval]]
+
+
+def _to(batch: dict[str, torch.Tensor], device) -> dict[str, torch.Tensor]:
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+@torch.no_grad()
+def evaluate(module, stage: StageLoss, examples: Sequence[Any], batch_size: int, device, accelerator) -> dict[str, float]:
+    """Means of the loss and metrics over ``examples`` (sharded across processes)."""
+    rank, world = accelerator.process_index, accelerator.num_processes
+    sums: dict[str, torch.Tensor] = {}
+    units = torch.zeros((), device=device)
+    for start in range(rank * batch_size, len(examples), batch_size * world):
+        chunk = examples[start:start + batch_size]
+        loss, metrics = stage.loss(module, _to(stage.batch(chunk), device))
+        for k, v in {"loss": loss, **metrics}.items():
+            sums[k] = sums.get(k, torch.zeros((), device=device)) + v.detach().float()
+        units += stage.units(chunk)
+    units = accelerator.reduce(units, "sum").clamp(min=1)
+    return {k: (accelerator.reduce(v, "sum") / units).item() for k, v in sums.items()}
+
+
+@dataclass
+class Loop:
+    cfg: Any
+    run: common.Run
+    accelerator: Any
+    module: torch.nn.Module  # what accelerate/DDP wraps; the stage's loss calls it
+    parameters: list[torch.nn.Parameter]  # trained parameters (clipped)
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    stage: StageLoss
+    train_set: Sequence[Any]
+    eval_set: Sequence[Any]
+    write_checkpoint: Callable[[Path], None]  # trained weights only; optimizer/RNG are added here
+    unit: str = "tokens"
+
+    def fit(self, start_step: int, steps_per_epoch: int, total_steps: int) -> dict[str, float]:
+        cfg, acc = self.cfg, self.accelerator
+        world, rank = acc.num_processes, acc.process_index
+        device = self.parameters[0].device
+        progress = common.Progress(total_steps, start_step, self.run.stage, cfg.progress and acc.is_main_process)
+        speed = common.Throughput()
+        last: dict[str, float] = {}
+        for step in range(start_step, total_steps):
+            indices = step_indices(cfg, step, steps_per_epoch, len(self.train_set), world)
+            global_units = self.stage.units([self.train_set[i] for i in indices])
+            batches = micro_batches(indices, cfg, rank)
+            sums: dict[str, torch.Tensor] = {}
+            for j, ids in enumerate(batches):
+                batch = _to(self.stage.batch([self.train_set[i] for i in ids]), device)
+                with common.no_sync(acc, self.module, j < len(batches) - 1):
+                    loss, metrics = self.stage.loss(self.module, batch)
+                    # DDP averages gradients over processes, hence the factor `world`.
+                    acc.backward(loss / global_units * world)
+                for k, v in {"loss": loss, **metrics}.items():
+                    sums[k] = sums.get(k, torch.zeros((), device=device)) + v.detach().float()
+                speed.add(int(batch["attention_mask"].sum()) * world)
+            grad_norm = acc.clip_grad_norm_(self.parameters, cfg.max_grad_norm) if cfg.max_grad_norm > 0 else None
+            self.optimizer.step()
+            self.scheduler.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            done = step + 1
+            last = {k: (acc.reduce(v, "sum") / global_units).item() for k, v in sums.items()}
+            last.update(lr=self.scheduler.get_last_lr()[0], epoch=step / steps_per_epoch)
+            if grad_norm is not None:
+                last["grad_norm"] = float(grad_norm)
+            if done % cfg.logging_steps == 0 or done == total_steps:
+                last["tokens_per_s"] = speed.rate()
+                self.run.log(done, last)
+            progress.update(1, loss=last["loss"], tok_s=int(last.get("tokens_per_s", 0)) or None)
+            if self.eval_set and cfg.eval_steps and done % cfg.eval_steps == 0 and done != total_steps:
+                self.run.log(done, self.evaluate(), split="eval")
+            if cfg.save_steps and done % cfg.save_steps == 0 and done != total_steps:
+                self.checkpoint(done, step / steps_per_epoch, total_steps)
+        progress.close()
+        return last
+
+    def evaluate(self) -> dict[str, float]:
+        return evaluate(self.module, self.stage, self.eval_set, self.cfg.batch_size, self.parameters[0].device,
+                        self.accelerator)
+
+    def checkpoint(self, step: int, epoch: float, total_steps: int) -> None:
+        def write(path: Path) -> None:
+            self.write_checkpoint(path)
+            common.save_torch_state(path, self.optimizer, self.scheduler)
+
+        self.run.save_checkpoint(step, write, {"epoch": epoch, "total_steps": total_steps})
+
+    def resume(self, load_weights: Callable[[Path], None]) -> int:
+        """Restore weights, optimizer, schedule and RNG from the checkpoint cfg.resume names; the step."""
+        checkpoint = self.run.resume_from()
+        if checkpoint is None:
+            return 0
+        load_weights(checkpoint)
+        common.load_torch_state(checkpoint, self.optimizer, self.scheduler)
+        step = common.read_state(checkpoint)["step"]
+        self.run.truncate_metrics(step)
+        common.log.info("resuming from %s (step %d)", checkpoint, step)
+        return step
