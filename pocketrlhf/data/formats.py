@@ -85,8 +85,10 @@ def _split_chat(messages: list[dict], fmt: str, tokenizer) -> TextPair | None:
     return TextPair(head, answer.rstrip("\n"))
 
 
-def sft_pairs(ds, source: str, template: str = "plain", tokenizer=None, fmt: str | None = None) -> tuple[list[TextPair], Skipped]:
-    """Rows as (prompt, completion) texts with the template applied."""
+def sft_pairs(ds, source: str, template: str = "plain", tokenizer=None, fmt: str | None = None,
+              placeholders: bool = False) -> tuple[list[TextPair], Skipped]:
+    """Rows as (prompt, completion) texts with the template applied. With ``placeholders``, a
+    skipped row gives None (still counted), so outputs line up with input rows."""
     fmt = fmt or detect(ds.column_names, SFT_FORMATS, source, "SFT")
     skipped = Skipped()
     out: list[TextPair] = []
@@ -97,6 +99,7 @@ def sft_pairs(ds, source: str, template: str = "plain", tokenizer=None, fmt: str
             pair = _split_chat(msgs, chat_fmt, tokenizer) if msgs else None
             if pair is None:
                 skipped.add("rows without a final assistant message" if msgs else "rows with empty messages")
+                out.extend([None] * placeholders)
                 continue
             out.append(pair)
             continue
@@ -104,6 +107,7 @@ def sft_pairs(ds, source: str, template: str = "plain", tokenizer=None, fmt: str
             text = require_string(row["text"], source, i, "text")
             if text is None:
                 skipped.add("rows with empty text")
+                out.extend([None] * placeholders)
                 continue
             out.append(TextPair("", text))
             continue
@@ -112,10 +116,11 @@ def sft_pairs(ds, source: str, template: str = "plain", tokenizer=None, fmt: str
         completion = require_string(row[c_col], source, i, c_col)
         if prompt is None or completion is None:
             skipped.add(f"rows with an empty {p_col if prompt is None else c_col}")
+            out.extend([None] * placeholders)
             continue
         tmpl = "stackllama" if fmt == "stackexchange" and template == "plain" else template
         out.append(TextPair(prompt_text(prompt, tmpl, tokenizer), completion_text(completion, tmpl, tokenizer)))
-    if not out:
+    if not any(out):
         raise DataError(f"{source}: no usable rows ({skipped.describe()} skipped)")
     return out, skipped
 
@@ -131,8 +136,10 @@ def _common_prefix(a: str, b: str) -> str:
     return os.path.commonprefix([a, b])
 
 
-def preference_pairs(ds, source: str, template: str = "plain", tokenizer=None) -> tuple[list[PreferencePair], Skipped]:
-    """Rows as (prompt, chosen, rejected) texts with the template applied."""
+def preference_pairs(ds, source: str, template: str = "plain", tokenizer=None,
+                     placeholders: bool = False) -> tuple[list[PreferencePair], Skipped]:
+    """Rows as (prompt, chosen, rejected) texts with the template applied (``placeholders``: as
+    in ``sft_pairs``)."""
     fmt = detect(ds.column_names, PREFERENCE_FORMATS, source, "preference")
     skipped = Skipped()
     out: list[PreferencePair] = []
@@ -143,6 +150,7 @@ def preference_pairs(ds, source: str, template: str = "plain", tokenizer=None) -
         if any(v is None for v in values):
             missing = cols[[v is None for v in values].index(True)]
             skipped.add(f"rows with an empty {missing}")
+            out.extend([None] * placeholders)
             continue
         if fmt == "implicit":
             chosen, rejected = values
@@ -155,10 +163,11 @@ def preference_pairs(ds, source: str, template: str = "plain", tokenizer=None) -
         prompt, chosen, rejected = values
         if chosen == rejected:
             skipped.add("pairs whose two answers are identical")
+            out.extend([None] * placeholders)
             continue
         out.append(PreferencePair(prompt_text(prompt, tmpl, tokenizer), completion_text(chosen, tmpl, tokenizer),
                                   completion_text(rejected, tmpl, tokenizer)))
-    if not out:
+    if not any(out):
         raise DataError(f"{source}: no usable preference pairs ({skipped.describe()} skipped)")
     return out, skipped
 

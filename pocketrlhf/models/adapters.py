@@ -30,6 +30,8 @@ def is_adapter_dir(path: str | Path) -> bool:
 
 def adapter_base_path(path: str | Path) -> str:
     """The base model an adapter directory was trained on (``base_model_name_or_path``)."""
+    if not is_adapter_dir(path):
+        raise ModelLoadError(f"{path} is not an adapter directory (no {ADAPTER_CONFIG})")
     cfg = json.loads((Path(path) / ADAPTER_CONFIG).read_text())
     return cfg.get("base_model_name_or_path") or ""
 

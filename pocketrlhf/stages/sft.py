@@ -63,8 +63,10 @@ def prepare_data(cfg: SFTConfig, tokenizer) -> tuple[list[TokenExample], list[To
     return train, evals, report
 
 
-def build_policy(cfg, tokenizer=None, total_steps: int = 1000, adapter_name: str = "default"):
-    """Frozen base (quantized as asked) + one trainable adapter; dropout off in the base."""
+def build_policy(cfg, tokenizer=None, total_steps: int = 1000, adapter_name: str = "default",
+                 init_adapter: str | None = None):
+    """Frozen base (quantized as asked) + one trainable adapter (fresh, or a copy of
+    ``init_adapter``, default ``cfg.init_adapter``); dropout off in the base."""
     from peft import prepare_model_for_kbit_training
 
     from pocketrlhf.models.adapters import attach_adapter, load_adapter, make_peft_config
@@ -80,7 +82,7 @@ def build_policy(cfg, tokenizer=None, total_steps: int = 1000, adapter_name: str
                                                gradient_checkpointing_kwargs=gc_kwargs)
     elif cfg.gradient_checkpointing:
         base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gc_kwargs)
-    init = getattr(cfg, "init_adapter", "")
+    init = getattr(cfg, "init_adapter", "") if init_adapter is None else init_adapter
     if init:
         model = load_adapter(base, init, name=adapter_name, trainable=True)
     else:

@@ -1,0 +1,236 @@
+"""Reward modelling: an adapter + scalar head on the frozen base learns to rank answers.
+
+loss = mean over pairs of -log sigmoid(r(x, y_chosen) - r(x, y_rejected) - margin), where r is
+the head's output at the EOS token closing each answer (spec 3.2). Chosen and rejected run in one
+batch. The result is saved as a peft adapter + ``head.safetensors``, so PPO and ``score`` load it
+as one more adapter on the SAME base in memory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import torch
+
+from pocketrlhf.algorithms.reward import pairwise_accuracy, pairwise_loss
+from pocketrlhf.config import AdapterOptions, ModelOptions, TrainOptions, option
+from pocketrlhf.data.formats import PREFERENCE_FORMATS, Skipped, preference_pairs, sft_pairs
+from pocketrlhf.data.loading import load_records
+from pocketrlhf.data.templates import TemplateName
+from pocketrlhf.data.tokenize import PreferenceExample, collate_preferences, tokenize_pair, tokenize_preferences
+from pocketrlhf.errors import ConfigError
+from pocketrlhf.stages import common
+from pocketrlhf.stages.common import log
+from pocketrlhf.stages.loop import Loop, plan_steps, split_holdout
+
+
+@dataclasses.dataclass
+class RMConfig(ModelOptions, AdapterOptions, TrainOptions):
+    output_dir: str = option("runs/rm", "run directory")
+    data: str = option("", "preference pairs: prompt/chosen/rejected, chosen/rejected, or question/response_j/response_k")
+    eval_data: str = option("", "held-out pairs (default: eval_fraction of data)")
+    eval_fraction: float = option(0.05, "fraction of pairs held out when no eval_data (0: none)")
+    template: TemplateName = option("plain", "prompt format; use the one SFT used (stackllama for Stack Exchange data)")
+    max_length: int = option(512, "longest prompt + answer in tokens (prompts are cut from the left to fit)")
+    sft_adapter: str = option("", "start the reward adapter from this SFT adapter (else a fresh adapter on --model)")
+    margin: float = option(0.0, "required reward gap: loss = -log sigmoid(r_chosen - r_rejected - margin)")
+    learning_rate: float = option(1e-4, "peak learning rate")
+    stats_pairs: int = option(256, "pairs whose answers set the saved reward mean/std (for PPO normalisation)")
+
+
+def hidden_size(model: torch.nn.Module) -> int:
+    from pocketrlhf.models.forward import unwrap
+
+    return unwrap(model)[1].get_output_embeddings().weight.shape[1]
+
+
+class RewardLoss:
+    """Summed pairwise loss over a batch of pairs; the loop divides by the global pair count."""
+
+    def __init__(self, pad_id: int, margin: float):
+        self.pad_id, self.margin = pad_id, margin
+
+    def batch(self, examples: list[PreferenceExample]) -> dict[str, torch.Tensor]:
+        return collate_preferences(examples, self.pad_id)
+
+    def units(self, examples: list[PreferenceExample]) -> int:
+        return len(examples)
+
+    def loss(self, module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        scores = module(batch["input_ids"], batch["attention_mask"])
+        chosen, rejected = scores.chunk(2)
+        metrics = {"accuracy": pairwise_accuracy(chosen, rejected).sum(), "margin": (chosen - rejected).detach().sum(),
+                   "reward_chosen": chosen.detach().sum(), "reward_rejected": rejected.detach().sum()}
+        return pairwise_loss(chosen, rejected, self.margin).sum(), metrics
+
+
+def prepare_pairs(cfg: RMConfig, tokenizer) -> tuple[list[PreferenceExample], list[PreferenceExample], dict]:
+    skipped = Skipped()
+    pairs, skipped = preference_pairs(load_records(cfg.data), cfg.data, cfg.template, tokenizer)
+    if cfg.eval_data:
+        eval_pairs, eval_skipped = preference_pairs(load_records(cfg.eval_data), cfg.eval_data, cfg.template, tokenizer)
+        skipped.counts.update({f"eval {k}": v for k, v in eval_skipped.counts.items()})
+    else:
+        pairs, eval_pairs = split_holdout(pairs, cfg.eval_fraction, cfg.seed)
+    train = tokenize_preferences(tokenizer, pairs, cfg.max_length, skipped)
+    evals = tokenize_preferences(tokenizer, eval_pairs, cfg.max_length, skipped)
+    if skipped.total:
+        log.info("data: %s", skipped.describe())
+    return train, evals, {"train_pairs": len(train), "eval_pairs": len(evals), "skipped": dict(skipped.counts)}
+
+
+@torch.no_grad()
+def reward_statistics(score_model, examples: list[PreferenceExample], pad_id: int, batch_size: int, device) -> dict:
+    """Mean and std of the rewards of both answers of ``examples`` (the reference set)."""
+    scores = []
+    for start in range(0, len(examples), batch_size):
+        batch = collate_preferences(examples[start:start + batch_size], pad_id)
+        scores.append(score_model(batch["input_ids"].to(device), batch["attention_mask"].to(device)).float().cpu())
+    s = torch.cat(scores)
+    return {"reward_mean": s.mean().item(), "reward_std": s.std().item() if s.numel() > 1 else 1.0, "reward_stats_n": s.numel()}
+
+
+def train(cfg: RMConfig) -> dict:
+    from accelerate import Accelerator
+
+    from pocketrlhf.models.adapters import load_adapter_weights, save_adapter, write_adapter_info
+    from pocketrlhf.models.forward import disable_dropout
+    from pocketrlhf.models.heads import ScalarHead
+    from pocketrlhf.models.loading import load_tokenizer, model_reference
+    from pocketrlhf.models.roles import ScoreModel
+    from pocketrlhf.stages.sft import build_policy
+
+    common.setup_logging()
+    accelerator = Accelerator(cpu=cfg.device == "cpu")
+    run = common.Run(cfg, "rm", accelerator.is_main_process)
+    common.set_seed(cfg.seed)
+    tokenizer = load_tokenizer(cfg.model, cfg.trust_remote_code)
+    train_set, eval_set, data_report = prepare_pairs(cfg, tokenizer)
+    steps_per_epoch, total_steps = plan_steps(cfg, len(train_set), accelerator.num_processes)
+
+    model = build_policy(cfg, tokenizer, total_steps, init_adapter=cfg.sft_adapter)
+    disable_dropout(model)  # also the adapter's own dropout: one reward per text, in train and eval alike
+    device = next(p for p in model.parameters() if p.requires_grad).device
+    head = ScalarHead(hidden_size(model), init="reward").to(device)
+    score_model = ScoreModel(model, head)
+    params = [p for p in score_model.parameters() if p.requires_grad]
+    optimizer = common.build_optimizer(params, cfg, str(device))
+    scheduler = common.build_scheduler(optimizer, cfg, total_steps)
+    module = accelerator.prepare_model(score_model, device_placement=False)
+
+    def write_weights(path: Path) -> None:
+        save_adapter(model, path / "adapter")
+        head.save(path / "adapter")
+
+    def load_weights(path: Path) -> None:
+        load_adapter_weights(model, path / "adapter")
+        head.load_state_dict(ScalarHead.load(path / "adapter", device=device).state_dict())
+
+    loop = Loop(cfg, run, accelerator, module, params, optimizer, scheduler,
+                RewardLoss(tokenizer.pad_token_id, cfg.margin), train_set, eval_set, write_weights)
+    start_step = loop.resume(load_weights)
+    log.info("rm: %d train / %d eval pairs, %d steps", len(train_set), len(eval_set), total_steps)
+    last = loop.fit(start_step, steps_per_epoch, total_steps)
+
+    summary = {"train_loss": last.get("loss"), "train_accuracy": last.get("accuracy"), "steps": total_steps, **data_report}
+    if eval_set:
+        metrics = loop.evaluate()
+        run.log(total_steps, metrics, split="eval")
+        summary.update({f"eval_{k}": v for k, v in metrics.items()})
+    stats = reward_statistics(score_model, train_set[:cfg.stats_pairs], tokenizer.pad_token_id, cfg.batch_size, device)
+    summary.update(stats)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        out = save_adapter(model, run.dir / "adapter", tokenizer=tokenizer)
+        head.save(out, metadata=stats)
+        write_adapter_info(out, stage="rm", template=cfg.template, base_model=model_reference(cfg.model),
+                           quantization=cfg.quantization, eval_accuracy=summary.get("eval_accuracy"), **stats)
+        summary["adapter"] = str(out)
+    run.write_summary(summary)
+    run.close()
+    log.info("rm done: train loss %.4f, eval accuracy %s; reward adapter in %s", summary["train_loss"],
+             f"{summary['eval_accuracy']:.3f}" if "eval_accuracy" in summary else "n/a", run.dir / "adapter")
+    return summary
+
+
+# ---------------------------------------------------------------------------------------------
+# pocketrlhf score
+
+
+@dataclasses.dataclass
+class ScoreConfig(ModelOptions):
+    reward_adapter: str = option("", "reward adapter directory written by `pocketrlhf rm`")
+    input: str = option("", "pairs (prompt/chosen/rejected, ...) or texts (text, or prompt/completion) to score")
+    output: str = option("", "where to write the scored rows as JSON lines (default: INPUT.scores.jsonl)")
+    base: str = option("", "base model (default: the reward adapter's base); same as --model")
+    template: str = option("", "prompt format (default: the one the reward model was trained with)")
+    batch_size: int = option(16, "rows per forward pass")
+    max_length: int = option(512, "longest prompt + answer in tokens")
+    normalize: bool = option(False, "report (reward - mean) / std with the statistics saved at training")
+
+
+def _score_tokens(scorer, pad_id: int, token_rows: list[list[int]], cfg: "ScoreConfig", device) -> list[float]:
+    from pocketrlhf.data.tokenize import TokenExample, collate
+
+    scores: list[float] = []
+    for start in range(0, len(token_rows), cfg.batch_size):
+        # Keep the end of long texts: the reward is read at the final EOS.
+        chunk = [TokenExample(r[-cfg.max_length:], r[-cfg.max_length:]) for r in token_rows[start:start + cfg.batch_size]]
+        batch = collate(chunk, pad_id)
+        scores += scorer(batch["input_ids"].to(device), batch["attention_mask"].to(device), cfg.normalize).tolist()
+    return scores
+
+
+def score(cfg: ScoreConfig) -> dict:
+    """Score every row of ``cfg.input``; rows that cannot be scored get null scores and are counted."""
+    from pocketrlhf.models.adapters import adapter_base_path, read_adapter_info
+    from pocketrlhf.models.loading import load_base, load_tokenizer
+    from pocketrlhf.models.roles import load_reward_adapter
+
+    common.setup_logging()
+    if not cfg.reward_adapter or not cfg.input:
+        raise ConfigError("score needs --reward-adapter DIR and --input FILE")
+    base = cfg.base or cfg.model or adapter_base_path(cfg.reward_adapter)
+    template = cfg.template or read_adapter_info(cfg.reward_adapter).get("template", "plain")
+    has_tokenizer = Path(cfg.reward_adapter, "tokenizer_config.json").is_file()
+    tokenizer = load_tokenizer(cfg.reward_adapter if has_tokenizer else base, cfg.trust_remote_code)
+    model = load_base(base, cfg.quantization, cfg.quant_type, cfg.double_quant, cfg.compute_dtype, cfg.dtype,
+                      cfg.device, cfg.trust_remote_code, training=False)
+    model, scorer = load_reward_adapter(model, cfg.reward_adapter)
+    model.eval()
+    device = next(model.parameters()).device
+    ds = load_records(cfg.input)
+    is_pairs = any(all(c in ds.column_names for c in cols) for cols in PREFERENCE_FORMATS.values())
+    pad = tokenizer.pad_token_id
+    if is_pairs:
+        pairs, skipped = preference_pairs(ds, cfg.input, template, tokenizer, placeholders=True)
+        present = [i for i, p in enumerate(pairs) if p is not None]
+        examples = tokenize_preferences(tokenizer, [pairs[i] for i in present], None, skipped)
+        chosen = _score_tokens(scorer, pad, [e.prompt_ids + e.chosen_ids for e in examples], cfg, device)
+        rejected = _score_tokens(scorer, pad, [e.prompt_ids + e.rejected_ids for e in examples], cfg, device)
+        scores = [{"score_chosen": None, "score_rejected": None} for _ in pairs]
+        for i, c, r in zip(present, chosen, rejected):
+            scores[i] = {"score_chosen": c, "score_rejected": r}
+        accuracy = sum(c > r for c, r in zip(chosen, rejected)) / len(present)
+    else:
+        texts, skipped = sft_pairs(ds, cfg.input, template, tokenizer, placeholders=True)
+        present = [i for i, t in enumerate(texts) if t is not None]
+        tokens = [tokenize_pair(tokenizer, texts[i].prompt, texts[i].completion, False).input_ids for i in present]
+        scores = [{"score": None} for _ in texts]
+        for i, s in zip(present, _score_tokens(scorer, pad, tokens, cfg, device)):
+            scores[i] = {"score": s}
+    out = Path(cfg.output) if cfg.output else Path(cfg.input).with_suffix(".scores.jsonl")
+    with out.open("w") as f:
+        for row, s in zip(ds, scores):
+            f.write(json.dumps({**row, **s}) + "\n")
+    result = {"rows": len(scores), "scored": len(present), "output": str(out), "skipped": dict(skipped.counts)}
+    message = f"scored {len(present)} of {len(scores)} {'pairs' if is_pairs else 'texts'} -> {out}"
+    if is_pairs:
+        result["accuracy"] = accuracy
+        message += f"; accuracy {accuracy:.3f}"
+    if skipped.total:
+        message += f" (not scored: {skipped.describe()})"
+    print(message)
+    return result
