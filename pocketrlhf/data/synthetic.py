@@ -90,3 +90,15 @@ def corpus() -> list[str]:
     texts += [review(rng, p / 10) for p in range(11) for _ in range(20)]
     texts.append(" ".join(POSITIVE + NEGATIVE + ASPECTS + FILLERS))
     return texts
+
+
+def sentiment_reward(responses: list[str]) -> list[float]:
+    """The ground truth as a rule-based PPO reward (``--reward-function pocketrlhf.data.synthetic:sentiment_reward``)."""
+    return [sentiment_score(r) for r in responses]
+
+
+def pretraining_texts(n: int = 3000, seed: int = 3) -> list[str]:
+    """Unlabelled reviews of every sentiment, without the prompt format: what the tiny base
+    reads before SFT teaches it to answer prompts."""
+    rng = random.Random(seed)
+    return [review(rng, rng.random()) for _ in range(n)]

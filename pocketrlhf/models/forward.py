@@ -91,6 +91,31 @@ def final_hidden_states(model: torch.nn.Module, input_ids: torch.Tensor, attenti
     return out.last_hidden_state
 
 
+def supports_attention_bias(model: torch.nn.Module) -> bool:
+    """Whether ``biased_hidden_states`` can run this model: an attention implementation that adds
+    a 4D mask to its scores (sdpa, eager), explicit positions, and no virtual-token adapter."""
+    peft_model, lm = unwrap(model)
+    if peft_model is not None and any(c.is_prompt_learning for c in peft_model.peft_config.values()):
+        return False
+    return lm.config._attn_implementation in ("sdpa", "eager") and _accepts_position_ids(lm.base_model)
+
+
+def biased_hidden_states(model: torch.nn.Module, input_ids: torch.Tensor, position_ids: torch.Tensor,
+                         allowed: torch.Tensor) -> torch.Tensor:
+    """Last-layer hidden states [B, T, d] under an explicit attention pattern: query t may attend
+    to key s where ``allowed[b, t, s]``; ``position_ids`` are given. Several sequences can then
+    share one prefix in a single row (DPO: both answers after one copy of the prompt). Every row
+    of ``allowed`` needs at least one True (e.g. the diagonal), and ``input_ids`` must hold real
+    ids everywhere (no out-of-vocabulary pad ids)."""
+    _, lm = unwrap(model)
+    dtype = lm.get_input_embeddings().weight.dtype
+    dtype = dtype if dtype.is_floating_point else torch.float32
+    # Added to the scores by both sdpa and eager attention; a 4D mask is used as given.
+    bias = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(~allowed, torch.finfo(dtype).min)
+    out = lm.base_model(input_ids=input_ids, attention_mask=bias.unsqueeze(1), position_ids=position_ids, use_cache=False)
+    return out.last_hidden_state
+
+
 def output_logits(model: torch.nn.Module, hidden: torch.Tensor) -> torch.Tensor:
     """Vocabulary logits from final hidden states, with the family's output scaling."""
     _, lm = unwrap(model)
@@ -207,6 +232,11 @@ class LMWithHeads(torch.nn.Module):
         if out.entropy is not None:
             result["entropy"] = out.entropy
         for name in heads:
-            values = self.heads[name](out.hidden)  # [B, T]: value of the state after token t
-            result[name] = torch.cat([values.new_zeros(values.shape[0], 1), values[:, :-1]], dim=1)
+            result[name] = token_aligned(self.heads[name](out.hidden))
         return result
+
+
+def token_aligned(per_position: torch.Tensor) -> torch.Tensor:
+    """Shift a head's per-position output [B, T] so index t holds the output at t - 1 (the state
+    before token t), like the log-probs; index 0 is 0."""
+    return torch.cat([per_position.new_zeros(per_position.shape[0], 1), per_position[:, :-1]], dim=1)

@@ -118,3 +118,31 @@ def build_tiny_model(
     tok.save_pretrained(str(out))
     (out / "pocketrlhf_tiny.json").write_text(json.dumps({"arch": arch, "seed": seed}))
     return out
+
+
+def pretrain_tiny_model(model_dir: str | Path, texts: list[str], steps: int = 200, seq_length: int = 64,
+                        batch_size: int = 32, learning_rate: float = 3e-3, seed: int = 0) -> Path:
+    """Full-weight language-model training of a tiny model on ``texts`` (packed, EOS-separated),
+    saved in place: a stand-in for the pretrained base a user starts from. Seconds on a CPU."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model_dir = Path(model_dir)
+    tok = AutoTokenizer.from_pretrained(str(model_dir))
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
+    ids = [t for text in texts for t in tok(text)["input_ids"] + [tok.eos_token_id]]
+    n = len(ids) // seq_length
+    if n == 0:
+        raise ValueError("not enough text to pretrain on")
+    data = torch.tensor(ids[: n * seq_length]).view(n, seq_length)
+    g = torch.Generator().manual_seed(seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=learning_rate)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 - s / steps)
+    model.train()
+    for _ in range(steps):
+        batch = data[torch.randint(0, n, (batch_size,), generator=g)]
+        model(input_ids=batch, labels=batch).loss.backward()
+        opt.step()
+        sched.step()
+        opt.zero_grad()
+    model.save_pretrained(str(model_dir), safe_serialization=True)
+    return model_dir
