@@ -107,8 +107,13 @@ def load_base(
     trust_remote_code: bool = False,
     training: bool = True,
     revision: str | None = None,
+    max_memory: dict | None = None,
 ) -> torch.nn.Module:
-    """The frozen base causal LM, on ``device``, with every parameter's requires_grad off."""
+    """The frozen base causal LM, on ``device``, with every parameter's requires_grad off.
+
+    ``max_memory`` (accelerate's per-device caps, e.g. ``{0: "8GiB", "cpu": "30GiB"}``) spreads the
+    weights with ``device_map="auto"`` instead; layers placed on the CPU stay unquantized there.
+    """
     from transformers import AutoModelForCausalLM
 
     if not model:
@@ -129,6 +134,10 @@ def load_base(
         revision=revision,
     )
     qcfg = bnb_config(quantization, quant_type, double_quant, compute_dtype)
+    if max_memory is not None:
+        kwargs.update(device_map="auto", max_memory=max_memory)
+        if qcfg is not None and "cpu" in max_memory:
+            qcfg.llm_int8_enable_fp32_cpu_offload = True
     if qcfg is not None:
         kwargs["quantization_config"] = qcfg
     try:

@@ -1,0 +1,596 @@
+"""``pocketrlhf serve``: an OpenAI-compatible HTTP API (FastAPI + uvicorn) over one base and its adapters.
+
+    pocketrlhf serve runs/sft/adapter --adapters dpo=runs/dpo/adapter --load-4bit
+
+serves the base (adapters disabled), ``sft`` and ``dpo`` as three model ids from ONE copy of the
+base weights. The port opens at once; the model loads in the background (``GET /health`` says 503
+until it is ready). Requests go to one generation worker in arrival order; a streaming client
+that disconnects cancels its generation. Errors use OpenAI's ``{"error": {...}}`` shape.
+"""
+
+import asyncio
+import dataclasses
+import hmac
+import ipaddress
+import json
+import logging
+import os
+import socket
+import threading
+import time
+import uuid
+from typing import Any, Callable, Literal
+
+from pocketrlhf.config import option
+from pocketrlhf.errors import ConfigError, PocketError
+from pocketrlhf.serve.engine import SamplingParams, ServingOptions
+
+log = logging.getLogger("pocketrlhf")
+
+
+@dataclasses.dataclass
+class ServeConfig(ServingOptions):
+    adapters: str = option("", "more adapters on the same base, each served as its own model id: name=dir,name2=dir2")
+    name: str = option("", "model id of the positional adapter (default: its folder's name; runs/x/adapter is 'x')")
+    host: str = option("127.0.0.1", "address to listen on (127.0.0.1: this machine only)")
+    port: int = option(8000, "port to listen on")
+    api_key: str = option("", "require 'Authorization: Bearer KEY' on /v1 routes (also read from POCKETRLHF_API_KEY)")
+    max_tokens: int = option(512, "reply length limit when a request sets no max_tokens")
+    max_queue: int = option(64, "requests that may wait for the generation worker; more get a 503")
+    max_body_bytes: int = option(1_000_000, "largest accepted request body (413 above)")
+    cors_origins: str = option("", "comma-separated origins allowed by CORS, or * (empty: no CORS headers)")
+    log_level: Literal["debug", "info", "warning", "error"] = option("info", "server log verbosity")
+
+
+# ---------------------------------------------------------------------------------------------
+# OpenAI-shaped errors.
+
+
+class APIError(Exception):
+    def __init__(self, status: int, message: str, type: str = "invalid_request_error", param: str | None = None,
+                 code: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+def _bad(message: str, param: str | None = None, code: str | None = None) -> APIError:
+    return APIError(400, message, param=param, code=code)
+
+
+# ---------------------------------------------------------------------------------------------
+# Request parsing (hand-written rather than pydantic: every message names the offending field).
+
+_NUMBER = (int, float)
+
+# Fields each route understands; anything else is ignored with a log line.
+_SAMPLING_FIELDS = {"model", "temperature", "top_p", "max_tokens", "stop", "n", "seed", "stream", "stream_options",
+                    "top_k", "min_p", "repetition_penalty", "user", "presence_penalty", "frequency_penalty"}
+CHAT_FIELDS = _SAMPLING_FIELDS | {"messages", "max_completion_tokens"}
+COMPLETION_FIELDS = _SAMPLING_FIELDS | {"prompt"}
+_SILENT = {"user"}
+
+
+def _get(body: dict, name: str, kinds: tuple, default: Any, check: Callable[[Any], bool] | None = None,
+         want: str = "") -> Any:
+    value = body.get(name, default)
+    if value is None:
+        return default
+    ok = isinstance(value, kinds) and not (isinstance(value, bool) and bool not in kinds)
+    if not ok or (check is not None and not check(value)):
+        raise _bad(f"'{name}' must be {want}, got {json.dumps(value)[:60]}", param=name)
+    return value
+
+
+def parse_sampling(body: dict, default_max_tokens: int) -> tuple[SamplingParams, int | None, int]:
+    """Sampling settings, the requested max_tokens (None: not given) and n."""
+    max_tokens = _get(body, "max_completion_tokens", (int,), None, lambda v: v >= 1, "an integer >= 1")
+    max_tokens = _get(body, "max_tokens", (int,), max_tokens, lambda v: v >= 1, "an integer >= 1")
+    stop = body.get("stop")
+    if stop is None:
+        stops: tuple[str, ...] = ()
+    elif isinstance(stop, str):
+        stops = (stop,)
+    elif isinstance(stop, list) and all(isinstance(s, str) for s in stop) and len(stop) <= 16:
+        stops = tuple(stop)
+    else:
+        raise _bad("'stop' must be a string or a list of at most 16 strings", param="stop")
+    top_k = _get(body, "top_k", (int,), 0, lambda v: v >= -1, "an integer >= 0 (-1 or 0: off)")
+    params = SamplingParams(
+        max_new_tokens=max_tokens or default_max_tokens,
+        temperature=float(_get(body, "temperature", _NUMBER, 1.0, lambda v: 0 <= v <= 2, "a number from 0 to 2")),
+        top_p=float(_get(body, "top_p", _NUMBER, 1.0, lambda v: 0 < v <= 1, "a number in (0, 1]")),
+        top_k=max(top_k, 0),
+        min_p=float(_get(body, "min_p", _NUMBER, 0.0, lambda v: 0 <= v <= 1, "a number from 0 to 1")),
+        repetition_penalty=float(_get(body, "repetition_penalty", _NUMBER, 1.0, lambda v: 0 < v <= 10,
+                                      "a number in (0, 10]")),
+        seed=_get(body, "seed", (int,), None, None, "an integer"),
+        stop=tuple(s for s in stops if s),
+    )
+    n = _get(body, "n", (int,), 1, lambda v: 1 <= v <= 16, "an integer from 1 to 16")
+    for name in ("presence_penalty", "frequency_penalty"):
+        if _get(body, name, _NUMBER, 0, lambda v: -2 <= v <= 2, "a number from -2 to 2"):
+            log.info("ignoring %s (not supported; use repetition_penalty)", name)
+    return params, max_tokens, n
+
+
+def parse_stream(body: dict) -> tuple[bool, bool]:
+    stream = _get(body, "stream", (bool,), False, None, "true or false")
+    options = _get(body, "stream_options", (dict,), {}, None, 'an object such as {"include_usage": true}')
+    include_usage = _get(options, "include_usage", (bool,), False, None, "true or false")
+    return stream, bool(stream and include_usage)
+
+
+def parse_messages(body: dict) -> list[dict]:
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise _bad("'messages' must be a non-empty list of {\"role\", \"content\"} objects", param="messages")
+    out = []
+    for i, m in enumerate(messages):
+        where = f"messages[{i}]"
+        if not isinstance(m, dict):
+            raise _bad(f"{where} must be an object with 'role' and 'content'", param=where)
+        role = m.get("role")
+        if role == "developer":
+            role = "system"
+        if role not in ("system", "user", "assistant"):
+            raise _bad(f"{where}.role must be system, user or assistant, got {json.dumps(role)}"
+                       + (" (tool calling is not supported)" if role in ("tool", "function") else ""), param=f"{where}.role")
+        content = m.get("content")
+        if content is None and role == "assistant":
+            content = ""
+        if isinstance(content, list):
+            texts = []
+            for part in content:
+                if not (isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)):
+                    raise _bad(f"{where}.content: only text parts are supported", param=f"{where}.content")
+                texts.append(part["text"])
+            content = "".join(texts)
+        if not isinstance(content, str):
+            raise _bad(f"{where}.content must be a string or a list of text parts", param=f"{where}.content")
+        out.append({"role": role, "content": content})
+    return out
+
+
+def parse_prompts(body: dict) -> list[str | list[int]]:
+    prompt = body.get("prompt")
+    if isinstance(prompt, str):
+        return [prompt]
+    if isinstance(prompt, list) and prompt:
+        if all(isinstance(p, str) for p in prompt):
+            return list(prompt)
+        if all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+            return [list(prompt)]
+        if all(isinstance(p, list) and p and all(isinstance(t, int) and not isinstance(t, bool) for t in p)
+               for p in prompt):
+            return [list(p) for p in prompt]
+    raise _bad("'prompt' must be a string, a list of strings, or token ids", param="prompt")
+
+
+def ignored_fields(body: dict, known: set[str], route: str) -> list[str]:
+    extra = sorted(k for k in body if k not in known and k not in _SILENT)
+    if extra:
+        log.info("%s: ignoring field(s) not supported here: %s", route, ", ".join(extra))
+    return extra
+
+
+# ---------------------------------------------------------------------------------------------
+# The app.
+
+
+START = time.time()  # "created" of every model card
+
+
+@dataclasses.dataclass
+class ServerState:
+    engine: Any = None
+    error: str | None = None
+    server: Any = None  # the uvicorn.Server, so that a failed load can stop it
+
+
+def _sse(obj: Any) -> str:
+    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+
+
+def create_app(load: Callable[[], Any], cfg: ServeConfig, api_key: str = ""):
+    """The FastAPI app. ``load`` builds the Engine; it runs on a thread once the server is up."""
+    from contextlib import asynccontextmanager
+
+    from fastapi import FastAPI, Request
+    from fastapi.responses import JSONResponse, StreamingResponse
+    from starlette.exceptions import HTTPException as StarletteHTTPException
+
+    state = ServerState()
+
+    def load_in_background() -> None:
+        try:
+            state.engine = load()
+            log.info("ready: serving %s", ", ".join(state.engine.models))
+        except Exception as e:  # noqa: BLE001 - reported on /health and at exit
+            state.error = str(e) if isinstance(e, PocketError) else f"{type(e).__name__}: {e}"
+            log.error("loading failed: %s", state.error)
+            if state.server is not None:
+                state.server.should_exit = True
+
+    @asynccontextmanager
+    async def lifespan(app):
+        threading.Thread(target=load_in_background, name="pocketrlhf-load", daemon=True).start()
+        yield
+        if state.engine is not None:
+            state.engine.close()
+
+    app = FastAPI(title="pocketrlhf", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.pocket = state
+    if cfg.cors_origins:
+        from fastapi.middleware.cors import CORSMiddleware
+
+        origins = [o.strip() for o in cfg.cors_origins.split(",") if o.strip()]
+        app.add_middleware(CORSMiddleware, allow_origins=origins, allow_methods=["*"], allow_headers=["*"])
+
+    @app.exception_handler(APIError)
+    async def api_error(request: Request, e: APIError):
+        headers = {"WWW-Authenticate": "Bearer"} if e.status == 401 else None
+        return JSONResponse(e.body(), status_code=e.status, headers=headers)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, e: StarletteHTTPException):
+        code = {404: "not_found", 405: "method_not_allowed"}.get(e.status_code)
+        message = f"no route {request.method} {request.url.path}" if e.status_code in (404, 405) else str(e.detail)
+        return JSONResponse(APIError(e.status_code, message, code=code).body(), status_code=e.status_code)
+
+    @app.exception_handler(Exception)
+    async def server_error(request: Request, e: Exception):
+        log.exception("internal error on %s", request.url.path)
+        return JSONResponse(APIError(500, f"internal error: {type(e).__name__}", "server_error").body(), status_code=500)
+
+    def authorize(request: Request) -> None:
+        if not api_key:
+            return
+        header = request.headers.get("authorization", "")
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), api_key.encode()):
+            raise APIError(401, "missing or incorrect API key: send 'Authorization: Bearer <key>'",
+                           code="invalid_api_key")
+
+    def ready_engine():
+        if state.engine is None:
+            if state.error:
+                raise APIError(500, f"the model failed to load: {state.error}", "server_error")
+            raise APIError(503, "the model is still loading; retry shortly (GET /health says when it is ready)",
+                           "server_error", code="model_loading")
+        return state.engine
+
+    async def read_json(request: Request) -> dict:
+        limit = cfg.max_body_bytes
+        too_large = APIError(413, f"request body larger than {limit} bytes (--max-body-bytes)", code="request_too_large")
+        length = request.headers.get("content-length", "")
+        if length.isdigit() and int(length) > limit:
+            raise too_large
+        body = bytearray()
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > limit:
+                raise too_large
+        try:
+            data = json.loads(body)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise _bad(f"could not parse the JSON body: {e}", code="invalid_json") from None
+        if not isinstance(data, dict):
+            raise _bad("the JSON body must be an object", code="invalid_json")
+        return data
+
+    def pick_model(engine, body: dict) -> str:
+        name = _get(body, "model", (str,), engine.default, None, "a model id string")
+        if name not in engine.models:
+            raise APIError(404, f"the model '{name}' does not exist; available: {', '.join(engine.models)}",
+                           param="model", code="model_not_found")
+        return name
+
+    def fit(engine, prompt_tokens: int, max_tokens: int | None, params: SamplingParams, param: str) -> SamplingParams:
+        ctx = engine.context_length
+        if ctx is None:
+            return params
+        if max_tokens is not None and prompt_tokens + max_tokens > ctx:
+            raise _bad(f"this model's maximum context length is {ctx} tokens; you requested {prompt_tokens + max_tokens} "
+                       f"tokens ({prompt_tokens} in the prompt, {max_tokens} for the completion); shorten the prompt "
+                       "or lower max_tokens", param=param, code="context_length_exceeded")
+        if prompt_tokens >= ctx:
+            raise _bad(f"this model's maximum context length is {ctx} tokens, and the prompt alone is {prompt_tokens} "
+                       "tokens", param=param, code="context_length_exceeded")
+        return dataclasses.replace(params, max_new_tokens=min(params.max_new_tokens, ctx - prompt_tokens))
+
+    def admit(engine, jobs: int) -> None:
+        if engine.pending + jobs > cfg.max_queue + 1:
+            raise APIError(503, f"server busy: {engine.pending} request(s) already running or queued (--max-queue "
+                           f"{cfg.max_queue}); retry shortly", "server_error", code="server_busy")
+
+    async def collect(request: Request, stream) -> str:
+        """The whole text of a stream; a client that hangs up cancels it."""
+
+        async def watch():
+            while not stream.done:
+                if await request.is_disconnected():
+                    stream.cancel()
+                    return
+                await asyncio.sleep(0.25)
+
+        watcher = asyncio.create_task(watch())
+        try:
+            return "".join([d async for d in stream])
+        finally:
+            watcher.cancel()
+            if not stream.done:
+                stream.cancel()
+
+    @app.get("/health")
+    async def health():
+        if state.engine is not None:
+            return {"status": "ok", "models": list(state.engine.models)}
+        if state.error:
+            return JSONResponse({"status": "error", "message": state.error}, status_code=500)
+        return JSONResponse({"status": "loading"}, status_code=503)
+
+    def model_card(engine, served) -> dict:
+        base = engine.models[next(iter(engine.models))]
+        return {"id": served.name, "object": "model", "created": int(START), "owned_by": "pocketrlhf",
+                "root": served.source, "parent": None if served.adapter is None else base.name,
+                "max_model_len": engine.context_length}
+
+    @app.get("/v1/models")
+    async def list_models(request: Request):
+        authorize(request)
+        engine = ready_engine()
+        return {"object": "list", "data": [model_card(engine, s) for s in engine.models.values()]}
+
+    @app.get("/v1/models/{model_id:path}")
+    async def get_model(model_id: str, request: Request):
+        authorize(request)
+        engine = ready_engine()
+        if model_id not in engine.models:
+            raise APIError(404, f"the model '{model_id}' does not exist", param="model", code="model_not_found")
+        return model_card(engine, engine.models[model_id])
+
+    def usage(prompt_tokens: int, completion_tokens: int) -> dict:
+        return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                "total_tokens": prompt_tokens + completion_tokens}
+
+    def finish(reason: str | None) -> str:
+        return "length" if reason == "length" else "stop"
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        authorize(request)
+        body = await read_json(request)
+        engine = ready_engine()
+        name = pick_model(engine, body)
+        ignored_fields(body, CHAT_FIELDS, "/v1/chat/completions")
+        messages = parse_messages(body)
+        params, max_tokens, n = parse_sampling(body, cfg.max_tokens)
+        stream_mode, include_usage = parse_stream(body)
+        try:
+            prompt = engine.chat_prompt(name, messages)
+        except Exception as e:  # noqa: BLE001 - a chat template that rejects these messages
+            raise _bad(f"cannot format these messages with {engine.served(name).template}: {e}", param="messages") from None
+        params = fit(engine, len(prompt), max_tokens, params, "messages")
+        admit(engine, 1)
+        stops = engine.stop_strings(name)
+        loop = asyncio.get_running_loop()
+        rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+
+        def seeded(i: int) -> SamplingParams:
+            return params if params.seed is None else dataclasses.replace(params, seed=params.seed + i)
+
+        if not stream_mode:
+            choices, completion_tokens = [], 0
+            for i in range(n):
+                s = engine.submit(name, prompt, seeded(i), stops, loop)
+                try:
+                    text = await collect(request, s)
+                except Exception as e:  # noqa: BLE001
+                    raise APIError(500, f"generation failed: {type(e).__name__}: {e}", "server_error") from None
+                completion_tokens += s.completion_tokens
+                choices.append({"index": i, "message": {"role": "assistant", "content": text},
+                                "logprobs": None, "finish_reason": finish(s.finish_reason)})
+            return {"id": rid, "object": "chat.completion", "created": created, "model": name,
+                    "choices": choices, "usage": usage(len(prompt), completion_tokens)}
+
+        def chunk(choices: list, usage_: dict | None = None) -> str:
+            obj = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": name, "choices": choices}
+            if include_usage:
+                obj["usage"] = usage_
+            return _sse(obj)
+
+        async def events():
+            current, completion_tokens = None, 0
+            try:
+                for i in range(n):
+                    current = engine.submit(name, prompt, seeded(i), stops, loop)
+                    yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                                  "finish_reason": None}])
+                    try:
+                        async for delta in current:
+                            yield chunk([{"index": i, "delta": {"content": delta}, "logprobs": None,
+                                          "finish_reason": None}])
+                    except Exception as e:  # noqa: BLE001 - headers are sent: report in the stream
+                        yield _sse(APIError(500, f"generation failed: {type(e).__name__}: {e}", "server_error").body())
+                        break
+                    completion_tokens += current.completion_tokens
+                    yield chunk([{"index": i, "delta": {}, "logprobs": None, "finish_reason": finish(current.finish_reason)}])
+                if include_usage:
+                    yield chunk([], usage(len(prompt), completion_tokens))
+                yield "data: [DONE]\n\n"
+            finally:
+                if current is not None and not current.done:
+                    current.cancel()
+
+        return StreamingResponse(events(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        authorize(request)
+        body = await read_json(request)
+        engine = ready_engine()
+        name = pick_model(engine, body)
+        ignored_fields(body, COMPLETION_FIELDS, "/v1/completions")
+        prompts = parse_prompts(body)
+        params, max_tokens, n = parse_sampling(body, cfg.max_tokens)
+        stream_mode, include_usage = parse_stream(body)
+        encoded = [engine.encode(name, p) if isinstance(p, str) else p for p in prompts]
+        vocab = min(len(engine.served(name).tokenizer), engine.vocab_size)
+        for ids in encoded:
+            if any(t < 0 or t >= vocab for t in ids):
+                raise _bad(f"'prompt' has token ids outside the vocabulary (0..{vocab - 1})", param="prompt")
+            if not ids:
+                raise _bad("'prompt' is empty", param="prompt")
+        jobs = [(p, ids, fit(engine, len(ids), max_tokens, params, "prompt")) for p, ids in enumerate(encoded)]
+        admit(engine, 1)
+        loop = asyncio.get_running_loop()
+        rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+        prompt_tokens = sum(len(ids) for ids in encoded)
+
+        def seeded(p: SamplingParams, i: int) -> SamplingParams:
+            return p if p.seed is None else dataclasses.replace(p, seed=p.seed + i)
+
+        if not stream_mode:
+            choices, completion_tokens = [], 0
+            for p, ids, prm in jobs:
+                for j in range(n):
+                    s = engine.submit(name, ids, seeded(prm, j), (), loop)
+                    try:
+                        text = await collect(request, s)
+                    except Exception as e:  # noqa: BLE001
+                        raise APIError(500, f"generation failed: {type(e).__name__}: {e}", "server_error") from None
+                    completion_tokens += s.completion_tokens
+                    choices.append({"index": p * n + j, "text": text, "logprobs": None,
+                                    "finish_reason": finish(s.finish_reason)})
+            return {"id": rid, "object": "text_completion", "created": created, "model": name, "choices": choices,
+                    "usage": usage(prompt_tokens, completion_tokens)}
+
+        def chunk(choices: list, usage_: dict | None = None) -> str:
+            obj = {"id": rid, "object": "text_completion", "created": created, "model": name, "choices": choices}
+            if include_usage:
+                obj["usage"] = usage_
+            return _sse(obj)
+
+        async def events():
+            current, completion_tokens = None, 0
+            try:
+                for p, ids, prm in jobs:
+                    for j in range(n):
+                        index = p * n + j
+                        current = engine.submit(name, ids, seeded(prm, j), (), loop)
+                        try:
+                            async for delta in current:
+                                yield chunk([{"index": index, "text": delta, "logprobs": None, "finish_reason": None}])
+                        except Exception as e:  # noqa: BLE001
+                            yield _sse(APIError(500, f"generation failed: {type(e).__name__}: {e}", "server_error").body())
+                            yield "data: [DONE]\n\n"
+                            return
+                        completion_tokens += current.completion_tokens
+                        yield chunk([{"index": index, "text": "", "logprobs": None,
+                                      "finish_reason": finish(current.finish_reason)}])
+                if include_usage:
+                    yield chunk([], usage(prompt_tokens, completion_tokens))
+                yield "data: [DONE]\n\n"
+            finally:
+                if current is not None and not current.done:
+                    current.cancel()
+
+        return StreamingResponse(events(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    return app
+
+
+# ---------------------------------------------------------------------------------------------
+# Running it.
+
+
+def listen(host: str, port: int) -> socket.socket:
+    """A listening socket, or a one-line error when the address cannot be used."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        raise ConfigError(f"cannot listen on {host}:{port}: {e.strerror or e} (pick another --port or --host)") from None
+    sock.listen(128)
+    sock.set_inheritable(True)
+    return sock
+
+
+class BackgroundServer:
+    """A uvicorn server on a thread (tests, notebooks): ``.url``, ``.stop()``."""
+
+    def __init__(self, app, host: str = "127.0.0.1", port: int = 0, log_level: str = "warning"):
+        import uvicorn
+
+        self.sock = listen(host, port)
+        self.port = self.sock.getsockname()[1]
+        self.url = f"http://{host}:{self.port}"
+        self.server = uvicorn.Server(uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=2))
+        if hasattr(app, "state") and hasattr(app.state, "pocket"):
+            app.state.pocket.server = self.server
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            if not self.thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("the server did not start")
+            time.sleep(0.02)
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
+        self.sock.close()
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def run(cfg: ServeConfig) -> None:
+    import uvicorn
+
+    from pocketrlhf.errors import ModelLoadError
+    from pocketrlhf.models.loading import resolve_device
+    from pocketrlhf.serve.engine import Engine, max_memory_map, parse_adapters, plan_models
+    from pocketrlhf.stages.common import setup_logging
+
+    setup_logging(getattr(logging, cfg.log_level.upper()))
+    if cfg.load_8bit and cfg.load_4bit:
+        raise ConfigError("--load-8bit and --load-4bit are exclusive: pick one")
+    for name, value, low in (("--max-tokens", cfg.max_tokens, 1), ("--max-queue", cfg.max_queue, 0),
+                             ("--max-body-bytes", cfg.max_body_bytes, 1)):
+        if value < low:
+            raise ConfigError(f"{name} must be at least {low}, got {value}")
+    api_key = cfg.api_key or os.environ.get("POCKETRLHF_API_KEY", "")
+    # Everything that can be checked without loading weights fails here, before the port opens.
+    plan = plan_models(cfg, parse_adapters(cfg.adapters), cfg.name)
+    max_memory_map(resolve_device(cfg.device), cfg.cpu_offloading, cfg.max_gpu_memory)
+    if not _is_loopback(cfg.host) and not api_key:
+        log.warning("listening on %s without --api-key: anyone who can reach this port can use the model", cfg.host)
+    sock = listen(cfg.host, cfg.port)
+    app = create_app(lambda: Engine.load(cfg, plan=plan), cfg, api_key)
+    server = uvicorn.Server(uvicorn.Config(app, log_level=cfg.log_level, timeout_graceful_shutdown=5))
+    app.state.pocket.server = server
+    log.info("listening on http://%s:%d (OpenAI base_url http://%s:%d/v1); loading the model...",
+             cfg.host, cfg.port, cfg.host, cfg.port)
+    try:
+        server.run(sockets=[sock])
+    except KeyboardInterrupt:  # uvicorn re-raises Ctrl-C once it has shut down cleanly: the normal way to stop
+        log.info("stopped")
+    finally:
+        sock.close()
+    if app.state.pocket.error:
+        raise ModelLoadError(app.state.pocket.error)
