@@ -193,3 +193,27 @@ def test_preference_tokenization_and_batch_layout(tok):
     assert batch["response_mask"][0, :n_prompt].sum() == 0
     assert batch["response_mask"][0].sum() == len(out[0].chosen_ids)
     assert batch["response_mask"][2].sum() == len(out[0].rejected_ids)
+
+
+def test_text_that_already_starts_with_bos_gets_no_second_bos(tok):
+    from tokenizers.processors import TemplateProcessing
+    from transformers import AutoTokenizer
+
+    from pocketrlhf.data.tokenize import encode
+
+    bos_tok = AutoTokenizer.from_pretrained(tok.name_or_path)
+    bos_tok.bos_token = "<|im_start|>"
+    bos_id = bos_tok.convert_tokens_to_ids("<|im_start|>")
+    bos_tok._tokenizer.post_processor = TemplateProcessing(single="<|im_start|> $A", special_tokens=[("<|im_start|>", bos_id)])
+    assert encode(bos_tok, "hello", special=True)[0] == bos_id
+    ids = encode(bos_tok, "<|im_start|>hello", special=True)
+    assert ids[0] == bos_id and ids.count(bos_id) == 1
+
+
+def test_effective_template_is_what_rows_are_rendered_with():
+    from pocketrlhf.data.formats import effective_template
+
+    assert effective_template("messages", "plain") == "auto"
+    assert effective_template("stackexchange", "plain") == "stackllama"
+    assert effective_template("prompt_completion", "plain") == "plain"
+    assert effective_template("messages", "chatml") == "chatml"

@@ -80,14 +80,13 @@ def dpo_loss(
     return losses, beta * chosen_ratio.detach(), beta * rejected_ratio.detach()
 
 
-def reward_metrics(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor) -> dict[str, float]:
-    """Means over pairs of the implicit rewards, how often chosen beats rejected, and by how much.
-
-    A tie (e.g. policy == reference) does not count as a win.
-    """
+def reward_metric_sums(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Implicit-reward metrics summed over pairs (the caller divides by the pair count): the
+    rewards, how often chosen beats rejected (a tie, e.g. policy == reference, is no win), and
+    by how much."""
     return {
-        "rewards/chosen": chosen_rewards.mean().item(),
-        "rewards/rejected": rejected_rewards.mean().item(),
-        "accuracy": (chosen_rewards > rejected_rewards).float().mean().item(),
-        "margin": (chosen_rewards - rejected_rewards).mean().item(),
+        "rewards/chosen": chosen_rewards.sum(),
+        "rewards/rejected": rejected_rewards.sum(),
+        "accuracy": (chosen_rewards > rejected_rewards).float().sum(),
+        "margin": (chosen_rewards - rejected_rewards).sum(),
     }

@@ -56,6 +56,17 @@ def detect(columns: list[str], formats: dict[str, tuple[str, ...]], source: str,
     raise DataError(f"{source}: no usable columns for {kind} data: expected {wanted}; found {', '.join(columns) or 'none'}")
 
 
+def effective_template(fmt: str, template: str) -> str:
+    """The prompt format rows of format ``fmt`` are really rendered with under ``template``:
+    chat messages use the tokenizer's chat template and Stack Exchange columns StackLLaMA's
+    format unless another format is named. Recorded with adapters, so chat uses it too."""
+    if template == "plain" and fmt == "messages":
+        return "auto"
+    if template == "plain" and fmt == "stackexchange":
+        return "stackllama"
+    return template
+
+
 @dataclass
 class TextPair:
     prompt: str  # already formatted (template applied), may be ""
@@ -92,7 +103,7 @@ def sft_pairs(ds, source: str, template: str = "plain", tokenizer=None, fmt: str
     fmt = fmt or detect(ds.column_names, SFT_FORMATS, source, "SFT")
     skipped = Skipped()
     out: list[TextPair] = []
-    chat_fmt = "auto" if template == "plain" else template
+    chat_fmt = effective_template(fmt, template)
     for i, row in enumerate(ds, start=1):
         if fmt == "messages":
             msgs = _messages(row["messages"], source, i)
@@ -118,7 +129,7 @@ def sft_pairs(ds, source: str, template: str = "plain", tokenizer=None, fmt: str
             skipped.add(f"rows with an empty {p_col if prompt is None else c_col}")
             out.extend([None] * placeholders)
             continue
-        tmpl = "stackllama" if fmt == "stackexchange" and template == "plain" else template
+        tmpl = effective_template(fmt, template)
         out.append(TextPair(prompt_text(prompt, tmpl, tokenizer), completion_text(completion, tmpl, tokenizer)))
     if not any(out):
         raise DataError(f"{source}: no usable rows ({skipped.describe()} skipped)")
@@ -143,7 +154,7 @@ def preference_pairs(ds, source: str, template: str = "plain", tokenizer=None,
     fmt = detect(ds.column_names, PREFERENCE_FORMATS, source, "preference")
     skipped = Skipped()
     out: list[PreferencePair] = []
-    tmpl = "stackllama" if fmt == "stackexchange" and template == "plain" else template
+    tmpl = effective_template(fmt, template)
     for i, row in enumerate(ds, start=1):
         cols = PREFERENCE_FORMATS[fmt]
         values = [require_string(row[c], source, i, c) for c in cols]
@@ -154,6 +165,10 @@ def preference_pairs(ds, source: str, template: str = "plain", tokenizer=None,
             continue
         if fmt == "implicit":
             chosen, rejected = values
+            if chosen == rejected:
+                skipped.add("pairs whose two answers are identical")
+                out.extend([None] * placeholders)
+                continue
             prompt = _common_prefix(chosen, rejected)
             # Split on a word boundary so both answers start with a whole token.
             cut = max(prompt.rfind(" "), prompt.rfind("\n"))
@@ -177,7 +192,7 @@ def prompts(ds, source: str, template: str = "plain", tokenizer=None) -> tuple[l
     fmt = detect(ds.column_names, PROMPT_FORMATS, source, "prompt")
     skipped = Skipped()
     out = []
-    tmpl = "stackllama" if fmt == "stackexchange" and template == "plain" else template
+    tmpl = effective_template(fmt, template)
     for i, row in enumerate(ds, start=1):
         if fmt == "messages":
             msgs = _messages(row["messages"], source, i)
@@ -186,7 +201,7 @@ def prompts(ds, source: str, template: str = "plain", tokenizer=None) -> tuple[l
                 continue
             if msgs[-1]["role"] == "assistant":
                 msgs = msgs[:-1]
-            out.append(render(msgs, "auto" if template == "plain" else template, tokenizer, add_generation_prompt=True))
+            out.append(render(msgs, tmpl, tokenizer, add_generation_prompt=True))
             continue
         col = PROMPT_FORMATS[fmt][0]
         text = require_string(row[col], source, i, col)

@@ -23,8 +23,12 @@ class TokenExample:
 
 
 def encode(tokenizer, text: str, special: bool) -> list[int]:
+    """Token ids; ``special`` adds the tokenizer's BOS, unless the text (a rendered chat
+    template, say) already starts with it."""
     if not text:
         return []
+    if special and tokenizer.bos_token and text.startswith(tokenizer.bos_token):
+        special = False
     return tokenizer(text, add_special_tokens=special)["input_ids"]
 
 

@@ -1,0 +1,357 @@
+"""Direct Preference Optimization: an adapter learns from (prompt, chosen, rejected) pairs directly,
+with no reward model and no sampling (spec 6).
+
+The reference is the SFT model, reached by switching adapters on the one frozen base:
+
+* ``--sft-adapter DIR``: the SFT adapter is loaded twice, as the trainable policy's starting point
+  and as a frozen copy named "reference" (as trl does), so policy == reference at step 0;
+* otherwise: a fresh adapter, and the reference is the base with every adapter disabled.
+
+Sequence log-prob = sum of the answer tokens' log-probs (EOS included, prompt excluded), through
+``models.forward.response_logprobs``. By default each pair runs as ONE row, prompt + chosen +
+rejected, where the rejected answer attends to the prompt but not to the chosen answer and its
+positions restart after the prompt: the same numbers as two rows, with the prompt computed once.
+
+By default (``--precompute-ref-logprobs``) the reference runs once over all pairs before training,
+in batches of similar lengths, and the numbers are kept in OUTPUT_DIR/reference_logprobs.safetensors,
+tagged with a hash of the data and the reference: later epochs, a resumed run, or another run in
+the same folder on the same data reuse them instead of running the reference again.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from pocketrlhf.algorithms.dpo import LossType, dpo_loss, reward_metric_sums
+from pocketrlhf.config import AdapterOptions, ModelOptions, TrainOptions, option
+from pocketrlhf.data.formats import PREFERENCE_FORMATS, Skipped, detect, effective_template, preference_pairs
+from pocketrlhf.data.loading import load_records
+from pocketrlhf.data.templates import TemplateName
+from pocketrlhf.data.tokenize import PreferenceExample, collate_preferences, tokenize_preferences
+from pocketrlhf.errors import ConfigError, DataError
+from pocketrlhf.stages import common
+from pocketrlhf.stages.common import log
+from pocketrlhf.stages.loop import Loop, plan_steps, sequences_per_step, split_holdout
+
+REFERENCE_ADAPTER = "reference"
+REFERENCE_CACHE = "reference_logprobs.safetensors"
+
+
+@dataclasses.dataclass
+class DPOConfig(ModelOptions, AdapterOptions, TrainOptions):
+    output_dir: str = option("runs/dpo", "run directory")
+    learning_rate: float = option(5e-5, "peak learning rate (DPO wants a small one; LoRA examples use 5e-6 to 5e-4)")
+    data: str = option("", "preference pairs: prompt+chosen+rejected, chosen+rejected, or question+response_j+response_k")
+    eval_data: str = option("", "held-out pairs (default: eval_fraction of data)")
+    eval_fraction: float = option(0.05, "fraction of pairs held out when no eval_data (0: none)")
+    template: TemplateName = option("plain", "prompt format; use the one the SFT adapter was trained with")
+    max_length: int = option(512, "longest prompt + answer in tokens (prompts are cut from the left to fit)")
+    sft_adapter: str = option("", "adapter from 'pocketrlhf sft': the policy starts from it, a frozen copy is the reference")
+    beta: float = option(0.1, "strength of the pull towards the reference (IPO: tau)")
+    loss_type: LossType = option("sigmoid", "sigmoid (DPO; cDPO with label smoothing), robust (rDPO), hinge (SLiC) or ipo")
+    label_smoothing: float = option(0.0, "sigmoid/robust: assumed chance that a pair's label is flipped, in [0, 0.5)")
+    precompute_ref_logprobs: bool = option(True, "run the reference once over all pairs before training and cache it "
+                                                 "(off: a reference forward in every step)")
+    share_prompt: bool = option(True, "compute each pair's prompt once for both answers (same numbers, fewer tokens)")
+
+
+def check_config(cfg: DPOConfig) -> None:
+    if not cfg.data:
+        raise ConfigError("dpo needs --data FILE (preference pairs)")
+    if cfg.beta <= 0:
+        raise ConfigError(f"--beta must be > 0 (got {cfg.beta})")
+    if not 0 <= cfg.label_smoothing < 0.5:
+        raise ConfigError(f"--label-smoothing must be in [0, 0.5) (got {cfg.label_smoothing})")
+    if cfg.label_smoothing and cfg.loss_type not in ("sigmoid", "robust"):
+        raise ConfigError(f"--label-smoothing applies to the sigmoid and robust losses, not {cfg.loss_type}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Data.
+
+
+@dataclasses.dataclass
+class DPOExample(PreferenceExample):
+    ref_chosen: float | None = None  # precomputed reference log-probs, when cached
+    ref_rejected: float | None = None
+
+
+def tokenize(tokenizer, pairs, max_length: int, skipped: Skipped) -> list[DPOExample]:
+    out = []
+    for ex in tokenize_preferences(tokenizer, pairs, max_length, skipped):
+        if ex.chosen_ids == ex.rejected_ids:  # nothing to prefer (caught here for every data format)
+            skipped.add("pairs whose two answers are identical")
+            continue
+        out.append(DPOExample(ex.prompt_ids, ex.chosen_ids, ex.rejected_ids))
+    return out
+
+
+def prepare_data(cfg: DPOConfig, tokenizer) -> tuple[list[DPOExample], list[DPOExample], dict]:
+    ds = load_records(cfg.data)
+    template = effective_template(detect(ds.column_names, PREFERENCE_FORMATS, cfg.data, "preference"), cfg.template)
+    pairs, skipped = preference_pairs(ds, cfg.data, cfg.template, tokenizer)
+    if cfg.eval_data:
+        eval_pairs, eval_skipped = preference_pairs(load_records(cfg.eval_data), cfg.eval_data, cfg.template, tokenizer)
+        skipped.counts.update({f"eval {k}": v for k, v in eval_skipped.counts.items()})
+    else:
+        pairs, eval_pairs = split_holdout(pairs, cfg.eval_fraction, cfg.seed)
+    train = tokenize(tokenizer, pairs, cfg.max_length, skipped)
+    evals = tokenize(tokenizer, eval_pairs, cfg.max_length, Skipped())
+    if not train:
+        raise DataError(f"{cfg.data}: no usable preference pairs ({skipped.describe()} skipped)")
+    if skipped.total:
+        log.info("data: %s", skipped.describe())
+    report = {"template": template, "train_pairs": len(train), "eval_pairs": len(evals), "skipped": dict(skipped.counts)}
+    return train, evals, report
+
+
+PROMPT, CHOSEN, REJECTED, PAD = 0, 1, 2, 3
+
+
+def collate_shared_prompt(examples: list[PreferenceExample], width: int) -> dict[str, torch.Tensor]:
+    """Each pair as one row: prompt, chosen, rejected. ``shared_index`` maps every position of the
+    two-row layout of ``collate_preferences`` (``width`` columns) to its place in these rows."""
+    n = len(examples)
+    length = max(len(e.prompt_ids) + len(e.chosen_ids) + len(e.rejected_ids) for e in examples)
+    ids = torch.zeros((n, length), dtype=torch.long)  # 0, not the pad id: every id reaches the model
+    segments = torch.full((n, length), PAD, dtype=torch.long)
+    positions = torch.zeros((n, length), dtype=torch.long)
+    index = torch.zeros((2 * n, width), dtype=torch.long)
+    for b, e in enumerate(examples):
+        p, c, r = len(e.prompt_ids), len(e.chosen_ids), len(e.rejected_ids)
+        ids[b, :p + c + r] = torch.tensor(e.prompt_ids + e.chosen_ids + e.rejected_ids)
+        segments[b, :p], segments[b, p:p + c], segments[b, p + c:p + c + r] = PROMPT, CHOSEN, REJECTED
+        positions[b, :p + c] = torch.arange(p + c)
+        positions[b, p + c:p + c + r] = torch.arange(p, p + r)  # as if it followed the prompt directly
+        index[b, :p + c] = b * length + torch.arange(p + c)
+        index[n + b, :p] = b * length + torch.arange(p)
+        index[n + b, p:p + r] = b * length + p + c + torch.arange(r)
+    return {"shared_ids": ids, "shared_segments": segments, "shared_positions": positions, "shared_index": index}
+
+
+# ---------------------------------------------------------------------------------------------
+# Log-probs, the reference, the loss.
+
+
+class PairLogps(torch.nn.Module):
+    """Summed answer log-probs of a pair batch [2B] (rows [0, B) chosen, [B, 2B) rejected) with the
+    active adapter: what accelerate/DDP wraps."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        from pocketrlhf.models.forward import biased_hidden_states, response_logprobs
+
+        hidden = None
+        if "shared_ids" in batch:
+            seg = batch["shared_segments"]
+            query, key = seg.unsqueeze(2), seg.unsqueeze(1)
+            causal = torch.ones(seg.shape[1], seg.shape[1], dtype=torch.bool, device=seg.device).tril()
+            allowed = causal & ((key == PROMPT) | (key == query))  # an answer never sees the other answer
+            shared = biased_hidden_states(self.model, batch["shared_ids"], batch["shared_positions"], allowed)
+            hidden = shared.flatten(0, 1)[batch["shared_index"]]  # back to the two-row layout
+        out = response_logprobs(self.model, batch["input_ids"], batch["attention_mask"], batch["response_mask"],
+                                hidden=hidden)
+        return out.logprobs.sum(-1)
+
+
+class DPOLoss:
+    """Summed DPO loss and implicit-reward metrics over a batch of pairs; the loop divides by the
+    global pair count."""
+
+    def __init__(self, cfg: DPOConfig, pad_id: int, logps: PairLogps, adapters, reference_adapter: str | None,
+                 share_prompt: bool):
+        self.cfg, self.pad_id, self.logps, self.adapters = cfg, pad_id, logps, adapters
+        self.reference_adapter, self.share_prompt = reference_adapter, share_prompt
+
+    def batch(self, examples: list[DPOExample]) -> dict[str, torch.Tensor]:
+        batch = collate_preferences(examples, self.pad_id)
+        if self.share_prompt:
+            batch.update(collate_shared_prompt(examples, batch["input_ids"].shape[1]))
+        if examples[0].ref_chosen is not None:
+            batch["ref_chosen"] = torch.tensor([e.ref_chosen for e in examples])
+            batch["ref_rejected"] = torch.tensor([e.ref_rejected for e in examples])
+        return batch
+
+    def units(self, examples: list[DPOExample]) -> int:
+        return len(examples)
+
+    @torch.no_grad()
+    def reference(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        if "ref_chosen" in batch:
+            return batch["ref_chosen"], batch["ref_rejected"]
+        with self.adapters.use(self.reference_adapter):
+            chosen, rejected = self.logps(batch).chunk(2)
+        return chosen, rejected
+
+    def loss(self, module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        ref_chosen, ref_rejected = self.reference(batch)
+        chosen, rejected = module(batch).chunk(2)
+        chosen_len, rejected_len = batch["response_mask"].sum(-1).chunk(2)
+        losses, chosen_rewards, rejected_rewards = dpo_loss(
+            chosen, rejected, ref_chosen, ref_rejected, self.cfg.beta, self.cfg.loss_type, self.cfg.label_smoothing,
+            chosen_len, rejected_len)
+        return losses.sum(), reward_metric_sums(chosen_rewards, rejected_rewards)
+
+
+# ---------------------------------------------------------------------------------------------
+# Precomputed reference log-probs.
+
+
+def cache_key(sets: dict[str, list[DPOExample]], cfg: DPOConfig) -> str:
+    """Names the data (token ids) and the reference model that cached numbers belong to."""
+    from pocketrlhf.models.loading import model_reference
+
+    h = hashlib.sha256()
+    ref = {k: getattr(cfg, k) for k in ("quantization", "quant_type", "double_quant", "compute_dtype", "dtype")}
+    h.update(json.dumps({**ref, "model": model_reference(cfg.model)}, sort_keys=True).encode())
+    if cfg.sft_adapter:
+        h.update((Path(cfg.sft_adapter) / "adapter_model.safetensors").read_bytes())
+    for split, examples in sets.items():
+        h.update(split.encode())
+        for e in examples:
+            h.update(json.dumps([e.prompt_ids, e.chosen_ids, e.rejected_ids]).encode())
+    return h.hexdigest()
+
+
+@torch.no_grad()
+def compute_reference(stage: DPOLoss, examples: list[DPOExample], cfg: DPOConfig, device,
+                      split: str) -> tuple[torch.Tensor, torch.Tensor]:
+    # Pairs of similar length go together: little padding. Order does not change the numbers.
+    order = sorted(range(len(examples)), key=lambda i: len(examples[i].prompt_ids) + len(examples[i].chosen_ids)
+                   + len(examples[i].rejected_ids))
+    chosen, rejected = torch.zeros(len(examples)), torch.zeros(len(examples))
+    progress = common.Progress(len(examples), 0, f"reference log-probs ({split})", cfg.progress, unit="pair")
+    for start in range(0, len(order), cfg.batch_size):
+        ids = order[start:start + cfg.batch_size]
+        batch = {k: v.to(device) for k, v in stage.batch([examples[i] for i in ids]).items()}
+        c, r = stage.reference(batch)
+        chosen[ids], rejected[ids] = c.float().cpu(), r.float().cpu()
+        progress.update(len(ids))
+    progress.close()
+    return chosen, rejected
+
+
+def with_reference(path: Path, sets: dict[str, list[DPOExample]], stage: DPOLoss, cfg: DPOConfig, device,
+                   accelerator) -> dict[str, list[DPOExample]]:
+    """The examples with their reference log-probs filled in: from ``path`` when it was written for
+    this data and reference, else computed by the main process and written atomically."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    key = cache_key(sets, cfg)
+    if accelerator.is_main_process:
+        stale = True
+        if path.is_file():
+            with safe_open(str(path), "pt") as f:
+                stale = (f.metadata() or {}).get("key") != key
+            log.info("%s reference log-probs in %s", "recomputing the stale" if stale else "reusing the", path)
+        if stale:
+            tensors = {}
+            for split, examples in sets.items():
+                tensors[f"{split}_chosen"], tensors[f"{split}_rejected"] = compute_reference(stage, examples, cfg,
+                                                                                             device, split)
+            tmp = path.with_name(f".tmp-{path.name}")
+            save_file(tensors, str(tmp), metadata={"key": key})
+            os.replace(tmp, path)
+    accelerator.wait_for_everyone()
+    with safe_open(str(path), "pt") as f:
+        cached = {k: f.get_tensor(k).tolist() for k in f.keys()}
+    return {split: [dataclasses.replace(e, ref_chosen=c, ref_rejected=r) for e, c, r in
+                    zip(examples, cached[f"{split}_chosen"], cached[f"{split}_rejected"])]
+            for split, examples in sets.items()}
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def build_model(cfg: DPOConfig, total_steps: int, template: str | None = None):
+    """(model, AdapterSet, reference adapter name or None): the trainable policy adapter
+    ("default") on the frozen base, plus a frozen copy of the SFT adapter when there is one.
+    ``template``: the prompt format the data is rendered with (checked against the SFT adapter's)."""
+    from pocketrlhf.models.adapters import AdapterSet, load_adapter, read_adapter_info
+    from pocketrlhf.models.forward import disable_dropout
+    from pocketrlhf.stages.sft import build_policy
+
+    model = build_policy(cfg, total_steps=total_steps, init_adapter=cfg.sft_adapter)
+    reference = None
+    if cfg.sft_adapter:
+        sft_template = read_adapter_info(cfg.sft_adapter).get("template")
+        template = template or cfg.template
+        if sft_template and sft_template != template:
+            log.warning("the SFT adapter was trained with --template %s but this run uses %s: prompts will look unlike "
+                        "those seen in SFT", sft_template, template)
+        flags = [(p, p.requires_grad) for p in model.parameters()]
+        model = load_adapter(model, cfg.sft_adapter, name=REFERENCE_ADAPTER, trainable=False)
+        for p, flag in flags:  # loading another adapter must not change what trains
+            p.requires_grad_(flag)
+        reference = REFERENCE_ADAPTER
+    disable_dropout(model)  # the adapters' dropout too: log-probs must be exact (spec 1.3)
+    return model, AdapterSet(model), reference
+
+
+def train(cfg: DPOConfig) -> dict:
+    from pocketrlhf.models.adapters import load_adapter_weights, save_adapter, write_adapter_info
+    from pocketrlhf.models.forward import supports_attention_bias
+    from pocketrlhf.models.loading import load_tokenizer, model_reference
+
+    common.setup_logging()
+    check_config(cfg)
+    accelerator = common.make_accelerator(cfg.device)
+    run = common.Run(cfg, "dpo", accelerator.is_main_process)
+    common.set_seed(cfg.seed)
+    tokenizer = load_tokenizer(cfg.model, cfg.trust_remote_code)
+    train_set, eval_set, data_report = prepare_data(cfg, tokenizer)
+    steps_per_epoch, total_steps = plan_steps(cfg, len(train_set), accelerator.num_processes)
+
+    model, adapters, reference = build_model(cfg, total_steps, data_report["template"])
+    share_prompt = cfg.share_prompt and supports_attention_bias(model)
+    if cfg.share_prompt and not share_prompt:
+        log.info("this model or adapter cannot share the prompt between answers; running them as separate rows")
+    params = [p for p in model.parameters() if p.requires_grad]
+    device = params[0].device
+    optimizer = common.build_optimizer(params, cfg, str(device))
+    scheduler = common.build_scheduler(optimizer, cfg, total_steps)
+    logps = PairLogps(model)
+    stage = DPOLoss(cfg, tokenizer.pad_token_id, logps, adapters, reference, share_prompt)
+    if cfg.precompute_ref_logprobs:  # before any checkpoint is loaded: the reference never trains anyway
+        sets = with_reference(run.dir / REFERENCE_CACHE, {"train": train_set, "eval": eval_set}, stage, cfg, device,
+                              accelerator)
+        train_set, eval_set = sets["train"], sets["eval"]
+    module = accelerator.prepare_model(logps, device_placement=False)
+    loop = Loop(cfg, run, accelerator, module, params, optimizer, scheduler, stage, train_set, eval_set,
+                write_checkpoint=lambda path: save_adapter(model, path / "adapter"))
+    start_step = loop.resume(lambda path: load_adapter_weights(model, path / "adapter"))
+    log.info("dpo: %d train / %d eval pairs, %d steps of %d pairs, %s loss, beta %g, reference: %s; trainable %s params",
+             len(train_set), len(eval_set), total_steps, sequences_per_step(cfg, accelerator.num_processes),
+             cfg.loss_type, cfg.beta, f"frozen copy of {cfg.sft_adapter}" if reference else "the base (adapters off)",
+             f"{sum(p.numel() for p in params):,}")
+    last = loop.fit(start_step, steps_per_epoch, total_steps)
+
+    summary = {"train_loss": last.get("loss"), "train_accuracy": last.get("accuracy"), "steps": total_steps,
+               **data_report}
+    if eval_set:
+        metrics = loop.evaluate()
+        run.log(total_steps, metrics, split="eval")
+        summary.update({f"eval_{k}": v for k, v in metrics.items()})
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        out = save_adapter(model, run.dir / "adapter", tokenizer=tokenizer)
+        write_adapter_info(out, stage="dpo", template=data_report["template"], base_model=model_reference(cfg.model),
+                           quantization=cfg.quantization, reference=cfg.sft_adapter or "base", loss_type=cfg.loss_type,
+                           beta=cfg.beta, eval_accuracy=summary.get("eval_accuracy"))
+        summary["adapter"] = str(out)
+    run.write_summary(summary)
+    run.close()
+    log.info("dpo done: train loss %.4f%s; adapter in %s", summary["train_loss"],
+             f", eval loss {summary['eval_loss']:.4f}, eval accuracy {summary['eval_accuracy']:.3f}" if eval_set else "",
+             run.dir / "adapter")
+    return summary
