@@ -267,6 +267,9 @@ def parse_args(cls: type, argv: list[str], positional: tuple[str, ...] = ()) -> 
         extra = positionals[len(positional)]
         raise ConfigError(f"unexpected argument '{extra}'")
     for name, value in zip(positional, positionals):
+        if name == "config":  # `pocketrlhf pipeline run.yaml`: the positional is the YAML file itself
+            config_file = value
+            continue
         flags[name] = coerce(fields_[name].type, value, name)
     cfg = cls()
     if config_file:

@@ -1,101 +1,122 @@
-"""``pocketrlhf demo``: the pipeline on the built-in review task with a tiny model built locally.
+"""``pocketrlhf demo``: the whole pipeline on a built-in task with a tiny model built locally.
 
-No network, no GPU: a tiny model and tokenizer are created from configs, then trained by the same
-code a user runs on a real model. Measured against the task's ground-truth sentiment lexicon.
+The task mirrors the seeds' classic RLHF example (write positive movie reviews). A tiny base model
+is created from a config and briefly pretrained on unlabelled reviews, then the real pipeline runs:
+SFT on noisy demonstrations (every sentiment) -> a reward model on preference pairs -> PPO with that
+reward model -> DPO on the same pairs -> evaluation. The ground truth is a fixed sentiment lexicon
+(pocketrlhf.data.synthetic), independent of the learned reward model. No network, no GPU.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import random
+import shutil
+import time
 from pathlib import Path
+from typing import Literal
 
 from pocketrlhf.config import option
 from pocketrlhf.data import synthetic
 from pocketrlhf.stages import common
 from pocketrlhf.stages.common import log
 
+GROUND_TRUTH = "pocketrlhf.data.synthetic:sentiment_reward"
+
 
 @dataclasses.dataclass
 class DemoConfig:
-    output_dir: str = option("runs/demo", "where the demo writes its model, data, runs and report")
-    arch: str = option("llama", "tiny architecture: llama, mistral, qwen2, gpt_neox or gpt2")
-    quantization: str = option("none", "base precision for every stage: none, 8bit or 4bit")
-    seed: int = option(0, "seed for the model, the data and training")
-    sft_steps: int = option(150, "SFT optimizer steps")
-    samples: int = option(64, "generations per model for the evaluation table")
-    progress: bool = option(True, "show progress bars")
+    output_dir: str = option("runs/demo", "the demo's folder (model, data, every stage's run, report)")
+    arch: Literal["llama", "mistral", "qwen2", "gpt_neox", "gpt2"] = option("llama", "tiny model architecture")
+    quantization: Literal["none", "8bit", "4bit"] = option("none", "base precision for every stage")
+    seed: int = option(0, "seed of the model, the data and every stage")
+    quick: bool = option(False, "a shorter run (fewer steps): a smoke test, weaker results")
+    resume: bool = option(False, "continue an interrupted demo instead of starting over")
+    progress: bool = option(True, "progress bars")
 
 
-def write_jsonl(path: Path, rows: list[dict]) -> Path:
+def write_jsonl(path: Path, rows: list[dict]) -> str:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
+    return str(path)
 
 
-def build_assets(cfg: DemoConfig) -> tuple[Path, dict[str, Path]]:
-    from pocketrlhf.models.tiny import build_tiny_model
+def build_base(cfg: DemoConfig, root: Path) -> Path:
+    from pocketrlhf.models.tiny import build_tiny_model, pretrain_tiny_model
 
-    root = Path(cfg.output_dir)
     base = root / "base"
-    if not (base / "config.json").is_file():
-        build_tiny_model(base, cfg.arch, texts=synthetic.corpus(), vocab_size=384, hidden_size=128, layers=2,
-                         heads=4, seed=cfg.seed)
-    data = {
-        "sft": write_jsonl(root / "data" / "sft.jsonl", synthetic.sft_rows(2000, seed=cfg.seed)),
-        "pairs": write_jsonl(root / "data" / "pairs.jsonl", synthetic.preference_rows(1200, seed=cfg.seed + 1)),
-        "prompts": write_jsonl(root / "data" / "prompts.jsonl", synthetic.prompt_rows(512, seed=cfg.seed + 2)),
-    }
-    return base, data
+    if not (base / "model.safetensors").is_file():
+        log.info("demo: building a tiny %s and pretraining it on unlabelled reviews", cfg.arch)
+        build_tiny_model(base, cfg.arch, texts=synthetic.corpus(), vocab_size=320, seed=cfg.seed)
+        pretrain_tiny_model(base, synthetic.pretraining_texts(seed=cfg.seed + 3), steps=100 if cfg.quick else 200,
+                            seed=cfg.seed)
+    return base
 
 
-def evaluate_policy(base: Path, adapter: Path | None, quantization: str, n: int, seed: int) -> dict:
-    """Sample ``n`` reviews and score them with the ground-truth lexicon."""
-    from pocketrlhf.models.adapters import load_adapter
-    from pocketrlhf.models.generation import sample
-    from pocketrlhf.models.loading import load_base, load_tokenizer
+def pipeline_config(cfg: DemoConfig, root: Path, base: Path):
+    from pocketrlhf.pipeline import PipelineConfig
 
-    tok = load_tokenizer(str(base))
-    model = load_base(str(base), quantization=quantization, device="cpu", training=False)
-    if adapter is not None:
-        model = load_adapter(model, adapter)
-    rng = random.Random(seed)
-    prompts = [synthetic.prompt_for(rng) for _ in range(n)]
-    common.set_seed(seed)
-    outs = sample(model, tok, [tok(p)["input_ids"] for p in prompts], max_new_tokens=32, temperature=1.0)
-    texts = [tok.decode(o, skip_special_tokens=True) for o in outs]
-    ended = sum(bool(o) and o[-1] == tok.eos_token_id for o in outs)
-    return {
-        "score": sum(synthetic.sentiment_score(t) for t in texts) / n,
-        "well_formed": sum(synthetic.well_formed(t.strip()) for t in texts) / n,
-        "stops": ended / n,
-        "example": f"{prompts[0]} -> {texts[0].strip()}",
-    }
+    scale = 0.5 if cfg.quick else 1.0
+    data = root / "data"
+    sft_data = write_jsonl(data / "sft.jsonl", synthetic.sft_rows(1500, seed=cfg.seed))
+    pairs = write_jsonl(data / "pairs.jsonl", synthetic.preference_rows(800, seed=cfg.seed + 1))
+    prompts = write_jsonl(data / "prompts.jsonl", synthetic.prompt_rows(400, seed=cfg.seed + 2))
+    held_out = write_jsonl(data / "eval_prompts.jsonl", synthetic.prompt_rows(64, seed=cfg.seed + 4))
+    common_opts = {"progress": cfg.progress, "logging_steps": 5}
+    return PipelineConfig(
+        output_dir=str(root), model=str(base), quantization=cfg.quantization, device="cpu", seed=cfg.seed,
+        progress=cfg.progress, stages=["sft", "rm", "ppo", "dpo", "eval"],
+        sft={"data": sft_data, "packing": False, "completion_only": True, "seq_length": 64, "batch_size": 16,
+             "learning_rate": 3e-3, "max_steps": int(120 * scale), "lora_r": 8, "warmup_steps": 5, **common_opts},
+        rm={"data": pairs, "batch_size": 16, "learning_rate": 3e-3, "max_steps": int(60 * scale), "eval_fraction": 0.2,
+            **common_opts},
+        ppo={"prompts": prompts, "max_steps": int(24 * scale), "learning_rate": 3e-4, "rollouts_per_step": 32,
+             "batch_size": 8, "gradient_accumulation_steps": 2, "max_new_tokens": 24, "kl_coef": 0.05,
+             "adaptive_kl": False, "lr_scheduler": "constant", "eval_fraction": 0.1, "save_steps": 8,
+             "logging_steps": 1, "progress": cfg.progress},
+        dpo={"batch_size": 16, "learning_rate": 2e-3, "max_steps": int(60 * scale), "beta": 0.1, "eval_fraction": 0.2,
+             **common_opts},
+        evaluation={"prompts": held_out, "samples": 64, "max_new_tokens": 24, "reward_function": GROUND_TRUTH},
+    )
+
+
+def well_formed_fraction(samples_path: Path, model: str) -> float:
+    rows = [json.loads(line) for line in samples_path.read_text().splitlines()]
+    return sum(synthetic.well_formed(r[model].strip()) for r in rows) / len(rows)
+
+
+def results_table(root: Path) -> tuple[str, dict]:
+    evaluation = json.loads((root / "evaluation" / "results.json").read_text())
+    rm_summary = json.loads((root / "rm" / "summary.json").read_text())
+    samples = root / "evaluation" / "samples.jsonl"
+    rows = {name: {**r, "well_formed": well_formed_fraction(samples, name)} for name, r in evaluation.items()}
+    numbers = {"reward_model_heldout_accuracy": rm_summary.get("eval_accuracy"), "models": rows}
+    lines = [f"{'model':<6} {'well-formed':>11} {'ends (EOS)':>10} {'sentiment*':>10} {'RM score':>9} "
+             f"{'win vs SFT':>10} {'KL to SFT':>9}"]
+    for name, r in rows.items():
+        lines.append(f"{name:<6} {r['well_formed']:>11.2f} {r['eos_fraction']:>10.2f} {r['ground_truth']:>10.3f} "
+                     f"{r['reward_model_score']:>9.2f} {r['win_rate_vs_sft']:>10.2f} {r['kl_to_sft']:>9.2f}")
+    lines.append(f"\nreward model: held-out pair accuracy {numbers['reward_model_heldout_accuracy']:.3f}")
+    lines.append("* ground truth: a fixed sentiment lexicon in [-1, 1], independent of the learned reward model")
+    return "\n".join(lines), numbers
 
 
 def run(cfg: DemoConfig) -> dict:
-    from pocketrlhf.stages import sft
+    from pocketrlhf.pipeline import Pipeline
 
     common.setup_logging()
-    base, data = build_assets(cfg)
+    started = time.time()
     root = Path(cfg.output_dir)
-    sft_cfg = sft.SFTConfig(model=str(base), data=str(data["sft"]), output_dir=str(root / "sft"),
-                            quantization=cfg.quantization, device="cpu", packing=False, completion_only=True,
-                            seq_length=64, batch_size=16, learning_rate=2e-3, max_steps=cfg.sft_steps,
-                            warmup_steps=10, lora_r=16, lora_alpha=32, seed=cfg.seed, progress=cfg.progress,
-                            logging_steps=10)
-    sft_summary = sft.train(sft_cfg)
-    rows = {
-        "base": evaluate_policy(base, None, cfg.quantization, cfg.samples, cfg.seed),
-        "sft": evaluate_policy(base, Path(sft_summary["adapter"]), cfg.quantization, cfg.samples, cfg.seed),
-    }
-    print()
-    print(f"{'model':<8}{'well-formed':>13}{'stops (EOS)':>13}{'sentiment':>11}")
-    for name, r in rows.items():
-        print(f"{name:<8}{r['well_formed']:>13.2f}{r['stops']:>13.2f}{r['score']:>11.3f}")
-    print(f"\nexample (sft): {rows['sft']['example']}")
-    print(f"\nadapter: {sft_summary['adapter']}\nmetrics: {root / 'sft' / 'metrics.jsonl'}")
-    (root / "results.json").write_text(json.dumps({"sft": sft_summary, "eval": rows}, indent=2, default=str))
-    log.info("demo finished: results in %s", root / "results.json")
-    return rows
+    if root.exists() and not cfg.resume:
+        shutil.rmtree(root)  # the demo starts over: a second run with the same seed gives the same numbers
+    base = build_base(cfg, root)
+    Pipeline(pipeline_config(cfg, root, base), source="demo").run()
+    table, numbers = results_table(root)
+    (root / "demo_results.json").write_text(json.dumps(numbers, indent=2))
+    print("\n" + table)
+    print(f"\nfinished in {time.time() - started:.0f} s")
+    print(f"report and plots:  {root / 'report.md'} (and {root}/*/plots/*.png)")
+    print(f"answers side by side: {root / 'evaluation' / 'evaluation.md'}")
+    print(f"adapters:          {root}/sft/adapter, {root}/rm/adapter, {root}/ppo/adapter, {root}/dpo/adapter")
+    print(f"chat with the PPO policy:  pocketrlhf chat {root / 'ppo' / 'adapter'}")
+    return numbers

@@ -46,3 +46,32 @@ def odd_llama(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def sft_file(tmp_path_factory) -> Path:
     return write_jsonl(tmp_path_factory.mktemp("data") / "sft.jsonl", synthetic.sft_rows(400, seed=0))
+
+
+@pytest.fixture(scope="session")
+def pretrained_llama(tmp_path_factory) -> Path:
+    """A tiny llama that has read unlabelled reviews (full-weight LM training): it writes words,
+    like the pretrained base a user starts from. SFT then teaches the prompt format."""
+    from pocketrlhf.models.tiny import pretrain_tiny_model
+
+    path = build_tiny_model(tmp_path_factory.mktemp("pretrained") / "llama", "llama", texts=synthetic.corpus(),
+                            vocab_size=320, seed=0)
+    return pretrain_tiny_model(path, synthetic.pretraining_texts(), steps=150)
+
+
+@pytest.fixture(scope="session")
+def sft_adapter(tmp_path_factory, pretrained_llama) -> Path:
+    """An SFT adapter on the pretrained tiny llama: answers review prompts, ends with EOS."""
+    from pocketrlhf.stages import sft
+
+    root = tmp_path_factory.mktemp("sft_policy")
+    data = write_jsonl(root / "sft.jsonl", synthetic.sft_rows(1200, seed=0))
+    sft.train(sft.SFTConfig(model=str(pretrained_llama), data=str(data), output_dir=str(root / "run"), device="cpu",
+                            packing=False, completion_only=True, seq_length=64, batch_size=16, learning_rate=3e-3,
+                            max_steps=80, progress=False, logging_steps=20, lora_r=8, lora_dropout=0.1))
+    return root / "run" / "adapter"
+
+
+@pytest.fixture(scope="session")
+def prompts_file(tmp_path_factory) -> Path:
+    return write_jsonl(tmp_path_factory.mktemp("prompts") / "prompts.jsonl", synthetic.prompt_rows(300, seed=2))

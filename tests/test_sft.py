@@ -132,3 +132,14 @@ def test_too_little_data_for_one_step(tmp_path, llama, capsys):
     code = main(["sft", "--model", str(llama), "--data", str(small), "--output-dir", str(tmp_path / "o"),
                  "--batch-size", "8", "--device", "cpu", "--no-packing"])
     assert code == 2 and "fewer than one step's 8" in capsys.readouterr().err
+
+
+def test_adapter_records_the_prompt_format_really_used(tmp_path, llama):
+    from conftest import write_jsonl
+
+    msgs = [{"messages": [{"role": "user", "content": f"hi {i}"}, {"role": "assistant", "content": "hello ."}]}
+            for i in range(40)]
+    data = write_jsonl(tmp_path / "chat.jsonl", msgs)
+    sft.train(config(llama, data, tmp_path / "run", max_steps=1, eval_fraction=0))
+    info = json.loads((tmp_path / "run" / "adapter" / "pocketrlhf_adapter.json").read_text())
+    assert info["template"] == "auto"  # messages are rendered with the chat template (ChatML here)

@@ -97,8 +97,9 @@ def sentiment_reward(responses: list[str]) -> list[float]:
     return [sentiment_score(r) for r in responses]
 
 
-def pretraining_texts(n: int = 3000, seed: int = 3) -> list[str]:
-    """Unlabelled reviews of every sentiment, without the prompt format: what the tiny base
-    reads before SFT teaches it to answer prompts."""
+def pretraining_texts(n: int = 400, seed: int = 3) -> list[str]:
+    """Unlabelled documents of several reviews each, without the prompt format: what the tiny base
+    reads before SFT. It learns the language but neither to answer a prompt nor to stop after
+    one short review (EOS only ends a long document)."""
     rng = random.Random(seed)
-    return [review(rng, rng.random()) for _ in range(n)]
+    return [" ".join(review(rng, rng.random()) for _ in range(rng.randint(6, 10))) for _ in range(n)]

@@ -19,6 +19,7 @@ import math
 import os
 import random
 import shutil
+import sys
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -35,9 +36,21 @@ CHECKPOINT_PREFIX = "checkpoint-"
 STATE_FILE = "trainer_state.json"
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever sys.stderr is now (not the one at setup: tests and tools swap it)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value) -> None:
+        pass
+
+
 def setup_logging(level: int = logging.INFO) -> None:
     if not log.handlers:
-        handler = logging.StreamHandler()
+        handler = _StderrHandler()
         handler.setFormatter(logging.Formatter("[pocketrlhf] %(message)s"))
         log.addHandler(handler)
     log.setLevel(level)
@@ -125,6 +138,13 @@ class Run:
     def close(self) -> None:
         if self._tb is not None:
             self._tb.close()
+        if self.is_main:
+            from pocketrlhf.report import write_report
+
+            try:
+                write_report(self.dir)
+            except Exception as e:  # noqa: BLE001 - a plot must never fail a finished training run
+                log.warning("could not write the report of %s: %s", self.dir, e)
 
     # -- checkpoints -----------------------------------------------------------------------
     def checkpoints(self) -> list[Path]:
@@ -276,6 +296,27 @@ def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
     """The data order of one epoch: a function of (seed, epoch) only, so a resumed run replays it."""
     g = torch.Generator().manual_seed(seed * 1000003 + epoch)
     return torch.randperm(n, generator=g).tolist()
+
+
+def make_accelerator(device: str):
+    """accelerate's Accelerator for ``--device``. Launched as several processes on a machine
+    without a GPU, accelerate joins them (gloo) only when told the run is on the CPU, so ``auto``
+    is resolved first: otherwise every process would silently train alone on the same batches."""
+    from accelerate import Accelerator
+
+    from pocketrlhf.models.loading import resolve_device
+
+    world_size_vars = ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")
+    if (os.environ.get("ACCELERATE_USE_CPU", "").lower() == "true" and "MASTER_ADDR" in os.environ
+            and not any(v in os.environ for v in world_size_vars)):
+        # `accelerate launch --cpu --num_processes N` (N > 1) sets the rendezvous address but, without
+        # mpirun, starts this one process only: training alone would silently change the global batch.
+        raise ConfigError("accelerate launch --cpu --num_processes N starts one process unless mpirun is set up; "
+                          "use --config_file examples/accelerate/cpu_ddp.yaml (or --multi_gpu --num_processes N)")
+    accelerator = Accelerator(cpu=resolve_device(device) == "cpu")
+    if not accelerator.is_main_process:
+        log.setLevel(logging.WARNING)  # one copy of the run's messages, not one per process
+    return accelerator
 
 
 def no_sync(accelerator, model, active: bool):

@@ -31,7 +31,7 @@ from pocketrlhf.algorithms.ppo import (AdaptiveKLController, FixedKLController, 
                                        kl_per_token, masked_mean, masked_whiten, penalized_rewards, policy_loss,
                                        value_loss)
 from pocketrlhf.config import AdapterOptions, ModelOptions, TrainOptions, option
-from pocketrlhf.data.formats import Skipped, prompts as prompt_rows
+from pocketrlhf.data.formats import PROMPT_FORMATS, detect, effective_template, prompts as prompt_rows
 from pocketrlhf.data.loading import load_records
 from pocketrlhf.data.templates import TemplateName
 from pocketrlhf.data.tokenize import TokenExample, collate, encode
@@ -342,7 +342,9 @@ def ppo_update(cfg: PPOConfig, roles: Roles, module, r: Rollout, old: dict, adva
 
 
 def prepare_prompts(cfg: PPOConfig, tokenizer) -> tuple[list[list[int]], list[list[int]], dict]:
-    texts, skipped = prompt_rows(load_records(cfg.prompts), cfg.prompts, cfg.template, tokenizer)
+    ds = load_records(cfg.prompts)
+    template = effective_template(detect(ds.column_names, PROMPT_FORMATS, cfg.prompts, "prompt"), cfg.template)
+    texts, skipped = prompt_rows(ds, cfg.prompts, cfg.template, tokenizer)
     if cfg.eval_prompts:
         eval_texts, eval_skipped = prompt_rows(load_records(cfg.eval_prompts), cfg.eval_prompts, cfg.template, tokenizer)
         skipped.counts.update({f"eval {k}": v for k, v in eval_skipped.counts.items()})
@@ -364,7 +366,7 @@ def prepare_prompts(cfg: PPOConfig, tokenizer) -> tuple[list[list[int]], list[li
         raise DataError(f"{cfg.prompts}: no prompt fits max_prompt_length={cfg.max_prompt_length}")
     if skipped.total:
         log.info("prompts: %s", skipped.describe())
-    return train, evals, {"train_prompts": len(train), "eval_prompts": len(evals), "skipped": dict(skipped.counts)}
+    return train, evals, {"template": template, "train_prompts": len(train), "eval_prompts": len(evals), "skipped": dict(skipped.counts)}
 
 
 def step_prompts(cfg: PPOConfig, step: int, n: int, rank: int, world: int) -> list[int]:
@@ -396,14 +398,12 @@ def evaluate(cfg: PPOConfig, roles: Roles, module, tokenizer, prompt_ids: list[l
 
 
 def train(cfg: PPOConfig) -> dict:
-    from accelerate import Accelerator
-
     from pocketrlhf.models.adapters import load_adapter_weights, save_adapter, write_adapter_info
     from pocketrlhf.models.heads import ScalarHead
     from pocketrlhf.models.loading import load_tokenizer, model_reference
 
     common.setup_logging()
-    accelerator = Accelerator(cpu=cfg.device == "cpu")
+    accelerator = common.make_accelerator(cfg.device)
     world, rank = accelerator.num_processes, accelerator.process_index
     if cfg.rollouts_per_step % world:
         raise ConfigError(f"--rollouts-per-step {cfg.rollouts_per_step} must be divisible by the {world} processes")
@@ -493,7 +493,7 @@ def train(cfg: PPOConfig) -> dict:
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         save_weights(run.dir, tokenizer)
-        write_adapter_info(run.dir / "adapter", stage="ppo", template=cfg.template, base_model=model_reference(cfg.model),
+        write_adapter_info(run.dir / "adapter", stage="ppo", template=data_report["template"], base_model=model_reference(cfg.model),
                            quantization=cfg.quantization, sft_adapter=cfg.sft_adapter, reward_adapter=cfg.reward_adapter)
         summary["adapter"] = str(run.dir / "adapter")
     run.write_summary(summary)

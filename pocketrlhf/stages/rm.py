@@ -16,7 +16,7 @@ import torch
 
 from pocketrlhf.algorithms.reward import pairwise_accuracy, pairwise_loss
 from pocketrlhf.config import AdapterOptions, ModelOptions, TrainOptions, option
-from pocketrlhf.data.formats import PREFERENCE_FORMATS, Skipped, preference_pairs, sft_pairs
+from pocketrlhf.data.formats import PREFERENCE_FORMATS, detect, effective_template, preference_pairs, sft_pairs
 from pocketrlhf.data.loading import load_records
 from pocketrlhf.data.templates import TemplateName
 from pocketrlhf.data.tokenize import PreferenceExample, collate_preferences, tokenize_pair, tokenize_preferences
@@ -67,8 +67,9 @@ class RewardLoss:
 
 
 def prepare_pairs(cfg: RMConfig, tokenizer) -> tuple[list[PreferenceExample], list[PreferenceExample], dict]:
-    skipped = Skipped()
-    pairs, skipped = preference_pairs(load_records(cfg.data), cfg.data, cfg.template, tokenizer)
+    ds = load_records(cfg.data)
+    template = effective_template(detect(ds.column_names, PREFERENCE_FORMATS, cfg.data, "preference"), cfg.template)
+    pairs, skipped = preference_pairs(ds, cfg.data, cfg.template, tokenizer)
     if cfg.eval_data:
         eval_pairs, eval_skipped = preference_pairs(load_records(cfg.eval_data), cfg.eval_data, cfg.template, tokenizer)
         skipped.counts.update({f"eval {k}": v for k, v in eval_skipped.counts.items()})
@@ -78,7 +79,7 @@ def prepare_pairs(cfg: RMConfig, tokenizer) -> tuple[list[PreferenceExample], li
     evals = tokenize_preferences(tokenizer, eval_pairs, cfg.max_length, skipped)
     if skipped.total:
         log.info("data: %s", skipped.describe())
-    return train, evals, {"train_pairs": len(train), "eval_pairs": len(evals), "skipped": dict(skipped.counts)}
+    return train, evals, {"template": template, "train_pairs": len(train), "eval_pairs": len(evals), "skipped": dict(skipped.counts)}
 
 
 @torch.no_grad()
@@ -93,8 +94,6 @@ def reward_statistics(score_model, examples: list[PreferenceExample], pad_id: in
 
 
 def train(cfg: RMConfig) -> dict:
-    from accelerate import Accelerator
-
     from pocketrlhf.models.adapters import load_adapter_weights, save_adapter, write_adapter_info
     from pocketrlhf.models.forward import disable_dropout
     from pocketrlhf.models.heads import ScalarHead
@@ -103,7 +102,7 @@ def train(cfg: RMConfig) -> dict:
     from pocketrlhf.stages.sft import build_policy
 
     common.setup_logging()
-    accelerator = Accelerator(cpu=cfg.device == "cpu")
+    accelerator = common.make_accelerator(cfg.device)
     run = common.Run(cfg, "rm", accelerator.is_main_process)
     common.set_seed(cfg.seed)
     tokenizer = load_tokenizer(cfg.model, cfg.trust_remote_code)
@@ -145,7 +144,7 @@ def train(cfg: RMConfig) -> dict:
     if accelerator.is_main_process:
         out = save_adapter(model, run.dir / "adapter", tokenizer=tokenizer)
         head.save(out, metadata=stats)
-        write_adapter_info(out, stage="rm", template=cfg.template, base_model=model_reference(cfg.model),
+        write_adapter_info(out, stage="rm", template=data_report["template"], base_model=model_reference(cfg.model),
                            quantization=cfg.quantization, eval_accuracy=summary.get("eval_accuracy"), **stats)
         summary["adapter"] = str(out)
     run.write_summary(summary)

@@ -12,7 +12,7 @@ import math
 import torch
 
 from pocketrlhf.config import AdapterOptions, ModelOptions, TrainOptions, option
-from pocketrlhf.data.formats import Skipped, sft_pairs
+from pocketrlhf.data.formats import SFT_FORMATS, detect, effective_template, sft_pairs
 from pocketrlhf.data.loading import load_records
 from pocketrlhf.data.templates import TemplateName
 from pocketrlhf.data.tokenize import TokenExample, collate, pack, tokenize_sft
@@ -41,8 +41,8 @@ class SFTConfig(ModelOptions, AdapterOptions, TrainOptions):
 def prepare_data(cfg: SFTConfig, tokenizer) -> tuple[list[TokenExample], list[TokenExample], dict]:
     """Training and eval examples (packed or not), plus a report of what was skipped."""
     ds = load_records(cfg.data)
-    skipped = Skipped()
-    pairs, skipped = sft_pairs(ds, cfg.data, cfg.template, tokenizer)
+    fmt = detect(ds.column_names, SFT_FORMATS, cfg.data, "SFT")
+    pairs, skipped = sft_pairs(ds, cfg.data, cfg.template, tokenizer, fmt=fmt)
     eval_pairs = []
     if cfg.eval_data:
         eval_pairs, eval_skipped = sft_pairs(load_records(cfg.eval_data), cfg.eval_data, cfg.template, tokenizer)
@@ -56,7 +56,7 @@ def prepare_data(cfg: SFTConfig, tokenizer) -> tuple[list[TokenExample], list[To
     if cfg.packing:
         train = pack(train, cfg.seq_length, cfg.seed)
         evals = pack(evals, cfg.seq_length, cfg.seed) if evals and sum(len(e.input_ids) for e in evals) >= cfg.seq_length else []
-    report = {"train_examples": len(pairs), "eval_examples": len(eval_pairs), "train_sequences": len(train),
+    report = {"template": effective_template(fmt, cfg.template), "train_examples": len(pairs), "eval_examples": len(eval_pairs), "train_sequences": len(train),
               "eval_sequences": len(evals), "skipped": dict(skipped.counts)}
     if skipped.total:
         log.info("data: %s", skipped.describe())
@@ -112,14 +112,12 @@ class SFTLoss:
 
 
 def train(cfg: SFTConfig) -> dict:
-    from accelerate import Accelerator
-
     from pocketrlhf.models.adapters import load_adapter_weights, save_adapter, write_adapter_info
     from pocketrlhf.models.forward import LMWithHeads
     from pocketrlhf.models.loading import load_tokenizer, model_reference
 
     common.setup_logging()
-    accelerator = Accelerator(cpu=cfg.device == "cpu")
+    accelerator = common.make_accelerator(cfg.device)
     run = common.Run(cfg, "sft", accelerator.is_main_process)
     common.set_seed(cfg.seed)
     tokenizer = load_tokenizer(cfg.model, cfg.trust_remote_code)
@@ -149,7 +147,7 @@ def train(cfg: SFTConfig) -> dict:
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         out = save_adapter(model, run.dir / "adapter", tokenizer=tokenizer)
-        write_adapter_info(out, stage="sft", template=cfg.template, base_model=model_reference(cfg.model),
+        write_adapter_info(out, stage="sft", template=data_report["template"], base_model=model_reference(cfg.model),
                            quantization=cfg.quantization)
         summary["adapter"] = str(out)
     run.write_summary(summary)
