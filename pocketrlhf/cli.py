@@ -28,6 +28,21 @@ class Command:
 COMMANDS: dict[str, Command] = {
     "demo": Command("pocketrlhf.demo", "DemoConfig", "run", "the whole pipeline on a built-in task and a tiny local model"),
     "sft": Command("pocketrlhf.stages.sft", "SFTConfig", "train", "supervised fine-tuning of an adapter on a frozen base"),
+    "rm": Command("pocketrlhf.stages.rm", "RMConfig", "train", "reward model: adapter + scalar head trained on ranked pairs"),
+    "ppo": Command("pocketrlhf.stages.ppo", "PPOConfig", "train", "PPO with a KL penalty; policy, reference, value and reward share one base"),
+    "dpo": Command("pocketrlhf.stages.dpo", "DPOConfig", "train", "DPO (sigmoid/cDPO, robust, hinge, IPO) on preference pairs; the reference is an adapter switch"),
+    "score": Command("pocketrlhf.stages.rm", "ScoreConfig", "score", "score texts or pairs with a reward adapter"),
+    "chat": Command("pocketrlhf.serve.chat", "ChatConfig", "run", "chat in the terminal with a base model or an adapter (streamed)", ("model",)),
+    "serve": Command("pocketrlhf.serve.api", "ServeConfig", "run", "OpenAI-compatible HTTP API: the base and every adapter on one copy of it", ("model",)),
+    "data stackexchange": Command("pocketrlhf.data.stackexchange", "StackExchangeConfig", "run",
+                                  "StackLLaMA's paired data (finetune/reward/rl/evaluation) from a Stack Exchange Posts.xml dump", ("input",)),
+    "merge": Command("pocketrlhf.merge", "MergeConfig", "run", "merge an adapter into its 16-bit base and save the model as safetensors", ("adapter",)),
+    "plan": Command("pocketrlhf.plan", "PlanConfig", "run", "memory planner: will a stage fit on a GPU? (reads config.json only)", ("model",)),
+    "pipeline": Command("pocketrlhf.pipeline", "PipelineConfig", "run",
+                        "data -> SFT -> reward model -> PPO/DPO -> evaluation in one resumable run", ("config",)),
+    "evaluate": Command("pocketrlhf.evaluate", "EvaluationConfig", "run",
+                        "compare base, SFT and RLHF policies: reward score, win rate, KL, samples"),
+    "report": Command("pocketrlhf.report", "ReportConfig", "run", "plots and a markdown summary of a run", ("run_dir",)),
     "env": Command("pocketrlhf.env", "EnvConfig", "run", "versions, devices and bitsandbytes kernel check (for bug reports)"),
 }
 
