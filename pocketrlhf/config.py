@@ -277,11 +277,14 @@ def parse_args(cls: type, argv: list[str], positional: tuple[str, ...] = ()) -> 
     values = dataclasses.asdict(cfg)
     values.update(flags)
     try:
-        return cls(**values)
+        result = cls(**values)
     except ConfigError:
         raise
     except (TypeError, ValueError) as e:
         raise ConfigError(str(e)) from None
+    if config_file:
+        result._config_file = str(config_file)  # lets commands name the file in later errors
+    return result
 
 
 def to_dict(cfg: Any) -> dict:

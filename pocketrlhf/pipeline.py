@@ -78,12 +78,15 @@ def stage_config(cls, cfg: PipelineConfig, section: str, values: dict, wiring: d
 
 
 class Pipeline:
-    def __init__(self, cfg: PipelineConfig, source: str = "pipeline"):
+    def __init__(self, cfg: PipelineConfig, source: str | None = None):
+        source = source or getattr(cfg, "_config_file", "pipeline")
         _check_stages(cfg)
         if not cfg.model:
             raise ConfigError(f"{source}: `model:` (the base model directory) is required")
         self.cfg, self.source = cfg, source
         self.root = Path(cfg.output_dir)
+        for stage in cfg.stages:  # every section checked now, not hours later when its stage starts
+            self.stage_config(stage)
 
     def dir(self, stage: str) -> Path:
         return self.root / {"eval": "evaluation"}.get(stage, stage)
@@ -106,7 +109,9 @@ class Pipeline:
     def adapter(self, stage: str) -> str:
         return str(self.dir(stage) / "adapter") if stage in self.cfg.stages else ""
 
-    def run_stage(self, stage: str) -> dict:
+    def stage_config(self, stage: str):
+        """The typed config of ``stage``, wired to the outputs of the stages before it."""
+        from pocketrlhf.evaluate import EvaluationConfig
         from pocketrlhf.stages import dpo, ppo, rm, sft
 
         sft_adapter = self.adapter("sft")
@@ -115,33 +120,36 @@ class Pipeline:
 
             values = {"input": self.cfg.stackexchange, "output_dir": str(self.dir("data")), "seed": self.cfg.seed,
                       "progress": self.cfg.progress, "overwrite": True, **self.cfg.data}
-            return stackexchange.run(from_dict(stackexchange.StackExchangeConfig, values, f"{self.source}: data"))
+            return from_dict(stackexchange.StackExchangeConfig, values, f"{self.source}: data")
         if stage == "sft":
-            return sft.train(self._training_stage("sft", sft.SFTConfig, {"data": self.prepared("finetune")}))
+            return self._training_stage("sft", sft.SFTConfig, {"data": self.prepared("finetune")})
         if stage == "rm":
-            return rm.train(self._training_stage("rm", rm.RMConfig, {"data": self.prepared("reward"),
-                                                                     "sft_adapter": sft_adapter}))
+            return self._training_stage("rm", rm.RMConfig, {"data": self.prepared("reward"), "sft_adapter": sft_adapter})
         if stage == "ppo":
             wiring = {"prompts": self.prepared("rl"), "sft_adapter": sft_adapter}
             if "reward_function" not in self.cfg.ppo:
                 wiring["reward_adapter"] = self.adapter("rm")
-            return ppo.train(self._training_stage("ppo", ppo.PPOConfig, wiring))
+            return self._training_stage("ppo", ppo.PPOConfig, wiring)
         if stage == "dpo":
             data = self.cfg.rm.get("data", "") or self.prepared("reward")
-            return dpo.train(self._training_stage("dpo", dpo.DPOConfig, {"data": data, "sft_adapter": sft_adapter}))
-        return self.evaluate()
-
-    def evaluate(self) -> dict:
-        from pocketrlhf.evaluate import EvaluationConfig, evaluate
-
+            return self._training_stage("dpo", dpo.DPOConfig, {"data": data, "sft_adapter": sft_adapter})
         policies = {s: self.adapter(s) for s in ("ppo", "dpo") if s in self.cfg.stages}
-        wiring = {"output_dir": str(self.dir("eval")), "sft_adapter": self.adapter("sft"), "policies": policies,
+        wiring = {"output_dir": str(self.dir("eval")), "sft_adapter": sft_adapter, "policies": policies,
                   "reward_adapter": self.adapter("rm"),
                   "prompts": self.prepared("evaluation") or self.cfg.ppo.get("prompts", "")}
-        eval_cfg = stage_config(EvaluationConfig, self.cfg, "evaluation", dict(self.cfg.evaluation), wiring, self.source)
-        results = evaluate(eval_cfg)
-        (self.dir("eval") / "summary.json").write_text(json.dumps(results, indent=2))
-        return results
+        return stage_config(EvaluationConfig, self.cfg, "evaluation", dict(self.cfg.evaluation), wiring, self.source)
+
+    def run_stage(self, stage: str) -> dict:
+        from pocketrlhf.data import stackexchange
+        from pocketrlhf.evaluate import evaluate
+        from pocketrlhf.stages import dpo, ppo, rm, sft
+
+        run = {"data": stackexchange.run, "sft": sft.train, "rm": rm.train, "ppo": ppo.train, "dpo": dpo.train,
+               "eval": evaluate}[stage]
+        result = run(self.stage_config(stage))
+        if stage == "eval":
+            (self.dir("eval") / "summary.json").write_text(json.dumps(result, indent=2))
+        return result
 
     def run(self) -> dict:
         from pocketrlhf.report import write_report
