@@ -259,3 +259,19 @@ def test_dequantize_merges_into_the_weights_a_qlora_adapter_saw(llama, tmp_path)
     original = tmp_path / "merged-original"
     assert main(["merge", "--adapter", str(adapter), "--out", str(original), "--no-verify"]) == 0
     assert (logits(load_merged(original), vocab) - logits(merged, vocab)).abs().max() > 1e-3
+
+
+def test_chat_and_serve_use_a_merged_models_trained_format(tmp_path, llama):
+    """`merge` keeps pocketrlhf_adapter.json; serving the merged folder uses its prompt format
+    (and so the format's stop strings), not a generic chat template."""
+    import json
+    import shutil
+
+    from pocketrlhf.serve.engine import ServingOptions, plan_models
+
+    merged = tmp_path / "merged"
+    shutil.copytree(llama, merged)
+    (merged / "pocketrlhf_adapter.json").write_text(json.dumps({"template": "stackllama", "merged_from": "x"}))
+    plan = plan_models(ServingOptions(model=str(merged)))
+    assert plan.models[plan.default].template == "stackllama"
+    assert plan_models(ServingOptions(model=str(llama))).models["llama"].template == "auto"

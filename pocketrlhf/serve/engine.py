@@ -169,7 +169,11 @@ def plan_models(opts: ServingOptions, adapters: dict[str, str] | None = None, na
     base_path = Path(base).expanduser()
     base_dir = str(base_path.resolve()) if base_path.exists() else base
     base_id = base_path.name or base
-    base_template = "auto" if opts.template == "default" else opts.template
+    base_template = opts.template
+    if base_template == "default":
+        # A model written by `pocketrlhf merge` records the prompt format its adapter was trained with.
+        merged = (base_path / "pocketrlhf_adapter.json").is_file()
+        base_template = adapter_template(base_path) if merged else "auto"
     models[base_id] = ServedModel(base_id, None, base_dir, base_template, base_dir)
     default = base_id
 
