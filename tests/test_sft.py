@@ -143,3 +143,27 @@ def test_adapter_records_the_prompt_format_really_used(tmp_path, llama):
     sft.train(config(llama, data, tmp_path / "run", max_steps=1, eval_fraction=0))
     info = json.loads((tmp_path / "run" / "adapter" / "pocketrlhf_adapter.json").read_text())
     assert info["template"] == "auto"  # messages are rendered with the chat template (ChatML here)
+
+
+@pytest.mark.parametrize("quantization", ["none", "4bit"])
+def test_gradient_checkpointing_gives_the_same_training(tmp_path, llama, sft_file, quantization):
+    plain = config(llama, sft_file, tmp_path / "plain", quantization=quantization, max_steps=4, eval_fraction=0)
+    checkpointed = config(llama, sft_file, tmp_path / "gc", quantization=quantization, max_steps=4, eval_fraction=0,
+                          gradient_checkpointing=True)
+    sft.train(plain)
+    sft.train(checkpointed)
+    a = [m["loss"] for m in metrics(tmp_path / "plain")]
+    b = [m["loss"] for m in metrics(tmp_path / "gc")]
+    assert a == pytest.approx(b, rel=1e-5, abs=1e-6)
+
+
+def test_bf16_weights_and_fp4_quantization_train(tmp_path, llama, sft_file):
+    from pocketrlhf.models.loading import load_base
+    from pocketrlhf.models.quantization import linear4bit_modules
+
+    fp4 = load_base(str(llama), "4bit", quant_type="fp4", compute_dtype="float32", device="cpu")
+    assert {m.weight.quant_type for _, m in linear4bit_modules(fp4)} == {"fp4"}
+    sft.train(config(llama, sft_file, tmp_path / "fp4", quantization="4bit", quant_type="fp4", max_steps=15))
+    assert metrics(tmp_path / "fp4")[-1]["loss"] < 0.7 * metrics(tmp_path / "fp4")[0]["loss"]
+    sft.train(config(llama, sft_file, tmp_path / "bf16", dtype="bfloat16", max_steps=15))
+    assert metrics(tmp_path / "bf16")[-1]["loss"] < 0.7 * metrics(tmp_path / "bf16")[0]["loss"]
