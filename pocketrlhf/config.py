@@ -62,6 +62,9 @@ class AdapterOptions:
     )
     num_virtual_tokens: int = option(16, "prompt/prefix tuning: number of virtual tokens")
     gradient_checkpointing: bool = option(False, "recompute activations in backward to save memory")
+    kbit_upcast: bool = option(
+        True, "4/8-bit bases: cast embeddings, output layer and norms to fp32 as peft's prepare_model_for_kbit_training "
+        "does (stabler; off keeps them 16-bit and saves memory: see `pocketrlhf plan --kbit-upcast false`)")
 
 
 @dataclasses.dataclass

@@ -167,3 +167,18 @@ def test_bf16_weights_and_fp4_quantization_train(tmp_path, llama, sft_file):
     assert metrics(tmp_path / "fp4")[-1]["loss"] < 0.7 * metrics(tmp_path / "fp4")[0]["loss"]
     sft.train(config(llama, sft_file, tmp_path / "bf16", dtype="bfloat16", max_steps=15))
     assert metrics(tmp_path / "bf16")[-1]["loss"] < 0.7 * metrics(tmp_path / "bf16")[0]["loss"]
+
+
+def test_kbit_upcast_off_keeps_16bit_weights_16bit(tmp_path, llama, sft_file):
+    import torch
+
+    from pocketrlhf.stages.sft import build_policy
+
+    for upcast, dtype in ((True, torch.float32), (False, torch.bfloat16)):
+        cfg = config(llama, sft_file, tmp_path, quantization="4bit", dtype="bfloat16", kbit_upcast=upcast)
+        model = build_policy(cfg)
+        assert model.get_input_embeddings().weight.dtype == dtype
+        assert model.get_output_embeddings().weight.dtype == dtype
+    sft.train(config(llama, sft_file, tmp_path / "run", quantization="4bit", dtype="bfloat16", kbit_upcast=False,
+                     max_steps=15))
+    assert metrics(tmp_path / "run")[-1]["loss"] < 0.7 * metrics(tmp_path / "run")[0]["loss"]

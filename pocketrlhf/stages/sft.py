@@ -77,7 +77,7 @@ def build_policy(cfg, tokenizer=None, total_steps: int = 1000, adapter_name: str
                      cfg.device, cfg.trust_remote_code, training=True)
     disable_dropout(base)
     gc_kwargs = {"use_reentrant": False}
-    if cfg.quantization != "none":
+    if cfg.quantization != "none" and cfg.kbit_upcast:
         base = prepare_model_for_kbit_training(base, use_gradient_checkpointing=cfg.gradient_checkpointing,
                                                gradient_checkpointing_kwargs=gc_kwargs)
     elif cfg.gradient_checkpointing:
