@@ -89,6 +89,7 @@ class TrainOptions:
     save_steps: int = option(0, "checkpoint every N steps (0: only the final adapter)")
     save_total_limit: int = option(2, "keep at most N checkpoints (0: keep all)")
     resume: str = option("", "continue a run: auto (latest checkpoint in output_dir, if any) or a checkpoint path")
+    overwrite: bool = option(False, "start over in an output_dir that holds a previous run (its outputs are removed)")
     report_to: Literal["none", "tensorboard"] = option("none", "extra metrics sink besides metrics.jsonl")
     progress: bool = option(True, "show a progress bar")
 

@@ -526,13 +526,14 @@ def logprob_bytes(shape: ModelShape, cfg: PlanConfig, rows: int) -> tuple[float,
     if rows * v > _RECOMPUTE_LOGITS_ABOVE:
         chunk = min(rows, _CHUNK_ROWS)
         kept = rows * (regime.stream * shape.hidden_size + 8)
-        # Backward of one chunk: its recomputed fp32 logits and four [chunk, V] fp32 gradient
-        # buffers of logsumexp and gather, plus the gradient of all hidden rows.
-        transient = chunk * v * 4 * 5 + rows * shape.hidden_size * regime.stream
+        # Backward of one chunk: its recomputed fp32 logits and log-softmax, and two [chunk, V] fp32
+        # gradient buffers (gather's scatter, log-softmax's input grad), plus the grad of all hidden rows.
+        transient = chunk * v * 4 * 4 + rows * shape.hidden_size * regime.stream
         return kept, transient
-    # Kept: the fp32 logits (after /temperature) and log-sum-exp. Backward: four fp32 buffers.
+    # Kept: the fp32 log-softmax output and the gathered indices. Backward: gather's scatter into
+    # one fp32 [rows, V] buffer; log-softmax's backward writes its input grad in place of it.
     kept = rows * (4 * v + 8)
-    transient = rows * v * 4 * 4
+    transient = rows * v * 4
     return kept, transient
 
 
@@ -603,7 +604,8 @@ def _train_lines(setup: Setup, shape: ModelShape, cfg: PlanConfig, sequences: in
         else:
             kept, chunk = logprob_bytes(shape, cfg, logprob_rows)
             setup.add("logits", f"log-probs ({logprob_rows} rows, chunked)", kept, "train")
-            transient = max(transient, chunk)
+            # The layers' backward starts once the log-prob backward has freed what it kept.
+            transient = max(transient - kept, chunk)
     setup.add("working_set", "largest transient (forward or backward)", transient, "train")
 
 

@@ -232,7 +232,7 @@ def test_precomputed_reference_resume_and_cache_reuse(tmp_path, llama, pairs_fil
 
     # Other data in the same folder: the cache no longer matches and is rebuilt.
     other = write_jsonl(tmp_path / "other.jsonl", synthetic.preference_rows(100, seed=7))
-    dpo.train(config(llama, other, crashed, max_steps=1, precompute_ref_logprobs=True))
+    dpo.train(config(llama, other, crashed, max_steps=1, precompute_ref_logprobs=True, overwrite=True))
     with safe_open(str(crashed / dpo.REFERENCE_CACHE), "pt") as f:
         assert f.get_tensor("train_chosen").shape == (80,)
 

@@ -182,3 +182,14 @@ def test_kbit_upcast_off_keeps_16bit_weights_16bit(tmp_path, llama, sft_file):
     sft.train(config(llama, sft_file, tmp_path / "run", quantization="4bit", dtype="bfloat16", kbit_upcast=False,
                      max_steps=15))
     assert metrics(tmp_path / "run")[-1]["loss"] < 0.7 * metrics(tmp_path / "run")[0]["loss"]
+
+
+def test_a_fresh_run_never_mixes_with_a_previous_one(tmp_path, llama, sft_file, capsys):
+    sft.train(config(llama, sft_file, tmp_path, max_steps=2, eval_fraction=0))
+    args = ["sft", "--model", str(llama), "--data", str(sft_file), "--output-dir", str(tmp_path), "--device", "cpu",
+            "--max-steps", "3", "--no-progress", "--batch-size", "4", "--no-packing"]
+    assert main(args) == 2
+    assert "already holds a run (metrics.jsonl); pass --resume auto to continue it or --overwrite" in \
+        capsys.readouterr().err
+    assert main(args + ["--overwrite"]) == 0
+    assert [m["step"] for m in metrics(tmp_path)] == [1, 2, 3]  # only the new run's steps

@@ -101,6 +101,7 @@ class Run:
         self._tb = None
         self._start = time.time()
         if is_main:
+            self._start_fresh_or_resume()
             self.dir.mkdir(parents=True, exist_ok=True)
             save_config(cfg, self.dir / "config.yaml")
             if getattr(cfg, "report_to", "none") == "tensorboard":
@@ -109,6 +110,26 @@ class Run:
                 except ImportError:
                     raise ConfigError("--report-to tensorboard needs the tensorboard package: pip install 'pocketrlhf[tensorboard]'") from None
                 self._tb = SummaryWriter(str(self.dir / "tensorboard"))
+
+    def _start_fresh_or_resume(self) -> None:
+        """Never mix two runs' outputs: a fresh run into a folder holding a previous one needs
+        --overwrite (or --resume); resuming before the first checkpoint restarts cleanly."""
+        previous = [p for p in (self.metrics_path, self.dir / "summary.json", self.dir / "adapter") if p.exists()]
+        previous += self.checkpoints() if self.dir.is_dir() else []
+        if not previous:
+            return
+        resume = getattr(self.cfg, "resume", "")
+        if resume and (resume != "auto" or self.checkpoints()):
+            return  # outputs past the checkpoint are dropped by truncate_metrics on resume
+        if not resume and not getattr(self.cfg, "overwrite", False):
+            raise ConfigError(f"{self.dir} already holds a run ({previous[0].name}); pass --resume auto to continue it "
+                              "or --overwrite to start over")
+        for p in previous:
+            shutil.rmtree(p) if p.is_dir() else p.unlink()
+        for name in ("report.md", "plots", "tensorboard", "samples.jsonl"):
+            p = self.dir / name
+            if p.exists():
+                shutil.rmtree(p) if p.is_dir() else p.unlink()
 
     # -- metrics ---------------------------------------------------------------------------
     def log(self, step: int, metrics: dict, split: str = "train") -> None:

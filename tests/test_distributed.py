@@ -1,0 +1,107 @@
+"""Several processes (accelerate launch, DDP over gloo on the CPU) train the same adapter as one
+process given the same global batch: the SFT loss is normalised by the global token count, so
+splitting a batch across processes must not change the gradient."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from pocketrlhf.stages import sft
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLES = ROOT / "examples" / "accelerate"
+STEPS = 4
+
+
+def train_args(quantization: str) -> dict:
+    # Padded batches with completion-only loss: the two processes' shares hold different numbers
+    # of trained tokens, which is what the global normalisation has to get right.
+    return dict(quantization=quantization, packing=False, completion_only=True, seq_length=64, learning_rate=1e-2,
+                max_steps=STEPS, max_grad_norm=0.0, lora_r=8, seed=0, progress=False, eval_fraction=0.05)
+
+
+def launch_two_processes(model, data, out: Path, device: str, **kw) -> subprocess.CompletedProcess:
+    flags = [f"--{k.replace('_', '-')}={v}" for k, v in kw.items()]
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(EXAMPLES / "cpu_ddp.yaml"),
+           "--num_processes", "2", "--main_process_port", "0", "--num_cpu_threads_per_process", "1",
+           "-m", "pocketrlhf", "sft", "--model", str(model), "--data", str(data), "--output-dir", str(out),
+           "--device", device, "--batch-size", "4", *flags]
+    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1",
+               PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    return subprocess.run(cmd, env=env, cwd=str(ROOT), capture_output=True, text=True, timeout=300)
+
+
+def train_losses(run_dir: Path) -> list[tuple[int, float]]:
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [(r["step"], r["loss"]) for r in rows if r["split"] == "train"]
+
+
+def adapter(run_dir: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(run_dir / "adapter" / "adapter_model.safetensors"))
+
+
+@pytest.mark.parametrize("quantization,tolerance", [
+    ("none", 1e-5),
+    # LLM.int8 picks outlier columns per batch and 4-bit computes in bf16, so split batches round a
+    # little differently, and Adam turns tiny gradient differences on near-zero coordinates into
+    # lr-sized steps (seen: up to 4e-4). A wrong global batch is off by ~5e-2 (batch 4 vs 8, 4-bit).
+    pytest.param("8bit", 2e-3, marks=pytest.mark.slow),
+    ("4bit", 2e-3),
+])
+def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path, llama, sft_file, quantization, tolerance):
+    # "auto" on a machine without a GPU is the case that once left every process training alone.
+    device = "cpu" if torch.cuda.is_available() else "auto"
+    proc = launch_two_processes(llama, sft_file, tmp_path / "ddp", device, **train_args(quantization))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    sft.train(sft.SFTConfig(model=str(llama), data=str(sft_file), output_dir=str(tmp_path / "one"), device="cpu",
+                            batch_size=8, **train_args(quantization)))
+
+    # One record per step (only the main process writes), with the single-process losses.
+    ddp, one = train_losses(tmp_path / "ddp"), train_losses(tmp_path / "one")
+    assert [s for s, _ in ddp] == list(range(1, STEPS + 1))
+    for (_, a), (_, b) in zip(ddp, one):
+        assert a == pytest.approx(b, rel=1e-4)
+    a, b = adapter(tmp_path / "ddp"), adapter(tmp_path / "one")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert (a[k] - b[k]).abs().max().item() < tolerance, k
+    # LoRA B starts at zero: the comparison means something only if training moved it far past the tolerance.
+    assert max(t.abs().max().item() for k, t in b.items() if "lora_B" in k) > 5 * tolerance
+    # Both processes evaluated their share of the held-out set; the reduced loss is the one-process loss.
+    summary_ddp = json.loads((tmp_path / "ddp" / "summary.json").read_text())
+    summary_one = json.loads((tmp_path / "one" / "summary.json").read_text())
+    assert summary_ddp["eval_loss"] == pytest.approx(summary_one["eval_loss"], rel=1e-4)
+
+
+def test_accelerate_cpu_flag_with_several_processes_is_a_clear_error(tmp_path, llama, sft_file):
+    """Without mpirun, `accelerate launch --cpu --num_processes 2` starts ONE process; training on
+    would silently halve the global batch."""
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "pocketrlhf", "sft", "--model", str(llama),
+           "--data", str(sft_file), "--output-dir", str(tmp_path / "out"), "--max-steps", "1"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1",
+               PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run(cmd, env=env, cwd=str(ROOT), capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    assert ("error: accelerate launch --cpu --num_processes N starts one process unless mpirun is set up; "
+            "use --config_file examples/accelerate/cpu_ddp.yaml") in proc.stderr
+    assert not (tmp_path / "out" / "metrics.jsonl").exists()
+
+
+@pytest.mark.parametrize("name,kind", [
+    ("cpu_ddp.yaml", "MULTI_GPU"), ("ddp.yaml", "MULTI_GPU"), ("fsdp.yaml", "FSDP"),
+    ("deepspeed_zero2.yaml", "DEEPSPEED"), ("deepspeed_zero3.yaml", "DEEPSPEED"),
+])
+def test_example_accelerate_configs_parse(name, kind):
+    """Only parsed: FSDP and DeepSpeed need several GPUs (and deepspeed) to run at all."""
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    config = load_config_from_file(str(EXAMPLES / name))
+    assert str(config.distributed_type).endswith(kind)
+    assert config.num_processes == 2
