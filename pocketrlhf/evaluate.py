@@ -62,7 +62,7 @@ def evaluate(cfg: EvaluationConfig) -> dict:
     from pocketrlhf.data.loading import load_records
     from pocketrlhf.data.tokenize import encode
     from pocketrlhf.models.adapters import AdapterSet, load_adapter
-    from pocketrlhf.models.generation import sample
+    from pocketrlhf.models.generation import row_seed, sample
     from pocketrlhf.models.loading import load_base, load_tokenizer
     from pocketrlhf.models.roles import load_reward_adapter
     from pocketrlhf.stages.ppo import load_reward_function, rule_reward
@@ -93,9 +93,11 @@ def evaluate(cfg: EvaluationConfig) -> dict:
     answers_text: dict[str, list[str]] = {}
     rm_scores: dict[str, torch.Tensor] = {}
     for name, adapter in contenders.items():
-        common.set_seed(cfg.seed)  # every model answers the same prompts with the same random stream
         with adapters.use(adapter):
-            answers = sample(model, tok, prompt_ids, cfg.max_new_tokens, cfg.temperature, batch_size=cfg.batch_size)
+            # Every model answers prompt i from the same random stream: common random numbers make
+            # the comparison less noisy than independent samples would.
+            answers = sample(model, tok, prompt_ids, cfg.max_new_tokens, cfg.temperature, batch_size=cfg.batch_size,
+                             row_seeds=[row_seed(cfg.seed, i) for i in range(len(prompt_ids))])
         ids, attn, mask = _sequence_batch(prompt_ids, answers, tok.pad_token_id, device)
         row = {"eos_fraction": sum(bool(a) and a[-1] == tok.eos_token_id for a in answers) / len(answers),
                "mean_length": sum(map(len, answers)) / len(answers)}

@@ -26,11 +26,12 @@ def train_args(quantization: str) -> dict:
                 max_steps=STEPS, max_grad_norm=0.0, lora_r=8, seed=0, progress=False, eval_fraction=0.05)
 
 
-def launch_two_processes(model, data, out: Path, device: str, **kw) -> subprocess.CompletedProcess:
+def launch_two_processes(model, data, out: Path, device: str, command: str = "sft", data_flag: str = "--data",
+                         **kw) -> subprocess.CompletedProcess:
     flags = [f"--{k.replace('_', '-')}={v}" for k, v in kw.items()]
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(EXAMPLES / "cpu_ddp.yaml"),
            "--num_processes", "2", "--main_process_port", "0", "--num_cpu_threads_per_process", "1",
-           "-m", "pocketrlhf", "sft", "--model", str(model), "--data", str(data), "--output-dir", str(out),
+           "-m", "pocketrlhf", command, "--model", str(model), data_flag, str(data), "--output-dir", str(out),
            "--device", device, "--batch-size", "4", *flags]
     env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1",
                PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
@@ -105,3 +106,34 @@ def test_example_accelerate_configs_parse(name, kind):
     config = load_config_from_file(str(EXAMPLES / name))
     assert str(config.distributed_type).endswith(kind)
     assert config.num_processes == 2
+
+
+def test_ppo_on_two_processes_matches_one_process(tmp_path, pretrained_llama, sft_adapter, prompts_file):
+    """PPO on 2 processes: each samples half of every step's rollouts (each rollout from its own
+    seeded random stream, so the same answers as on one process), advantages are whitened over
+    all of them and losses are normalised by the global token count: the policy adapter and the
+    value head after 2 steps equal those of one process taking the whole batch."""
+    from pocketrlhf.stages import ppo
+
+    common = dict(sft_adapter=str(sft_adapter), reward_function="pocketrlhf.data.synthetic:sentiment_reward", max_steps=2,
+                  rollouts_per_step=8, ppo_epochs=2, max_new_tokens=12, learning_rate=1e-3, eval_fraction=0,
+                  adaptive_kl=True, seed=0, progress=False, lr_scheduler="constant")
+    proc = launch_two_processes(pretrained_llama, prompts_file, tmp_path / "ddp", "cpu", command="ppo",
+                                data_flag="--prompts", gradient_accumulation_steps=1, **common)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    # One process: the same 8 rollouts per step as one minibatch (4 x 2 micro-batches).
+    ppo.train(ppo.PPOConfig(model=str(pretrained_llama), prompts=str(prompts_file), output_dir=str(tmp_path / "one"),
+                            device="cpu", batch_size=4, gradient_accumulation_steps=2, **common))
+    rows = {name: [json.loads(x) for x in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+            for name in ("ddp", "one")}
+    for a, b in zip(rows["ddp"], rows["one"]):
+        for key in ("score", "kl", "kl_coef", "response_length"):
+            assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), key
+    a, b = adapter(tmp_path / "ddp"), adapter(tmp_path / "one")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert (a[k] - b[k]).abs().max().item() < 1e-4, k
+    assert max(t.abs().max().item() for t in b.values()) > 1e-2  # training moved the weights
+    head_a = load_file(str(tmp_path / "ddp" / "value" / "head.safetensors"))
+    head_b = load_file(str(tmp_path / "one" / "value" / "head.safetensors"))
+    assert (head_a["linear.weight"] - head_b["linear.weight"]).abs().max().item() < 1e-4

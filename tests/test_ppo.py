@@ -142,6 +142,25 @@ def _adapter_param(name: str) -> bool:
     return any(f".{a}." in name for a in ("policy", "reference", "reward", "value"))
 
 
+def test_gradient_checkpointing_stays_on_after_frozen_adapters_load(pretrained_llama, sft_adapter, prompts_file,
+                                                                    tmp_path):
+    """peft's load_adapter(is_trainable=False) (here: the reference) puts the model in eval mode,
+    where transformers skips checkpointing: each layer must still run twice (forward, recompute)."""
+    cfg = config(pretrained_llama, prompts_file, tmp_path, sft_adapter=str(sft_adapter), gradient_checkpointing=True)
+    roles = ppo.build_roles(cfg, total_steps=1)
+    calls = []
+    # transformers checkpoints a decoder layer's forward: its MLP starts again when backward recomputes
+    # it (a pre-hook: recomputation stops early, before the MLP's forward hooks would run).
+    roles.model.get_base_model().model.layers[0].mlp.register_forward_pre_hook(lambda *args: calls.append(1))
+    ids = torch.tensor([[5, 6, 7, 8, 9]])
+    mask = torch.ones_like(ids)
+    module = ppo.ActorCritic(roles.model, roles.value_head, shared_trunk=True)
+    with roles.adapters.use("policy"):
+        out = module(ids, mask, mask, 1.0)
+        (out["logprobs"].sum() + out["values"].sum()).backward()
+    assert len(calls) == 2
+
+
 def test_kill_and_resume_continues_the_same_trajectory(tmp_path, pretrained_llama, sft_adapter, prompts_file):
     full = tmp_path / "full"
     ppo.train(config(pretrained_llama, prompts_file, full, sft_adapter=str(sft_adapter), max_steps=4, save_steps=2,
@@ -169,3 +188,31 @@ def test_reward_configuration_errors(tmp_path, pretrained_llama, prompts_file, c
     assert "has no function nope" in capsys.readouterr().err
     assert main(base + ["--reward-function", REWARD, "--rollouts-per-step", "7", "--max-prompt-length", "2"]) == 2
     assert "no prompt fits max_prompt_length=2" in capsys.readouterr().err
+
+
+def test_seeded_sampling_is_exact_sampling_and_independent_of_batching(llama):
+    """Rollouts sample with the Gumbel-max trick from per-row seeded streams: the samples follow
+    softmax(logits / T) as torch's own multinomial sampling does, and a row's answer does not
+    depend on the batch it was generated in."""
+    from pocketrlhf.models.generation import row_seed, sample
+
+    tok = load_tokenizer(str(llama))
+    model = load_base(str(llama), device="cpu", training=False)
+    prompt = tok("Write a review of the movie Night Train.")["input_ids"]
+    n = 3000
+    firsts = torch.tensor([o[0] for o in sample(model, tok, [prompt] * n, max_new_tokens=1, temperature=0.7,
+                                                  batch_size=1000, row_seeds=[row_seed(0, i) for i in range(n)])])
+    with torch.no_grad():
+        probs = torch.softmax(model(input_ids=torch.tensor([prompt])).logits[0, -1].float() / 0.7, -1)
+    reference = torch.multinomial(probs, n, replacement=True, generator=torch.Generator().manual_seed(0))
+
+    def tv(samples):
+        return 0.5 * (torch.bincount(samples, minlength=len(probs)).float() / n - probs).abs().sum().item()
+
+    assert tv(firsts) < 1.5 * tv(reference) + 0.01
+    seeds = [row_seed(1, i) for i in range(4)]
+    together = sample(model, tok, [prompt] * 4, max_new_tokens=8, temperature=0.7, batch_size=4, row_seeds=seeds)
+    apart = sample(model, tok, [prompt] * 4, max_new_tokens=8, temperature=0.7, batch_size=1, row_seeds=seeds)
+    assert together == apart and len({tuple(a) for a in together}) > 1
+    with pytest.raises(ValueError, match="no top-k/top-p"):
+        sample(model, tok, [prompt], max_new_tokens=1, top_p=0.9, row_seeds=[1])

@@ -130,12 +130,12 @@ def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Te
     return loss, masked_mean((clipped_error > unclipped_error).float(), mask).detach()
 
 
-def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> float:
+def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor, reduce: Reduce = _local) -> float:
     """1 - Var(R - V) / Var(R) over the masked entries (1: perfect value function)."""
-    var_returns = masked_var(returns, mask)
+    var_returns = masked_var(returns, mask, reduce)
     if var_returns.item() == 0:
         return float("nan")
-    return (1.0 - masked_var(returns - values, mask) / var_returns).item()
+    return (1.0 - masked_var(returns - values, mask, reduce) / var_returns).item()
 
 
 class FixedKLController:

@@ -220,7 +220,7 @@ ADAPTER_INFO = "pocketrlhf_adapter.json"
 
 def write_adapter_info(directory: str | Path, **info) -> None:
     """What chat/serve/PPO need to use an adapter as it was trained (stage, prompt format, base)."""
-    (Path(directory) / ADAPTER_INFO).write_text(json.dumps(info, indent=2))
+    (Path(directory) / ADAPTER_INFO).write_text(json.dumps(info, indent=2, default=str))
 
 
 def read_adapter_info(directory: str | Path) -> dict:

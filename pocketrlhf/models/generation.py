@@ -69,13 +69,45 @@ def truncate_after_eos(tokens: list[int], eos_ids: set[int]) -> tuple[list[int],
     return tokens, False
 
 
+class SeededSampling:
+    """Pure sampling at temperature T as argmax(logits / T + Gumbel noise) (the Gumbel-max trick:
+    an exact sample of softmax(logits / T)), each row's noise drawn from its own generator. A
+    row's answer then depends on its seed alone, not on which prompts share its batch or its
+    process: rollouts are the same on 1 or N processes and for any generation batch size."""
+
+    def __init__(self, seeds: list[int], temperature: float):
+        self.generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
+        self.temperature = temperature
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        u = torch.stack([torch.rand(scores.shape[-1], generator=g) for g in self.generators])
+        gumbel = -torch.log(-torch.log(u.clamp_(1e-20, 1.0 - 1e-7)))
+        return scores.float() / self.temperature + gumbel.to(scores.device)
+
+
+def row_seed(*parts: int) -> int:
+    """A seed from integers (run seed, step, position, ...), for SeededSampling."""
+    h = 0
+    for p in parts:
+        h = (h * 1_000_003 + int(p) + 1) % (1 << 62)
+    return h
+
+
 def sample(model, tokenizer, prompt_ids: list[list[int]], max_new_tokens: int, temperature: float = 1.0,
            top_p: float = 1.0, top_k: int = 0, batch_size: int = 64, stop_token_ids: list[int] | None = None,
-           streamer=None, **extra) -> list[list[int]]:
-    """Responses (token ids, cut after the first EOS or stop token) for each prompt."""
+           streamer=None, row_seeds: list[int] | None = None, **extra) -> list[list[int]]:
+    """Responses (token ids, cut after the first EOS or stop token) for each prompt.
+
+    With ``row_seeds`` (pure sampling only: temperature > 0, no top-k/top-p), prompt i is answered
+    from its own random stream ``row_seeds[i]``; otherwise from torch's global generator."""
+    from transformers import LogitsProcessorList
+
     _, lm = unwrap(model)
     device = lm.get_input_embeddings().weight.device
-    cfg = generation_config(tokenizer, model, max_new_tokens, temperature, top_p, top_k,
+    seeded = row_seeds is not None
+    if seeded and (temperature <= 0 or top_k or top_p < 1.0 or extra):
+        raise ValueError("row_seeds sample from the full tempered distribution: no top-k/top-p/other settings")
+    cfg = generation_config(tokenizer, model, max_new_tokens, 0.0 if seeded else temperature, top_p, top_k,
                             stop_token_ids=stop_token_ids, **extra)
     eos_ids = set(cfg.eos_token_id)
     out: list[list[int]] = []
@@ -83,8 +115,10 @@ def sample(model, tokenizer, prompt_ids: list[list[int]], max_new_tokens: int, t
         for start in range(0, len(prompt_ids), batch_size):
             chunk = prompt_ids[start:start + batch_size]
             ids, attn = left_pad(chunk, cfg.pad_token_id)
+            processors = LogitsProcessorList(
+                [SeededSampling(row_seeds[start:start + batch_size], temperature)] if seeded else [])
             generated = model.generate(input_ids=ids.to(device), attention_mask=attn.to(device),
-                                       generation_config=cfg, streamer=streamer)
+                                       generation_config=cfg, streamer=streamer, logits_processor=processors)
             for row in generated[:, ids.shape[1]:].tolist():
                 out.append(truncate_after_eos(row, eos_ids)[0])
     return out

@@ -36,6 +36,7 @@ from pocketrlhf.data.loading import load_records
 from pocketrlhf.data.templates import TemplateName
 from pocketrlhf.data.tokenize import TokenExample, collate, encode
 from pocketrlhf.errors import ConfigError, DataError
+from pocketrlhf.models.generation import row_seed
 from pocketrlhf.stages import common
 from pocketrlhf.stages.common import log
 from pocketrlhf.stages.loop import split_holdout
@@ -189,6 +190,10 @@ def build_roles(cfg: PPOConfig, total_steps: int) -> Roles:
         value_head = ScalarHead(hidden_size(model), init="zero").to(device)  # OAI: zero init
     model.set_adapter(POLICY)
     disable_dropout(model)  # adapters' dropout too: ratio must be exactly 1 before the first update
+    # peft's load_adapter(is_trainable=False) (reference, reward) puts the WHOLE model in eval mode,
+    # which silently turns gradient checkpointing off (transformers checkpoints only in training
+    # mode). Dropout is 0 everywhere, so training mode changes nothing else.
+    model.train()
     trainable = set_trainable(model, {POLICY} | ({VALUE} if value_adapter else set()))
     value_head.requires_grad_(True)
     return Roles(model, AdapterSet(model), value_head, value_adapter, reference, reward,
@@ -237,11 +242,15 @@ class Rollout:
     responses: list[str]
 
 
-def generate_rollouts(cfg: PPOConfig, roles: Roles, tokenizer, prompt_ids: list[list[int]]) -> Rollout:
+def generate_rollouts(cfg: PPOConfig, roles: Roles, tokenizer, prompt_ids: list[list[int]],
+                      row_seeds: list[int]) -> Rollout:
+    """Sample, truncate at EOS and score one response per prompt; response i comes from its own
+    random stream ``row_seeds[i]``, so rollouts do not depend on how prompts are batched or split
+    over processes (N processes reproduce one process exactly)."""
     from pocketrlhf.models.generation import sample
 
     responses = sample(roles.model, tokenizer, prompt_ids, cfg.max_new_tokens, cfg.temperature,
-                       batch_size=cfg.generation_batch_size)
+                       batch_size=cfg.generation_batch_size, row_seeds=row_seeds)
     eos = tokenizer.eos_token_id
     batch = collate([TokenExample(p + r, [0] * len(p) + [1] * len(r)) for p, r in zip(prompt_ids, responses)],
                     tokenizer.pad_token_id)
@@ -287,9 +296,12 @@ def old_policy_pass(cfg: PPOConfig, roles: Roles, module: ActorCritic, r: Rollou
 
 def ppo_update(cfg: PPOConfig, roles: Roles, module, r: Rollout, old: dict, advantages, returns, optimizer,
                scheduler, accelerator, generator: torch.Generator) -> dict[str, float]:
-    """ppo_epochs passes of shuffled minibatches; losses are token-weighted across micro-batches."""
+    """ppo_epochs passes of shuffled minibatches. Each minibatch's losses are token means over the
+    minibatch on ALL processes (micro-batches weighted by their tokens, DDP's averaging undone),
+    so N processes take the same step as one process with the same global minibatch."""
     mask = r.response_mask.float()
     n = mask.shape[0]
+    world = accelerator.num_processes
     minibatch = cfg.batch_size * cfg.gradient_accumulation_steps
     sums: dict[str, float] = {}
     weight = 0.0
@@ -298,7 +310,10 @@ def ppo_update(cfg: PPOConfig, roles: Roles, module, r: Rollout, old: dict, adva
         order = torch.randperm(n, generator=generator).tolist()
         for start in range(0, n, minibatch):
             rows = order[start:start + minibatch]
-            tokens = mask[rows].sum().clamp(min=1)
+            tokens = mask[rows].sum()
+            if world > 1:
+                tokens = accelerator.reduce(tokens, "sum") / world
+            tokens = tokens.clamp(min=1)
             for m in range(0, len(rows), cfg.batch_size):
                 idx = torch.tensor(rows[m:m + cfg.batch_size], device=mask.device)
                 ids, attn, resp, mb_mask = r.input_ids[idx], r.attention_mask[idx], r.response_mask[idx], mask[idx]
@@ -382,8 +397,9 @@ def step_prompts(cfg: PPOConfig, step: int, n: int, rank: int, world: int) -> li
 
 @torch.no_grad()
 def evaluate(cfg: PPOConfig, roles: Roles, module, tokenizer, prompt_ids: list[list[int]]) -> tuple[dict, list[dict]]:
-    """Mean score and KL to the reference on held-out prompts, plus a few samples to look at."""
-    r = generate_rollouts(cfg, roles, tokenizer, prompt_ids)
+    """Mean score and KL to the reference on held-out prompts, plus a few samples to look at.
+    Prompt i is answered from the same random stream at every evaluation (less noisy curves)."""
+    r = generate_rollouts(cfg, roles, tokenizer, prompt_ids, [row_seed(cfg.seed, -1, i) for i in range(len(prompt_ids))])
     old = old_policy_pass(cfg, roles, module, r)
     mask = r.response_mask.float()
     seq_kl = ((old["logprobs"] - old["ref_logprobs"]) * mask).sum(1)
@@ -451,7 +467,9 @@ def train(cfg: PPOConfig) -> dict:
     for step in range(start_step, total_steps):
         started = time.perf_counter()
         prompt_ids = [train_prompts[i] for i in step_prompts(cfg, step, len(train_prompts), rank, world)]
-        r = generate_rollouts(cfg, roles, tokenizer, prompt_ids)
+        first = rank * len(prompt_ids)  # global position of this process's first rollout in the step
+        r = generate_rollouts(cfg, roles, tokenizer, prompt_ids,
+                              [row_seed(cfg.seed, step, first + i) for i in range(len(prompt_ids))])
         old = old_policy_pass(cfg, roles, module, r)
         mask = r.response_mask.float()
         kl = kl_per_token(old["logprobs"], old["ref_logprobs"], cfg.kl_estimator) * mask
@@ -463,13 +481,17 @@ def train(cfg: PPOConfig) -> dict:
         generator = torch.Generator().manual_seed(cfg.seed * 1000003 + step)
         stats = ppo_update(cfg, roles, module, r, old, advantages, returns, optimizer, scheduler, accelerator,
                            generator)
-        seq_kl = ((old["logprobs"] - old["ref_logprobs"]) * mask).sum(1)
+        # Statistics of the whole step's rollouts, over every process.
+        gather = accelerator.gather if world > 1 else (lambda x: x)
+        scores = gather(r.raw_scores)
+        seq_kl = gather(((old["logprobs"] - old["ref_logprobs"]) * mask).sum(1))
         metrics = {
-            "score": r.raw_scores.mean().item(), "score_std": r.raw_scores.std().item() if len(r.raw_scores) > 1 else 0.0,
-            "kl": reduce(seq_kl.sum()).item() / cfg.rollouts_per_step, "kl_coef": kl_ctl.value,
-            "entropy": masked_mean(old["entropy"], mask).item(), "eos_fraction": r.has_eos.float().mean().item(),
-            "response_length": mask.sum(1).mean().item(),
-            "explained_variance": explained_variance(old["values"], returns, mask),
+            "score": scores.mean().item(), "score_std": scores.std().item() if len(scores) > 1 else 0.0,
+            "kl": seq_kl.mean().item(), "kl_coef": kl_ctl.value,
+            "entropy": masked_mean(old["entropy"], mask, reduce).item(),
+            "eos_fraction": gather(r.has_eos.float()).mean().item(),
+            "response_length": gather(mask.sum(1)).mean().item(),
+            "explained_variance": explained_variance(old["values"], returns, mask, reduce),
             "lr": scheduler.get_last_lr()[0], **stats,
             "samples_per_s": cfg.rollouts_per_step / (time.perf_counter() - started),
         }
