@@ -30,14 +30,13 @@ import torch
 
 from pocketrlhf.algorithms.dpo import LossType, dpo_loss, reward_metric_sums
 from pocketrlhf.config import AdapterOptions, ModelOptions, TrainOptions, option
-from pocketrlhf.data.formats import PREFERENCE_FORMATS, Skipped, detect, effective_template, preference_pairs
-from pocketrlhf.data.loading import load_records
+from pocketrlhf.data.formats import Skipped, preference_pairs
 from pocketrlhf.data.templates import TemplateName
 from pocketrlhf.data.tokenize import PreferenceExample, collate_preferences, tokenize_preferences
 from pocketrlhf.errors import ConfigError, DataError
 from pocketrlhf.stages import common
 from pocketrlhf.stages.common import log
-from pocketrlhf.stages.loop import Loop, plan_steps, sequences_per_step, split_holdout
+from pocketrlhf.stages.loop import Loop, plan_steps, read_rows, sequences_per_step
 
 REFERENCE_ADAPTER = "reference"
 REFERENCE_CACHE = "reference_logprobs.safetensors"
@@ -93,16 +92,11 @@ def tokenize(tokenizer, pairs, max_length: int, skipped: Skipped) -> list[DPOExa
 
 
 def prepare_data(cfg: DPOConfig, tokenizer) -> tuple[list[DPOExample], list[DPOExample], dict]:
-    ds = load_records(cfg.data)
-    template = effective_template(detect(ds.column_names, PREFERENCE_FORMATS, cfg.data, "preference"), cfg.template)
-    pairs, skipped = preference_pairs(ds, cfg.data, cfg.template, tokenizer)
-    if cfg.eval_data:
-        eval_pairs, eval_skipped = preference_pairs(load_records(cfg.eval_data), cfg.eval_data, cfg.template, tokenizer)
-        skipped.counts.update({f"eval {k}": v for k, v in eval_skipped.counts.items()})
-    else:
-        pairs, eval_pairs = split_holdout(pairs, cfg.eval_fraction, cfg.seed)
-    train = tokenize(tokenizer, pairs, cfg.max_length, skipped)
-    evals = tokenize(tokenizer, eval_pairs, cfg.max_length, Skipped())
+    rows = read_rows("preference", preference_pairs, cfg.data, cfg.eval_data, cfg.eval_fraction, cfg.seed,
+                     cfg.template, tokenizer)
+    template, skipped = rows.template, rows.skipped
+    train = tokenize(tokenizer, rows.train, cfg.max_length, skipped)
+    evals = tokenize(tokenizer, rows.held_out, cfg.max_length, Skipped())
     if not train:
         raise DataError(f"{cfg.data}: no usable preference pairs ({skipped.describe()} skipped)")
     if skipped.total:

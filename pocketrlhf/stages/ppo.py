@@ -31,15 +31,14 @@ from pocketrlhf.algorithms.ppo import (AdaptiveKLController, FixedKLController, 
                                        kl_per_token, masked_mean, masked_whiten, penalized_rewards, policy_loss,
                                        value_loss)
 from pocketrlhf.config import AdapterOptions, ModelOptions, TrainOptions, option
-from pocketrlhf.data.formats import PROMPT_FORMATS, detect, effective_template, prompts as prompt_rows
-from pocketrlhf.data.loading import load_records
+from pocketrlhf.data.formats import prompts as prompt_rows
 from pocketrlhf.data.templates import TemplateName
 from pocketrlhf.data.tokenize import TokenExample, collate, encode
 from pocketrlhf.errors import ConfigError, DataError
 from pocketrlhf.models.generation import row_seed
 from pocketrlhf.stages import common
 from pocketrlhf.stages.common import log
-from pocketrlhf.stages.loop import split_holdout
+from pocketrlhf.stages.loop import read_rows
 
 POLICY, REFERENCE, VALUE, REWARD = "policy", "reference", "value", "reward"
 
@@ -357,14 +356,9 @@ def ppo_update(cfg: PPOConfig, roles: Roles, module, r: Rollout, old: dict, adva
 
 
 def prepare_prompts(cfg: PPOConfig, tokenizer) -> tuple[list[list[int]], list[list[int]], dict]:
-    ds = load_records(cfg.prompts)
-    template = effective_template(detect(ds.column_names, PROMPT_FORMATS, cfg.prompts, "prompt"), cfg.template)
-    texts, skipped = prompt_rows(ds, cfg.prompts, cfg.template, tokenizer)
-    if cfg.eval_prompts:
-        eval_texts, eval_skipped = prompt_rows(load_records(cfg.eval_prompts), cfg.eval_prompts, cfg.template, tokenizer)
-        skipped.counts.update({f"eval {k}": v for k, v in eval_skipped.counts.items()})
-    else:
-        texts, eval_texts = split_holdout(texts, cfg.eval_fraction, cfg.seed)
+    rows = read_rows("prompt", prompt_rows, cfg.prompts, cfg.eval_prompts, cfg.eval_fraction, cfg.seed, cfg.template,
+                     tokenizer)
+    texts, eval_texts, skipped, template = rows.train, rows.held_out, rows.skipped, rows.template
 
     def tokenize(items: list[str], label: str) -> list[list[int]]:
         out = []

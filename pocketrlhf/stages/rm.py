@@ -16,14 +16,14 @@ import torch
 
 from pocketrlhf.algorithms.reward import pairwise_accuracy, pairwise_loss
 from pocketrlhf.config import AdapterOptions, ModelOptions, TrainOptions, option
-from pocketrlhf.data.formats import PREFERENCE_FORMATS, detect, effective_template, preference_pairs, sft_pairs
+from pocketrlhf.data.formats import PREFERENCE_FORMATS, preference_pairs, sft_pairs
 from pocketrlhf.data.loading import load_records
 from pocketrlhf.data.templates import TemplateName
 from pocketrlhf.data.tokenize import PreferenceExample, collate_preferences, tokenize_pair, tokenize_preferences
 from pocketrlhf.errors import ConfigError
 from pocketrlhf.stages import common
 from pocketrlhf.stages.common import log
-from pocketrlhf.stages.loop import Loop, plan_steps, split_holdout
+from pocketrlhf.stages.loop import Loop, plan_steps, read_rows
 
 
 @dataclasses.dataclass
@@ -67,19 +67,14 @@ class RewardLoss:
 
 
 def prepare_pairs(cfg: RMConfig, tokenizer) -> tuple[list[PreferenceExample], list[PreferenceExample], dict]:
-    ds = load_records(cfg.data)
-    template = effective_template(detect(ds.column_names, PREFERENCE_FORMATS, cfg.data, "preference"), cfg.template)
-    pairs, skipped = preference_pairs(ds, cfg.data, cfg.template, tokenizer)
-    if cfg.eval_data:
-        eval_pairs, eval_skipped = preference_pairs(load_records(cfg.eval_data), cfg.eval_data, cfg.template, tokenizer)
-        skipped.counts.update({f"eval {k}": v for k, v in eval_skipped.counts.items()})
-    else:
-        pairs, eval_pairs = split_holdout(pairs, cfg.eval_fraction, cfg.seed)
-    train = tokenize_preferences(tokenizer, pairs, cfg.max_length, skipped)
-    evals = tokenize_preferences(tokenizer, eval_pairs, cfg.max_length, skipped)
-    if skipped.total:
-        log.info("data: %s", skipped.describe())
-    return train, evals, {"template": template, "train_pairs": len(train), "eval_pairs": len(evals), "skipped": dict(skipped.counts)}
+    rows = read_rows("preference", preference_pairs, cfg.data, cfg.eval_data, cfg.eval_fraction, cfg.seed,
+                     cfg.template, tokenizer)
+    train = tokenize_preferences(tokenizer, rows.train, cfg.max_length, rows.skipped)
+    evals = tokenize_preferences(tokenizer, rows.held_out, cfg.max_length, rows.skipped)
+    if rows.skipped.total:
+        log.info("data: %s", rows.skipped.describe())
+    return train, evals, {"template": rows.template, "train_pairs": len(train), "eval_pairs": len(evals),
+                          "skipped": dict(rows.skipped.counts)}
 
 
 @torch.no_grad()

@@ -12,13 +12,12 @@ import math
 import torch
 
 from pocketrlhf.config import AdapterOptions, ModelOptions, TrainOptions, option
-from pocketrlhf.data.formats import SFT_FORMATS, detect, effective_template, sft_pairs
-from pocketrlhf.data.loading import load_records
+from pocketrlhf.data.formats import sft_pairs
 from pocketrlhf.data.templates import TemplateName
 from pocketrlhf.data.tokenize import TokenExample, collate, pack, tokenize_sft
 from pocketrlhf.stages import common
 from pocketrlhf.stages.common import log
-from pocketrlhf.stages.loop import Loop, plan_steps, sequences_per_step, split_holdout
+from pocketrlhf.stages.loop import Loop, plan_steps, read_rows, sequences_per_step
 from pocketrlhf.stages.loop import micro_batches, step_indices  # noqa: F401  (re-exported for other stages)
 
 
@@ -40,24 +39,16 @@ class SFTConfig(ModelOptions, AdapterOptions, TrainOptions):
 
 def prepare_data(cfg: SFTConfig, tokenizer) -> tuple[list[TokenExample], list[TokenExample], dict]:
     """Training and eval examples (packed or not), plus a report of what was skipped."""
-    ds = load_records(cfg.data)
-    fmt = detect(ds.column_names, SFT_FORMATS, cfg.data, "SFT")
-    pairs, skipped = sft_pairs(ds, cfg.data, cfg.template, tokenizer, fmt=fmt)
-    eval_pairs = []
-    if cfg.eval_data:
-        eval_pairs, eval_skipped = sft_pairs(load_records(cfg.eval_data), cfg.eval_data, cfg.template, tokenizer)
-        for k, v in eval_skipped.counts.items():
-            skipped.counts[f"eval {k}"] += v
-    else:
-        pairs, eval_pairs = split_holdout(pairs, cfg.eval_fraction, cfg.seed)
+    rows = read_rows("SFT", sft_pairs, cfg.data, cfg.eval_data, cfg.eval_fraction, cfg.seed, cfg.template, tokenizer)
+    pairs, eval_pairs, skipped = rows.train, rows.held_out, rows.skipped
     max_len = None if cfg.packing else cfg.seq_length
     train = tokenize_sft(tokenizer, pairs, cfg.completion_only, max_len, skipped)
     evals = tokenize_sft(tokenizer, eval_pairs, cfg.completion_only, max_len, skipped) if eval_pairs else []
     if cfg.packing:
         train = pack(train, cfg.seq_length, cfg.seed)
         evals = pack(evals, cfg.seq_length, cfg.seed) if evals and sum(len(e.input_ids) for e in evals) >= cfg.seq_length else []
-    report = {"template": effective_template(fmt, cfg.template), "train_examples": len(pairs), "eval_examples": len(eval_pairs), "train_sequences": len(train),
-              "eval_sequences": len(evals), "skipped": dict(skipped.counts)}
+    report = {"template": rows.template, "train_examples": len(pairs), "eval_examples": len(eval_pairs),
+              "train_sequences": len(train), "eval_sequences": len(evals), "skipped": dict(skipped.counts)}
     if skipped.total:
         log.info("data: %s", skipped.describe())
     return train, evals, report
