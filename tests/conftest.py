@@ -75,3 +75,30 @@ def sft_adapter(tmp_path_factory, pretrained_llama) -> Path:
 @pytest.fixture(scope="session")
 def prompts_file(tmp_path_factory) -> Path:
     return write_jsonl(tmp_path_factory.mktemp("prompts") / "prompts.jsonl", synthetic.prompt_rows(300, seed=2))
+
+
+def teach_adapter(base: Path, out: Path, template: str, pairs: list[tuple[str, str]], steps: int = 80,
+                  train: bool = True) -> Path:
+    """A LoRA that has memorised a few replies (a real adapter dir: peft files + pocketrlhf_adapter.json)."""
+    import torch
+
+    from pocketrlhf.data.templates import prompt_text
+    from pocketrlhf.data.tokenize import tokenize_pair
+    from pocketrlhf.models.adapters import attach_adapter, make_peft_config, save_adapter, write_adapter_info
+    from pocketrlhf.models.loading import load_base, load_tokenizer
+
+    tok = load_tokenizer(str(base))
+    model = attach_adapter(load_base(str(base), device="cpu", training=True), make_peft_config("lora", r=8, alpha=16))
+    examples = [torch.tensor([tokenize_pair(tok, prompt_text(p, template, tok), c, False).input_ids]) for p, c in pairs]
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    torch.manual_seed(0)
+    for _ in range(steps if train else 0):
+        loss = sum(model(input_ids=ids, labels=ids).loss for ids in examples)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    save_adapter(model, out, tokenizer=tok)
+    write_adapter_info(out, stage="sft", template=template, base_model=str(base))
+    return out
+
+

@@ -8,38 +8,18 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 from pocketrlhf.cli import main
-from pocketrlhf.data.templates import prompt_text
 from pocketrlhf.data.tokenize import encode, tokenize_pair
 from pocketrlhf.errors import ConfigError, ModelLoadError
-from pocketrlhf.models.adapters import attach_adapter, make_peft_config, save_adapter, write_adapter_info
-from pocketrlhf.models.loading import load_base, load_tokenizer
 from pocketrlhf.models.quantization import linear4bit_modules
 from pocketrlhf.serve.chat import ChatSession
 from pocketrlhf.serve.engine import (Engine, SamplingParams, ServingOptions, _held_back, max_memory_map,
                                      parse_adapters, plan_models)
 
+from conftest import teach_adapter
+
 GREEDY = SamplingParams(temperature=0.0, max_new_tokens=30)
-
-
-def teach_adapter(base: Path, out: Path, template: str, pairs: list[tuple[str, str]], steps: int = 80,
-                  train: bool = True) -> Path:
-    """A LoRA that has memorised a few replies (a real adapter dir: peft files + pocketrlhf_adapter.json)."""
-    tok = load_tokenizer(str(base))
-    model = attach_adapter(load_base(str(base), device="cpu", training=True), make_peft_config("lora", r=8, alpha=16))
-    examples = [torch.tensor([tokenize_pair(tok, prompt_text(p, template, tok), c, False).input_ids]) for p, c in pairs]
-    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    torch.manual_seed(0)
-    for _ in range(steps if train else 0):
-        loss = sum(model(input_ids=ids, labels=ids).loss for ids in examples)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    save_adapter(model, out, tokenizer=tok)
-    write_adapter_info(out, stage="sft", template=template, base_model=str(base))
-    return out
 
 
 @pytest.fixture(scope="module")
