@@ -135,3 +135,25 @@ def test_bad_preference_data_is_a_one_line_error(tmp_path, llama, capsys):
     assert err.startswith("error: ") and "no usable columns for preference data" in err and err.count("\n") == 1
     assert main(["score", "--reward-adapter", str(tmp_path), "--input", str(bad)]) == 2
     assert "is not an adapter directory" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "gpt_neox"])
+def test_shared_prompt_scores_equal_two_row_scores(tiny_models, arch):
+    """Each pair as one row (prompt, chosen, rejected; an answer sees only the prompt and itself)
+    gives the rewards of the two-row layout, with the prompt computed once."""
+    from pocketrlhf.data.formats import PreferencePair, Skipped
+    from pocketrlhf.data.tokenize import tokenize_preferences
+    from pocketrlhf.models.roles import PairScoreModel
+
+    tok = load_tokenizer(str(tiny_models[arch]))
+    model = attach_adapter(load_base(str(tiny_models[arch]), device="cpu"), make_peft_config("lora", r=4))
+    torch.manual_seed(0)
+    scorer = PairScoreModel(model, ScalarHead(64, init="reward"))
+    pairs = [PreferencePair(synthetic.PROMPT.format(title=t), " a superb cast .", " the story was really dull .")
+             for t in ("Red Harbor", "Night Train")] + [PreferencePair("Write", " ok .", " a long and boring one .")]
+    examples = tokenize_preferences(tok, pairs, None, Skipped())
+    two_rows = rm.RewardLoss(tok.pad_token_id, 0.0, share_prompt=False).batch(examples)
+    one_row = rm.RewardLoss(tok.pad_token_id, 0.0, share_prompt=True).batch(examples)
+    assert one_row["shared_ids"].numel() < two_rows["input_ids"].numel()
+    with torch.no_grad():
+        torch.testing.assert_close(scorer(one_row), scorer(two_rows), atol=1e-4, rtol=1e-4)

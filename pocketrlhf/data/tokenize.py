@@ -149,3 +149,27 @@ def collate_preferences(examples: list[PreferenceExample], pad_id: int) -> dict[
         attn[row, :len(p) + len(a)] = 1
         response[row, len(p):len(p) + len(a)] = 1
     return {"input_ids": ids, "attention_mask": attn, "response_mask": response}
+
+
+PROMPT, CHOSEN, REJECTED, PAD = 0, 1, 2, 3
+
+
+def collate_shared_prompt(examples: list[PreferenceExample], width: int) -> dict[str, torch.Tensor]:
+    """Each pair as one row: prompt, chosen, rejected. ``shared_index`` maps every position of the
+    two-row layout of ``collate_preferences`` (``width`` columns) to its place in these rows."""
+    n = len(examples)
+    length = max(len(e.prompt_ids) + len(e.chosen_ids) + len(e.rejected_ids) for e in examples)
+    ids = torch.zeros((n, length), dtype=torch.long)  # 0, not the pad id: every id reaches the model
+    segments = torch.full((n, length), PAD, dtype=torch.long)
+    positions = torch.zeros((n, length), dtype=torch.long)
+    index = torch.zeros((2 * n, width), dtype=torch.long)
+    for b, e in enumerate(examples):
+        p, c, r = len(e.prompt_ids), len(e.chosen_ids), len(e.rejected_ids)
+        ids[b, :p + c + r] = torch.tensor(e.prompt_ids + e.chosen_ids + e.rejected_ids)
+        segments[b, :p], segments[b, p:p + c], segments[b, p + c:p + c + r] = PROMPT, CHOSEN, REJECTED
+        positions[b, :p + c] = torch.arange(p + c)
+        positions[b, p + c:p + c + r] = torch.arange(p, p + r)  # as if it followed the prompt directly
+        index[b, :p + c] = b * length + torch.arange(p + c)
+        index[n + b, :p] = b * length + torch.arange(p)
+        index[n + b, p:p + r] = b * length + p + c + torch.arange(r)
+    return {"shared_ids": ids, "shared_segments": segments, "shared_positions": positions, "shared_index": index}

@@ -115,6 +115,23 @@ def biased_hidden_states(model: torch.nn.Module, input_ids: torch.Tensor, positi
     return out.last_hidden_state
 
 
+def pair_hidden_states(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Hidden states [2B, T, d] of a preference batch in the two-row layout of
+    ``data.tokenize.collate_preferences``. When the batch also holds the one-row layout
+    (``collate_shared_prompt``: prompt, chosen, rejected in one row, an answer attending to the
+    prompt and to itself only), the model runs once per pair on it: the prompt is computed once."""
+    from pocketrlhf.data.tokenize import PROMPT
+
+    if "shared_ids" not in batch:
+        return final_hidden_states(model, batch["input_ids"], batch["attention_mask"])
+    seg = batch["shared_segments"]
+    query, key = seg.unsqueeze(2), seg.unsqueeze(1)
+    causal = torch.ones(seg.shape[1], seg.shape[1], dtype=torch.bool, device=seg.device).tril()
+    allowed = causal & ((key == PROMPT) | (key == query))  # an answer never sees the other answer
+    shared = biased_hidden_states(model, batch["shared_ids"], batch["shared_positions"], allowed)
+    return shared.flatten(0, 1)[batch["shared_index"]]  # back to the two-row layout
+
+
 def output_logits(model: torch.nn.Module, hidden: torch.Tensor) -> torch.Tensor:
     """Vocabulary logits from final hidden states, with the family's output scaling."""
     _, lm = unwrap(model)

@@ -13,7 +13,7 @@ import torch
 
 from pocketrlhf.errors import ModelLoadError
 from pocketrlhf.models.adapters import AdapterSet, load_adapter, read_adapter_info
-from pocketrlhf.models.forward import final_hidden_states, last_token_index
+from pocketrlhf.models.forward import final_hidden_states, last_token_index, pair_hidden_states
 from pocketrlhf.models.heads import HEAD_FILE, ScalarHead
 
 
@@ -33,6 +33,19 @@ class ScoreModel(torch.nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         return read_at_last_token(self.head, final_hidden_states(self.model, input_ids, attention_mask), attention_mask)
+
+
+class PairScoreModel(torch.nn.Module):
+    """Scores [2B] of a preference batch (``collate_preferences`` rows, plus the one-row
+    shared-prompt layout when present, see ``forward.pair_hidden_states``)."""
+
+    def __init__(self, model: torch.nn.Module, head: ScalarHead):
+        super().__init__()
+        self.model = model
+        self.head = head
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return read_at_last_token(self.head, pair_hidden_states(self.model, batch), batch["attention_mask"])
 
 
 @dataclass

@@ -32,7 +32,7 @@ from pocketrlhf.algorithms.dpo import LossType, dpo_loss, reward_metric_sums
 from pocketrlhf.config import AdapterOptions, ModelOptions, TrainOptions, option
 from pocketrlhf.data.formats import Skipped, preference_pairs
 from pocketrlhf.data.templates import TemplateName
-from pocketrlhf.data.tokenize import PreferenceExample, collate_preferences, tokenize_preferences
+from pocketrlhf.data.tokenize import PreferenceExample, collate_preferences, collate_shared_prompt, tokenize_preferences
 from pocketrlhf.errors import ConfigError, DataError
 from pocketrlhf.stages import common
 from pocketrlhf.stages.common import log
@@ -105,30 +105,6 @@ def prepare_data(cfg: DPOConfig, tokenizer) -> tuple[list[DPOExample], list[DPOE
     return train, evals, report
 
 
-PROMPT, CHOSEN, REJECTED, PAD = 0, 1, 2, 3
-
-
-def collate_shared_prompt(examples: list[PreferenceExample], width: int) -> dict[str, torch.Tensor]:
-    """Each pair as one row: prompt, chosen, rejected. ``shared_index`` maps every position of the
-    two-row layout of ``collate_preferences`` (``width`` columns) to its place in these rows."""
-    n = len(examples)
-    length = max(len(e.prompt_ids) + len(e.chosen_ids) + len(e.rejected_ids) for e in examples)
-    ids = torch.zeros((n, length), dtype=torch.long)  # 0, not the pad id: every id reaches the model
-    segments = torch.full((n, length), PAD, dtype=torch.long)
-    positions = torch.zeros((n, length), dtype=torch.long)
-    index = torch.zeros((2 * n, width), dtype=torch.long)
-    for b, e in enumerate(examples):
-        p, c, r = len(e.prompt_ids), len(e.chosen_ids), len(e.rejected_ids)
-        ids[b, :p + c + r] = torch.tensor(e.prompt_ids + e.chosen_ids + e.rejected_ids)
-        segments[b, :p], segments[b, p:p + c], segments[b, p + c:p + c + r] = PROMPT, CHOSEN, REJECTED
-        positions[b, :p + c] = torch.arange(p + c)
-        positions[b, p + c:p + c + r] = torch.arange(p, p + r)  # as if it followed the prompt directly
-        index[b, :p + c] = b * length + torch.arange(p + c)
-        index[n + b, :p] = b * length + torch.arange(p)
-        index[n + b, p:p + r] = b * length + p + c + torch.arange(r)
-    return {"shared_ids": ids, "shared_segments": segments, "shared_positions": positions, "shared_index": index}
-
-
 # ---------------------------------------------------------------------------------------------
 # Log-probs, the reference, the loss.
 
@@ -142,18 +118,10 @@ class PairLogps(torch.nn.Module):
         self.model = model
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        from pocketrlhf.models.forward import biased_hidden_states, response_logprobs
+        from pocketrlhf.models.forward import pair_hidden_states, response_logprobs
 
-        hidden = None
-        if "shared_ids" in batch:
-            seg = batch["shared_segments"]
-            query, key = seg.unsqueeze(2), seg.unsqueeze(1)
-            causal = torch.ones(seg.shape[1], seg.shape[1], dtype=torch.bool, device=seg.device).tril()
-            allowed = causal & ((key == PROMPT) | (key == query))  # an answer never sees the other answer
-            shared = biased_hidden_states(self.model, batch["shared_ids"], batch["shared_positions"], allowed)
-            hidden = shared.flatten(0, 1)[batch["shared_index"]]  # back to the two-row layout
         out = response_logprobs(self.model, batch["input_ids"], batch["attention_mask"], batch["response_mask"],
-                                hidden=hidden)
+                                hidden=pair_hidden_states(self.model, batch))
         return out.logprobs.sum(-1)
 
 

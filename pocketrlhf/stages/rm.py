@@ -19,7 +19,8 @@ from pocketrlhf.config import AdapterOptions, ModelOptions, TrainOptions, option
 from pocketrlhf.data.formats import PREFERENCE_FORMATS, preference_pairs, sft_pairs
 from pocketrlhf.data.loading import load_records
 from pocketrlhf.data.templates import TemplateName
-from pocketrlhf.data.tokenize import PreferenceExample, collate_preferences, tokenize_pair, tokenize_preferences
+from pocketrlhf.data.tokenize import (PreferenceExample, collate_preferences, collate_shared_prompt, tokenize_pair,
+                                     tokenize_preferences)
 from pocketrlhf.errors import ConfigError
 from pocketrlhf.stages import common
 from pocketrlhf.stages.common import log
@@ -38,6 +39,7 @@ class RMConfig(ModelOptions, AdapterOptions, TrainOptions):
     margin: float = option(0.0, "required reward gap: loss = -log sigmoid(r_chosen - r_rejected - margin)")
     learning_rate: float = option(1e-4, "peak learning rate")
     stats_pairs: int = option(256, "pairs whose answers set the saved reward mean/std (for PPO normalisation)")
+    share_prompt: bool = option(True, "compute each pair's prompt once for both answers (same scores, fewer tokens)")
 
 
 def hidden_size(model: torch.nn.Module) -> int:
@@ -49,17 +51,20 @@ def hidden_size(model: torch.nn.Module) -> int:
 class RewardLoss:
     """Summed pairwise loss over a batch of pairs; the loop divides by the global pair count."""
 
-    def __init__(self, pad_id: int, margin: float):
-        self.pad_id, self.margin = pad_id, margin
+    def __init__(self, pad_id: int, margin: float, share_prompt: bool = False):
+        self.pad_id, self.margin, self.share_prompt = pad_id, margin, share_prompt
 
     def batch(self, examples: list[PreferenceExample]) -> dict[str, torch.Tensor]:
-        return collate_preferences(examples, self.pad_id)
+        batch = collate_preferences(examples, self.pad_id)
+        if self.share_prompt:
+            batch.update(collate_shared_prompt(examples, batch["input_ids"].shape[1]))
+        return batch
 
     def units(self, examples: list[PreferenceExample]) -> int:
         return len(examples)
 
     def loss(self, module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        scores = module(batch["input_ids"], batch["attention_mask"])
+        scores = module(batch)
         chosen, rejected = scores.chunk(2)
         metrics = {"accuracy": pairwise_accuracy(chosen, rejected).sum(), "margin": (chosen - rejected).detach().sum(),
                    "reward_chosen": chosen.detach().sum(), "reward_rejected": rejected.detach().sum()}
@@ -90,10 +95,10 @@ def reward_statistics(score_model, examples: list[PreferenceExample], pad_id: in
 
 def train(cfg: RMConfig) -> dict:
     from pocketrlhf.models.adapters import load_adapter_weights, save_adapter, write_adapter_info
-    from pocketrlhf.models.forward import disable_dropout
+    from pocketrlhf.models.forward import disable_dropout, supports_attention_bias
     from pocketrlhf.models.heads import ScalarHead
     from pocketrlhf.models.loading import load_tokenizer, model_reference
-    from pocketrlhf.models.roles import ScoreModel
+    from pocketrlhf.models.roles import PairScoreModel, ScoreModel
     from pocketrlhf.stages.sft import build_policy
 
     common.setup_logging()
@@ -112,7 +117,8 @@ def train(cfg: RMConfig) -> dict:
     params = [p for p in score_model.parameters() if p.requires_grad]
     optimizer = common.build_optimizer(params, cfg, str(device))
     scheduler = common.build_scheduler(optimizer, cfg, total_steps)
-    module = accelerator.prepare_model(score_model, device_placement=False)
+    share_prompt = cfg.share_prompt and supports_attention_bias(model)
+    module = accelerator.prepare_model(PairScoreModel(model, head), device_placement=False)
 
     def write_weights(path: Path) -> None:
         save_adapter(model, path / "adapter")
@@ -123,7 +129,7 @@ def train(cfg: RMConfig) -> dict:
         head.load_state_dict(ScalarHead.load(path / "adapter", device=device).state_dict())
 
     loop = Loop(cfg, run, accelerator, module, params, optimizer, scheduler,
-                RewardLoss(tokenizer.pad_token_id, cfg.margin), train_set, eval_set, write_weights)
+                RewardLoss(tokenizer.pad_token_id, cfg.margin, share_prompt), train_set, eval_set, write_weights)
     start_step = loop.resume(load_weights)
     log.info("rm: %d train / %d eval pairs, %d steps", len(train_set), len(eval_set), total_steps)
     last = loop.fit(start_step, steps_per_epoch, total_steps)
