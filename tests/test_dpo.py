@@ -307,3 +307,13 @@ def test_bad_options_are_one_line_errors(tmp_path, llama, pairs_file, capsys, fl
     code, err = run_cli(capsys, "--model", llama, "--data", pairs_file, "--output-dir", tmp_path / "out", *flags)
     assert code == 2 and err.count("\n") == 0 and err.startswith("error: ")
     assert re.search(message, err), err
+
+
+def test_gradient_checkpointing_stays_on_with_the_frozen_reference(pretrained_llama, sft_adapter, tmp_path):
+    """peft's load_adapter(is_trainable=False) (the reference copy) puts the model in eval mode,
+    where transformers does not checkpoint: build_model must leave it in training mode."""
+    model, _, reference = dpo.build_model(dpo.DPOConfig(model=str(pretrained_llama), sft_adapter=str(sft_adapter),
+                                                        device="cpu", gradient_checkpointing=True), total_steps=1)
+    assert reference == "reference" and model.training
+    assert all(m.training for m in model.modules())
+    assert model.get_base_model().is_gradient_checkpointing

@@ -216,3 +216,17 @@ def test_seeded_sampling_is_exact_sampling_and_independent_of_batching(llama):
     assert together == apart and len({tuple(a) for a in together}) > 1
     with pytest.raises(ValueError, match="no top-k/top-p"):
         sample(model, tok, [prompt], max_new_tokens=1, top_p=0.9, row_seeds=[1])
+
+
+def test_counter_uniform_is_uniform_independent_and_deterministic():
+    from pocketrlhf.models.generation import counter_uniform
+
+    seeds = torch.arange(256, dtype=torch.int64) * 7919 + 3
+    u = counter_uniform(seeds, 0, 1000)
+    assert u.min() > 0 and u.max() < 1
+    assert abs(u.mean().item() - 0.5) < 0.005 and abs(u.var().item() - 1 / 12) < 0.002
+    assert torch.histc(u.float(), bins=10, min=0, max=1).div(u.numel()).sub(0.1).abs().max() < 0.005
+    assert torch.equal(counter_uniform(seeds[5:6], 0, 1000), u[5:6])  # a row does not depend on the others
+    nxt = counter_uniform(seeds, 1, 1000)
+    assert abs(torch.corrcoef(torch.stack([u.flatten(), nxt.flatten()]))[0, 1].item()) < 0.01
+    assert abs(torch.corrcoef(torch.stack([u[:, :-1].flatten(), u[:, 1:].flatten()]))[0, 1].item()) < 0.01

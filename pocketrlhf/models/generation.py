@@ -69,20 +69,46 @@ def truncate_after_eos(tokens: list[int], eos_ids: set[int]) -> tuple[list[int],
     return tokens, False
 
 
+def _signed(c: int) -> int:
+    return c - (1 << 64) if c >= 1 << 63 else c
+
+
+_GOLDEN, _MIX1, _MIX2 = _signed(0x9E3779B97F4A7C15), _signed(0xBF58476D1CE4E5B9), _signed(0x94D049BB133111EB)
+
+
+def _shr(x: torch.Tensor, k: int) -> torch.Tensor:
+    """Logical right shift of int64 (torch's >> is arithmetic)."""
+    return (x >> k) & ((1 << (64 - k)) - 1)
+
+
+def counter_uniform(seeds: torch.Tensor, counter: int, width: int) -> torch.Tensor:
+    """Uniform numbers in (0, 1), [len(seeds), width]: SplitMix64 of (seed, counter, column), a
+    counter-based generator computed in one shot on the seeds' device (int64 arithmetic wraps)."""
+    columns = torch.arange(width, device=seeds.device, dtype=torch.int64)
+    z = seeds[:, None] * _GOLDEN + (counter * width + columns)[None, :] * _MIX2 + _GOLDEN
+    z = (z ^ _shr(z, 30)) * _MIX1
+    z = (z ^ _shr(z, 27)) * _MIX2
+    z = z ^ _shr(z, 31)
+    return (_shr(z, 11).double() + 0.5) * 2.0 ** -53
+
+
 class SeededSampling:
     """Pure sampling at temperature T as argmax(logits / T + Gumbel noise) (the Gumbel-max trick:
-    an exact sample of softmax(logits / T)), each row's noise drawn from its own generator. A
-    row's answer then depends on its seed alone, not on which prompts share its batch or its
-    process: rollouts are the same on 1 or N processes and for any generation batch size."""
+    an exact sample of softmax(logits / T)), the noise of row i at decoding step t being a function
+    of (seed_i, t) alone. A row's answer then depends on its seed only, not on which prompts share
+    its batch or its process: rollouts are the same on 1 or N processes and for any generation
+    batch size. The noise is made on the model's device, all rows at once."""
 
     def __init__(self, seeds: list[int], temperature: float):
-        self.generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
+        self.seeds = torch.tensor([int(s) for s in seeds], dtype=torch.int64)
         self.temperature = temperature
+        self.step = 0
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        u = torch.stack([torch.rand(scores.shape[-1], generator=g) for g in self.generators])
-        gumbel = -torch.log(-torch.log(u.clamp_(1e-20, 1.0 - 1e-7)))
-        return scores.float() / self.temperature + gumbel.to(scores.device)
+        u = counter_uniform(self.seeds.to(scores.device), self.step, scores.shape[-1])
+        self.step += 1
+        gumbel = -torch.log(-torch.log(u)).float()
+        return scores.float() / self.temperature + gumbel
 
 
 def row_seed(*parts: int) -> int:

@@ -257,6 +257,9 @@ def build_model(cfg: DPOConfig, total_steps: int, template: str | None = None):
             p.requires_grad_(flag)
         reference = REFERENCE_ADAPTER
     disable_dropout(model)  # the adapters' dropout too: log-probs must be exact (spec 1.3)
+    # Loading a frozen adapter puts the whole model in eval mode, which would silently switch
+    # gradient checkpointing off (transformers checkpoints only in training mode).
+    model.train()
     return model, AdapterSet(model), reference
 
 
