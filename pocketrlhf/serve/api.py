@@ -359,13 +359,19 @@ def create_app(load: Callable[[], Any], cfg: ServeConfig, api_key: str = ""):
     def finish(reason: str | None) -> str:
         return "length" if reason == "length" else "stop"
 
-    @app.post("/v1/chat/completions")
-    async def chat_completions(request: Request):
+    async def open_request(request: Request, known_fields: set[str], route: str) -> tuple[dict, object, str]:
+        """What every generation route checks first: the key, the JSON body, a loaded model, the
+        model id; unknown fields are logged. Returns (body, engine, model id)."""
         authorize(request)
         body = await read_json(request)
         engine = ready_engine()
         name = pick_model(engine, body)
-        ignored_fields(body, CHAT_FIELDS, "/v1/chat/completions")
+        ignored_fields(body, known_fields, route)
+        return body, engine, name
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        body, engine, name = await open_request(request, CHAT_FIELDS, "/v1/chat/completions")
         messages = parse_messages(body)
         params, max_tokens, n = parse_sampling(body, cfg.max_tokens)
         stream_mode, include_usage = parse_stream(body)
@@ -430,11 +436,7 @@ def create_app(load: Callable[[], Any], cfg: ServeConfig, api_key: str = ""):
 
     @app.post("/v1/completions")
     async def completions(request: Request):
-        authorize(request)
-        body = await read_json(request)
-        engine = ready_engine()
-        name = pick_model(engine, body)
-        ignored_fields(body, COMPLETION_FIELDS, "/v1/completions")
+        body, engine, name = await open_request(request, COMPLETION_FIELDS, "/v1/completions")
         prompts = parse_prompts(body)
         params, max_tokens, n = parse_sampling(body, cfg.max_tokens)
         stream_mode, include_usage = parse_stream(body)

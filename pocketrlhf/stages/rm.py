@@ -83,12 +83,14 @@ def prepare_pairs(cfg: RMConfig, tokenizer) -> tuple[list[PreferenceExample], li
 
 
 @torch.no_grad()
-def reward_statistics(score_model, examples: list[PreferenceExample], pad_id: int, batch_size: int, device) -> dict:
-    """Mean and std of the rewards of both answers of ``examples`` (the reference set)."""
+def reward_statistics(pair_scores, stage: RewardLoss, examples: list[PreferenceExample], batch_size: int,
+                      device) -> dict:
+    """Mean and std of the rewards of both answers of ``examples`` (the reference set), batched as
+    in training (one copy of each prompt where the model allows it)."""
     scores = []
     for start in range(0, len(examples), batch_size):
-        batch = collate_preferences(examples[start:start + batch_size], pad_id)
-        scores.append(score_model(batch["input_ids"].to(device), batch["attention_mask"].to(device)).float().cpu())
+        batch = {k: v.to(device) for k, v in stage.batch(examples[start:start + batch_size]).items()}
+        scores.append(pair_scores(batch).float().cpu())
     s = torch.cat(scores)
     return {"reward_mean": s.mean().item(), "reward_std": s.std().item() if s.numel() > 1 else 1.0, "reward_stats_n": s.numel()}
 
@@ -98,7 +100,7 @@ def train(cfg: RMConfig) -> dict:
     from pocketrlhf.models.forward import disable_dropout, supports_attention_bias
     from pocketrlhf.models.heads import ScalarHead
     from pocketrlhf.models.loading import load_tokenizer, model_reference
-    from pocketrlhf.models.roles import PairScoreModel, ScoreModel
+    from pocketrlhf.models.roles import PairScoreModel
     from pocketrlhf.stages.sft import build_policy
 
     common.setup_logging()
@@ -113,12 +115,13 @@ def train(cfg: RMConfig) -> dict:
     disable_dropout(model)  # also the adapter's own dropout: one reward per text, in train and eval alike
     device = next(p for p in model.parameters() if p.requires_grad).device
     head = ScalarHead(hidden_size(model), init="reward").to(device)
-    score_model = ScoreModel(model, head)
-    params = [p for p in score_model.parameters() if p.requires_grad]
+    pair_scores = PairScoreModel(model, head)
+    params = [p for p in pair_scores.parameters() if p.requires_grad]
     optimizer = common.build_optimizer(params, cfg, str(device))
     scheduler = common.build_scheduler(optimizer, cfg, total_steps)
     share_prompt = cfg.share_prompt and supports_attention_bias(model)
-    module = accelerator.prepare_model(PairScoreModel(model, head), device_placement=False)
+    module = accelerator.prepare_model(pair_scores, device_placement=False)
+    stage = RewardLoss(tokenizer.pad_token_id, cfg.margin, share_prompt)
 
     def write_weights(path: Path) -> None:
         save_adapter(model, path / "adapter")
@@ -129,7 +132,7 @@ def train(cfg: RMConfig) -> dict:
         head.load_state_dict(ScalarHead.load(path / "adapter", device=device).state_dict())
 
     loop = Loop(cfg, run, accelerator, module, params, optimizer, scheduler,
-                RewardLoss(tokenizer.pad_token_id, cfg.margin, share_prompt), train_set, eval_set, write_weights)
+                stage, train_set, eval_set, write_weights)
     start_step = loop.resume(load_weights)
     log.info("rm: %d train / %d eval pairs, %d steps", len(train_set), len(eval_set), total_steps)
     last = loop.fit(start_step, steps_per_epoch, total_steps)
@@ -139,7 +142,7 @@ def train(cfg: RMConfig) -> dict:
         metrics = loop.evaluate()
         run.log(total_steps, metrics, split="eval")
         summary.update({f"eval_{k}": v for k, v in metrics.items()})
-    stats = reward_statistics(score_model, train_set[:cfg.stats_pairs], tokenizer.pad_token_id, cfg.batch_size, device)
+    stats = reward_statistics(pair_scores, stage, train_set[:cfg.stats_pairs], cfg.batch_size, device)
     summary.update(stats)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
