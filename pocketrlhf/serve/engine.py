@@ -588,8 +588,12 @@ class Engine:
         self._jobs.put(_Job(stream, served, list(prompt_ids), params, tuple(dict.fromkeys((*stops, *params.stop)))))
         return stream
 
-    def close(self) -> None:
+    def close(self, timeout: float = 60.0) -> None:
+        """Stop the worker and wait for it: a thread still inside torch while the interpreter shuts
+        down aborts the process ("terminate called without an active exception")."""
         self._jobs.put(None)
+        if self._worker.is_alive() and self._worker is not threading.current_thread():
+            self._worker.join(timeout)
 
     def _work(self) -> None:
         while True:
