@@ -19,7 +19,10 @@ Sides:
     bf16 autocast, reference forward in every step);
   * trl-tuned: trl set up as close to pocketrlhf as its options allow (no gradient checkpointing,
     fp32, precompute_ref_log_probs=True). trl always computes entropy, mean logits and top-1
-    accuracy in its fused LM head; no setting turns that off.
+    accuracy in its fused LM head; no setting turns that off;
+  * pocketrlhf-bf16: pocketrlhf with ``--dtype bfloat16`` (bf16 base weights, fp32 LoRA), its
+    counterpart of trl's bf16-autocast default. Its held-out accuracy is computed on the bf16
+    base it was trained on.
 
 Speed: trained pairs (train pairs x epochs) per second of wall time from "model folder and data
 file" to "trained adapter in memory": model load, tokenization, the reference pass where there is
@@ -54,7 +57,7 @@ SIZES = {
     # For checking the script quickly (~9M parameters, 64 pairs, 1 epoch).
     "small": dict(hidden_size=512, layers=4, heads=8, intermediate_size=1024, train_pairs=64, eval_pairs=32, epochs=1),
 }
-SIDES = ("pocketrlhf", "trl-defaults", "trl-tuned")
+SIDES = ("pocketrlhf", "trl-defaults", "trl-tuned", "pocketrlhf-bf16")
 BATCH_SIZE = 8
 LORA_R, LORA_ALPHA = 16, 32
 BETA = 0.1
@@ -79,18 +82,19 @@ def clock() -> tuple[float, float]:
     return time.perf_counter(), time.process_time()
 
 
-def run_ours(a, files: dict, out: Path) -> dict:
+def run_ours(a, files: dict, out: Path, dtype: str) -> dict:
     from pocketrlhf.stages import dpo
 
     cfg = dpo.DPOConfig(model=files["model"], data=files["train"], eval_fraction=0.0, output_dir=str(out), device="cpu",
                         batch_size=BATCH_SIZE, epochs=a.epochs, learning_rate=a.lr, lr_scheduler="linear",
                         warmup_steps=0, max_grad_norm=1.0, beta=BETA, loss_type="sigmoid", lora_r=LORA_R,
                         lora_alpha=LORA_ALPHA, lora_dropout=0.0, target_modules="all-linear", progress=False,
-                        logging_steps=10 ** 9)
+                        logging_steps=10 ** 9, dtype=dtype)
     wall, cpu = clock()
     summary = dpo.train(cfg)
     wall2, cpu2 = clock()
-    return {"seconds": wall2 - wall, "cpu_seconds": cpu2 - cpu, "adapter": summary["adapter"], "steps": summary["steps"]}
+    return {"seconds": wall2 - wall, "cpu_seconds": cpu2 - cpu, "adapter": summary["adapter"], "steps": summary["steps"],
+            "dtype": dtype}
 
 
 def run_trl(a, files: dict, out: Path, setup: str) -> dict:
@@ -121,7 +125,7 @@ def run_trl(a, files: dict, out: Path, setup: str) -> dict:
             "steps": trainer.state.global_step}
 
 
-def held_out_accuracy(files: dict, adapter: str) -> float:
+def held_out_accuracy(files: dict, adapter: str, dtype: str = "auto") -> float:
     """Implicit-reward accuracy on the held-out pairs, reference = adapters disabled."""
     from accelerate import Accelerator
 
@@ -133,7 +137,7 @@ def held_out_accuracy(files: dict, adapter: str) -> float:
 
     cfg = dpo.DPOConfig(model=files["model"], beta=BETA, batch_size=BATCH_SIZE)
     tok = load_tokenizer(files["model"])
-    model = load_adapter(load_base(files["model"], device="cpu", training=True), adapter)
+    model = load_adapter(load_base(files["model"], device="cpu", dtype=dtype, training=True), adapter)
     pairs, _ = preference_pairs(load_records(files["eval"]), files["eval"], "plain", tok)
     examples = dpo.tokenize(tok, pairs, cfg.max_length, Skipped())
     logps = dpo.PairLogps(model)
@@ -164,8 +168,11 @@ def worker(a) -> None:
     transformers.logging.set_verbosity_error()
     files = json.loads(a.files)
     out = Path(a.out)
-    result = run_ours(a, files, out) if a.child == "pocketrlhf" else run_trl(a, files, out, a.child)
-    result["eval_accuracy"] = held_out_accuracy(files, result["adapter"])
+    if a.child.startswith("pocketrlhf"):
+        result = run_ours(a, files, out, "bfloat16" if a.child == "pocketrlhf-bf16" else "auto")
+    else:
+        result = run_trl(a, files, out, a.child)
+    result["eval_accuracy"] = held_out_accuracy(files, result["adapter"], result.get("dtype", "auto"))
     result["torch_threads"] = torch.get_num_threads()
     Path(a.result).write_text(json.dumps(result))
 
@@ -192,6 +199,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "1")),
                    help="torch threads of every run")
     p.add_argument("--rounds", type=int, default=1, help="repeat the runs, alternating their order; best round kept")
+    p.add_argument("--sides", default=",".join(SIDES), help="comma-separated subset of " + ", ".join(SIDES))
     p.add_argument("--work", default=str(ROOT / "bench" / "_work" / "dpo"), help="scratch folder (model, data, runs)")
     p.add_argument("--json", default="", help="also write the summary to this file")
     # Internal: one side in a child process.
@@ -219,31 +227,35 @@ def main() -> None:
     pairs = spec["train_pairs"] * a.epochs
     print(f"dpo bench: llama {n_params / 1e6:.1f}M params, {spec['train_pairs']} train pairs x {a.epochs} epochs, "
           f"batch {BATCH_SIZE}, {spec['eval_pairs']} held out; {a.threads} torch thread(s)", flush=True)
-    runs: dict[str, list[dict]] = {s: [] for s in SIDES}
+    sides = [s.strip() for s in a.sides.split(",") if s.strip()]
+    unknown = set(sides) - set(SIDES)
+    if unknown:
+        raise SystemExit(f"unknown side(s) {sorted(unknown)}; choose from {', '.join(SIDES)}")
+    runs: dict[str, list[dict]] = {s: [] for s in sides}
     for r in range(a.rounds):
-        for side in (SIDES if r % 2 == 0 else SIDES[::-1]):
+        for side in (sides if r % 2 == 0 else sides[::-1]):
             res = child(a, side, files, work / f"{side}-{r}")
             runs[side].append(res)
-            print(f"  round {r + 1} {side:<13} {pairs / res['seconds']:6.2f} pairs/s ({res['seconds']:.1f} s wall, "
+            print(f"  round {r + 1} {side:<15} {pairs / res['seconds']:6.2f} pairs/s ({res['seconds']:.1f} s wall, "
                   f"{res['cpu_seconds']:.1f} s CPU), held-out accuracy {res['eval_accuracy']:.3f}", flush=True)
     # Each side's best round, by wall time and (separately) by CPU time.
-    wall = {s: min(r["seconds"] for r in runs[s]) for s in SIDES}
-    cpu = {s: min(r["cpu_seconds"] for r in runs[s]) for s in SIDES}
+    wall = {s: min(r["seconds"] for r in runs[s]) for s in sides}
+    cpu = {s: min(r["cpu_seconds"] for r in runs[s]) for s in sides}
     rows = {s: {"pairs_per_s": pairs / wall[s], "pairs_per_cpu_s": pairs / cpu[s], "wall_s": wall[s], "cpu_s": cpu[s],
-                "eval_accuracy": runs[s][0]["eval_accuracy"], "steps": runs[s][0]["steps"]} for s in SIDES}
-    for s in SIDES[1:]:
-        rows[s]["pocketrlhf_speedup_wall"] = wall[s] / wall["pocketrlhf"]
-        rows[s]["pocketrlhf_speedup_cpu"] = cpu[s] / cpu["pocketrlhf"]
-    print(f"\n{'side':<14}{'pairs/s':>9}{'wall s':>9}{'CPU s':>9}{'speedup (wall/CPU)':>22}{'held-out acc':>14}")
-    for s in SIDES:
+                "eval_accuracy": runs[s][0]["eval_accuracy"], "steps": runs[s][0]["steps"]} for s in sides}
+    print(f"\n{'side':<16}{'pairs/s':>9}{'wall s':>9}{'CPU s':>9}{'held-out acc':>14}")
+    for s in sides:
         row = rows[s]
-        ratio = (f"{row['pocketrlhf_speedup_wall']:.2f}x / {row['pocketrlhf_speedup_cpu']:.2f}x"
-                 if s != "pocketrlhf" else "-")
-        print(f"{s:<14}{row['pairs_per_s']:>9.2f}{row['wall_s']:>9.1f}{row['cpu_s']:>9.1f}{ratio:>22}"
-              f"{row['eval_accuracy']:>14.3f}")
+        print(f"{s:<16}{row['pairs_per_s']:>9.2f}{row['wall_s']:>9.1f}{row['cpu_s']:>9.1f}{row['eval_accuracy']:>14.3f}")
+    ratios = {}
+    for ours in (s for s in sides if s.startswith("pocketrlhf")):
+        for peer in (s for s in sides if s.startswith("trl")):
+            ratios[f"{ours} vs {peer}"] = {"wall": wall[peer] / wall[ours], "cpu": cpu[peer] / cpu[ours]}
+            print(f"{ours} vs {peer}: {wall[peer] / wall[ours]:.2f}x wall, {cpu[peer] / cpu[ours]:.2f}x CPU")
     summary = {"size": a.size, "params": n_params, "train_pairs": spec["train_pairs"], "epochs": a.epochs,
                "eval_pairs": spec["eval_pairs"], "lr": a.lr, "threads": a.threads, "rounds": a.rounds,
-               "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores", "rows": rows}
+               "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores", "rows": rows,
+               "speedups": ratios}
     if a.json:
         Path(a.json).write_text(json.dumps(summary, indent=2))
 

@@ -137,3 +137,35 @@ def test_ppo_on_two_processes_matches_one_process(tmp_path, pretrained_llama, sf
     head_a = load_file(str(tmp_path / "ddp" / "value" / "head.safetensors"))
     head_b = load_file(str(tmp_path / "one" / "value" / "head.safetensors"))
     assert (head_a["linear.weight"] - head_b["linear.weight"]).abs().max().item() < 1e-4
+
+
+@pytest.mark.parametrize("command", ["rm", "dpo"])
+def test_preference_stages_on_two_processes_match_one_process(tmp_path, llama, command):
+    """The reward model and DPO go through the same shared loop: each process takes half of every
+    global batch of pairs, and the loss is the mean over the global batch's pairs."""
+    from pocketrlhf.data import synthetic
+    from pocketrlhf.stages import dpo, rm
+
+    from conftest import write_jsonl
+
+    pairs = write_jsonl(tmp_path / "pairs.jsonl", synthetic.preference_rows(48, seed=3))
+    common = dict(max_steps=STEPS, learning_rate=1e-2, max_grad_norm=0.0, lora_r=8, seed=0, progress=False,
+                  eval_fraction=0.0, logging_steps=1)
+    proc = launch_two_processes(llama, pairs, tmp_path / "ddp", "cpu", command=command, **common)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    stage, config = (rm, rm.RMConfig) if command == "rm" else (dpo, dpo.DPOConfig)
+    stage.train(config(model=str(llama), data=str(pairs), output_dir=str(tmp_path / "one"), device="cpu",
+                       batch_size=8, **common))
+
+    ddp, one = train_losses(tmp_path / "ddp"), train_losses(tmp_path / "one")
+    assert [s for s, _ in ddp] == list(range(1, STEPS + 1))
+    assert [a for _, a in ddp] == pytest.approx([b for _, b in one], rel=1e-4)
+    assert one[-1][1] < one[0][1]  # it learned something, so the comparison is not of two untouched adapters
+    a, b = adapter(tmp_path / "ddp"), adapter(tmp_path / "one")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert (a[k] - b[k]).abs().max().item() < 1e-4, k
+    if command == "rm":
+        head_a = load_file(str(tmp_path / "ddp" / "adapter" / "head.safetensors"))
+        head_b = load_file(str(tmp_path / "one" / "adapter" / "head.safetensors"))
+        assert (head_a["linear.weight"] - head_b["linear.weight"]).abs().max().item() < 1e-4
