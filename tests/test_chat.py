@@ -344,6 +344,25 @@ def test_8bit_chat_on_cpu(stack_adapter):
         eng.close()
 
 
+def test_closing_the_engine_cancels_queued_jobs_and_stops_its_worker(stack_adapter):
+    import threading
+
+    eng = Engine.load(ServingOptions(model=str(stack_adapter), device="cpu"))
+    ids = eng.chat_prompt(None, [{"role": "user", "content": "hi"}])
+    eng.busy.acquire()  # the worker takes the first job and waits: both jobs are still to run
+    streams = [eng.submit(None, ids, GREEDY) for _ in range(2)]
+    closing = threading.Thread(target=eng.close)
+    closing.start()
+    assert eng._closing.wait(10)
+    eng.busy.release()
+    closing.join(30)
+    assert not closing.is_alive() and not eng._worker.is_alive()
+    assert [s.finish_reason for s in streams] == ["cancelled", "cancelled"]
+    assert [s.completion_tokens for s in streams] == [0, 0] and eng.pending == 0
+    with pytest.raises(RuntimeError, match="closed"):
+        eng.submit(None, ids, GREEDY)
+
+
 # ---------------------------------------------------------------------------------------------
 # The real command.
 

@@ -469,6 +469,8 @@ class Engine:
         self._pending = 0  # queued + running
         self._pending_lock = threading.Lock()
         self.busy = threading.Lock()  # held while a job runs (tests hold it to simulate a busy worker)
+        self._closing = threading.Event()
+        self._running: _Job | None = None
         self._worker = threading.Thread(target=self._work, name="pocketrlhf-generate", daemon=True)
         self._worker.start()
 
@@ -581,6 +583,8 @@ class Engine:
     def submit(self, name: str | None, prompt_ids: list[int], params: SamplingParams,
                stops: tuple[str, ...] = (), loop: asyncio.AbstractEventLoop | None = None) -> Stream:
         """Queue one generation; iterate the returned Stream for its text."""
+        if self._closing.is_set():
+            raise RuntimeError("the engine is closed")
         served = self.served(name)
         stream = Stream(served.name, len(prompt_ids), loop)
         with self._pending_lock:
@@ -589,8 +593,13 @@ class Engine:
         return stream
 
     def close(self, timeout: float = 60.0) -> None:
-        """Stop the worker and wait for it: a thread still inside torch while the interpreter shuts
-        down aborts the process ("terminate called without an active exception")."""
+        """Cancel the running and queued jobs, stop the worker and wait for it: a thread still
+        inside torch while the interpreter shuts down aborts the process ("terminate called
+        without an active exception")."""
+        self._closing.set()
+        running = self._running
+        if running is not None:
+            running.stream.cancel()
         self._jobs.put(None)
         if self._worker.is_alive() and self._worker is not threading.current_thread():
             self._worker.join(timeout)
@@ -603,11 +612,15 @@ class Engine:
             error = None
             try:
                 with self.busy:
+                    self._running = job  # before the check: close() sets _closing, then reads _running
+                    if self._closing.is_set():
+                        job.stream.cancel()
                     reason = "cancelled" if job.stream.cancelled else self._generate(job)
             except Exception as e:  # noqa: BLE001 - reported to the caller; the worker must survive
                 log.error("generation failed: %s: %s", type(e).__name__, e)
                 reason, error = "error", e
             finally:
+                self._running = None
                 with self._pending_lock:
                     self._pending -= 1
             # Only now does the caller see the end, so `pending` is already up to date for it.
