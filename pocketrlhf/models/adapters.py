@@ -11,6 +11,7 @@ import contextlib
 import json
 import logging
 import re
+import warnings
 from pathlib import Path
 from typing import Iterator
 
@@ -85,10 +86,13 @@ def attach_adapter(model: torch.nn.Module, peft_config, name: str = "default"):
     import peft
 
     try:
-        if isinstance(model, peft.PeftModel):
-            model.add_adapter(name, peft_config)
-            return model
-        return peft.get_peft_model(model, peft_config, adapter_name=name)
+        with warnings.catch_warnings():
+            # peft reads attributes transformers 5 deprecates: notices no user can act on.
+            warnings.simplefilter("ignore", FutureWarning)
+            if isinstance(model, peft.PeftModel):
+                model.add_adapter(name, peft_config)
+                return model
+            return peft.get_peft_model(model, peft_config, adapter_name=name)
     except ValueError as e:
         msg = str(e).splitlines()[0]
         if "not found in the base model" in msg or "Target module" in msg:
@@ -138,9 +142,8 @@ def load_adapter(model: torch.nn.Module, path: str | Path, name: str = "default"
 
 @contextlib.contextmanager
 def warnings_as_errors_for_missing_keys() -> Iterator[None]:
-    """peft only warns when an adapter's weights find no layer to load into; we refuse."""
-    import warnings
-
+    """peft only warns when an adapter's weights find no layer to load into; we refuse. Other
+    warnings pass through, but for library deprecation notices."""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         yield
@@ -149,6 +152,8 @@ def warnings_as_errors_for_missing_keys() -> Iterator[None]:
         lowered = text.lower()
         if "missing adapter keys" in lowered or ("unexpected" in lowered and "key" in lowered):
             raise ValueError(text)
+        if issubclass(w.category, FutureWarning):
+            continue  # as in attach_adapter: deprecations raised inside peft
         warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
 
 

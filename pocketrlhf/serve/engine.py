@@ -24,7 +24,6 @@ import queue
 import re
 import threading
 import time
-import warnings
 from pathlib import Path
 from typing import Any, Iterator, Literal
 
@@ -510,10 +509,7 @@ class Engine:
                 raise ModelLoadError(f"adapters of different kinds cannot share one base: '{kinds[first]}' is {first}, "
                                      f"'{served.name}' is {kind}; serve them separately")
             log.info("adapter %s <- %s", served.name, served.source)
-            with warnings.catch_warnings():
-                # transformers deprecation notices raised inside peft: noise in a chat window.
-                warnings.simplefilter("ignore", FutureWarning)
-                model = load_adapter(model, served.source, name=served.adapter)
+            model = load_adapter(model, served.source, name=served.adapter)
         model.eval()
         return cls(model, plan, device)
 
