@@ -293,6 +293,29 @@ def test_concurrent_requests_queue_on_one_worker(server):
     assert server.engine.pending == 0
 
 
+@pytest.mark.parametrize("path,body", [
+    ("/v1/chat/completions", {"model": "stack", "messages": [{"role": "user", "content": "hi"}]}),
+    ("/v1/completions", {"model": "stack", "prompt": "hi"}),
+])
+def test_a_failed_generation_is_a_500_and_the_server_goes_on(server, monkeypatch, path, body):
+    def broken(job):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(server.engine, "_generate", broken)
+    r = post(server, path, body)
+    assert r.status_code == 500
+    assert error_of(r)["type"] == "server_error" and error_of(r)["message"] == "generation failed: RuntimeError: boom"
+    # Streamed: the headers are already sent, so the error comes as an event, then the end.
+    r = post(server, path, {**body, "stream": True})
+    events = [line[len("data: "):] for line in r.text.splitlines() if line.startswith("data: ")]
+    assert r.status_code == 200 and events[-1] == "[DONE]"
+    assert any(json.loads(e).get("error", {}).get("message") == "generation failed: RuntimeError: boom"
+               for e in events[:-1])
+    monkeypatch.undo()
+    r = post(server, path, {**body, "temperature": 0})
+    assert r.status_code == 200 and server.engine.pending == 0
+
+
 def test_a_full_queue_answers_503_and_the_rest_complete(server):
     engine = server.engine
     results = []

@@ -194,6 +194,27 @@ def _sse(obj: Any) -> str:
     return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
 
+def _generation_failed(e: BaseException) -> APIError:
+    return APIError(500, f"generation failed: {type(e).__name__}: {e}", "server_error")
+
+
+def _seeded(params: SamplingParams, i: int) -> SamplingParams:
+    """The i-th of n choices: its own seed, so the n answers differ but each is reproducible."""
+    return params if params.seed is None else dataclasses.replace(params, seed=params.seed + i)
+
+
+def _chunker(kind: str, rid: str, created: int, model: str, include_usage: bool) -> Callable[..., str]:
+    """One server-sent event of a streamed response; ``usage`` is present when the client asked."""
+
+    def chunk(choices: list, usage: dict | None = None) -> str:
+        obj = {"id": rid, "object": kind, "created": created, "model": model, "choices": choices}
+        if include_usage:
+            obj["usage"] = usage
+        return _sse(obj)
+
+    return chunk
+
+
 def create_app(load: Callable[[], Any], cfg: ServeConfig, api_key: str = ""):
     """The FastAPI app. ``load`` builds the Engine; it runs on a thread once the server is up."""
     from contextlib import asynccontextmanager
@@ -307,7 +328,7 @@ def create_app(load: Callable[[], Any], cfg: ServeConfig, api_key: str = ""):
                            f"{cfg.max_queue}); retry shortly", "server_error", code="server_busy")
 
     async def collect(request: Request, stream) -> str:
-        """The whole text of a stream; a client that hangs up cancels it."""
+        """The whole text of a stream; a client that hangs up cancels it; a failed generation is a 500."""
 
         async def watch():
             while not stream.done:
@@ -319,6 +340,8 @@ def create_app(load: Callable[[], Any], cfg: ServeConfig, api_key: str = ""):
         watcher = asyncio.create_task(watch())
         try:
             return "".join([d async for d in stream])
+        except Exception as e:  # noqa: BLE001 - reported to the client
+            raise _generation_failed(e) from None
         finally:
             watcher.cancel()
             if not stream.done:
@@ -385,34 +408,24 @@ def create_app(load: Callable[[], Any], cfg: ServeConfig, api_key: str = ""):
         loop = asyncio.get_running_loop()
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
 
-        def seeded(i: int) -> SamplingParams:
-            return params if params.seed is None else dataclasses.replace(params, seed=params.seed + i)
-
         if not stream_mode:
             choices, completion_tokens = [], 0
             for i in range(n):
-                s = engine.submit(name, prompt, seeded(i), stops, loop)
-                try:
-                    text = await collect(request, s)
-                except Exception as e:  # noqa: BLE001
-                    raise APIError(500, f"generation failed: {type(e).__name__}: {e}", "server_error") from None
+                s = engine.submit(name, prompt, _seeded(params, i), stops, loop)
+                text = await collect(request, s)
                 completion_tokens += s.completion_tokens
                 choices.append({"index": i, "message": {"role": "assistant", "content": text},
                                 "logprobs": None, "finish_reason": finish(s.finish_reason)})
             return {"id": rid, "object": "chat.completion", "created": created, "model": name,
                     "choices": choices, "usage": usage(len(prompt), completion_tokens)}
 
-        def chunk(choices: list, usage_: dict | None = None) -> str:
-            obj = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": name, "choices": choices}
-            if include_usage:
-                obj["usage"] = usage_
-            return _sse(obj)
+        chunk = _chunker("chat.completion.chunk", rid, created, name, include_usage)
 
         async def events():
             current, completion_tokens = None, 0
             try:
                 for i in range(n):
-                    current = engine.submit(name, prompt, seeded(i), stops, loop)
+                    current = engine.submit(name, prompt, _seeded(params, i), stops, loop)
                     yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                                   "finish_reason": None}])
                     try:
@@ -420,7 +433,7 @@ def create_app(load: Callable[[], Any], cfg: ServeConfig, api_key: str = ""):
                             yield chunk([{"index": i, "delta": {"content": delta}, "logprobs": None,
                                           "finish_reason": None}])
                     except Exception as e:  # noqa: BLE001 - headers are sent: report in the stream
-                        yield _sse(APIError(500, f"generation failed: {type(e).__name__}: {e}", "server_error").body())
+                        yield _sse(_generation_failed(e).body())
                         break
                     completion_tokens += current.completion_tokens
                     yield chunk([{"index": i, "delta": {}, "logprobs": None, "finish_reason": finish(current.finish_reason)}])
@@ -453,29 +466,19 @@ def create_app(load: Callable[[], Any], cfg: ServeConfig, api_key: str = ""):
         rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
         prompt_tokens = sum(len(ids) for ids in encoded)
 
-        def seeded(p: SamplingParams, i: int) -> SamplingParams:
-            return p if p.seed is None else dataclasses.replace(p, seed=p.seed + i)
-
         if not stream_mode:
             choices, completion_tokens = [], 0
             for p, ids, prm in jobs:
                 for j in range(n):
-                    s = engine.submit(name, ids, seeded(prm, j), (), loop)
-                    try:
-                        text = await collect(request, s)
-                    except Exception as e:  # noqa: BLE001
-                        raise APIError(500, f"generation failed: {type(e).__name__}: {e}", "server_error") from None
+                    s = engine.submit(name, ids, _seeded(prm, j), (), loop)
+                    text = await collect(request, s)
                     completion_tokens += s.completion_tokens
                     choices.append({"index": p * n + j, "text": text, "logprobs": None,
                                     "finish_reason": finish(s.finish_reason)})
             return {"id": rid, "object": "text_completion", "created": created, "model": name, "choices": choices,
                     "usage": usage(prompt_tokens, completion_tokens)}
 
-        def chunk(choices: list, usage_: dict | None = None) -> str:
-            obj = {"id": rid, "object": "text_completion", "created": created, "model": name, "choices": choices}
-            if include_usage:
-                obj["usage"] = usage_
-            return _sse(obj)
+        chunk = _chunker("text_completion", rid, created, name, include_usage)
 
         async def events():
             current, completion_tokens = None, 0
@@ -483,12 +486,12 @@ def create_app(load: Callable[[], Any], cfg: ServeConfig, api_key: str = ""):
                 for p, ids, prm in jobs:
                     for j in range(n):
                         index = p * n + j
-                        current = engine.submit(name, ids, seeded(prm, j), (), loop)
+                        current = engine.submit(name, ids, _seeded(prm, j), (), loop)
                         try:
                             async for delta in current:
                                 yield chunk([{"index": index, "text": delta, "logprobs": None, "finish_reason": None}])
                         except Exception as e:  # noqa: BLE001
-                            yield _sse(APIError(500, f"generation failed: {type(e).__name__}: {e}", "server_error").body())
+                            yield _sse(_generation_failed(e).body())
                             yield "data: [DONE]\n\n"
                             return
                         completion_tokens += current.completion_tokens
