@@ -23,18 +23,14 @@ rounding.
 from __future__ import annotations
 
 import argparse
-import gc
 import os
 import platform
 import sys
 import tempfile
 import time
-import weakref
 from pathlib import Path
 
 import torch
-from torch.utils import _pytree as pytree
-from torch.utils._python_dispatch import TorchDispatchMode
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -48,56 +44,12 @@ SIZES = {
 }
 
 
-class LiveTensors(TorchDispatchMode):
-    def __init__(self, ignore: set[int]):
-        super().__init__()
-        self.ignore, self.sizes, self.current, self.peak = ignore, {}, 0, 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in pytree.tree_leaves(out):
-            if isinstance(t, torch.Tensor):
-                storage = t.untyped_storage()
-                ptr = storage.data_ptr()
-                if ptr and ptr not in self.ignore and ptr not in self.sizes:
-                    self.sizes[ptr] = storage.nbytes()
-                    self.current += storage.nbytes()
-                    self.peak = max(self.peak, self.current)
-                    weakref.finalize(storage, self._free, ptr)
-        return out
-
-    def _free(self, ptr: int) -> None:
-        self.current -= self.sizes.pop(ptr, 0)
-
-
-def static_storages(model, optimizer) -> dict[int, int]:
-    tensors = list(model.parameters()) + list(model.buffers())
-    for p in model.parameters():
-        qs = getattr(p, "quant_state", None)
-        if qs is not None:
-            tensors += [v for v in vars(qs).values() if torch.is_tensor(v)]
-            tensors += [v for v in vars(getattr(qs, "state2", None) or object()).values() if torch.is_tensor(v)]
-        tensors.append(getattr(p, "SCB", None))
-    for state in optimizer.state.values():
-        tensors += [v for v in state.values() if torch.is_tensor(v)]
-    return {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors if torch.is_tensor(t)}
-
-
 def measure(model, params, cfg, loss_fn) -> dict:
+    from pocketrlhf.measure import measure_steps
     from pocketrlhf.stages import common
 
-    optimizer = common.build_optimizer(params, cfg, "cpu")
-    for _ in range(2):
-        gc.collect()
-        static = static_storages(model, optimizer)
-        tracker = LiveTensors(set(static))
-        with tracker:
-            loss = loss_fn()
-            held = tracker.current
-            loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-    return {"held": held, "peak": sum(static.values()) + tracker.peak}
+    step = measure_steps(model, common.build_optimizer(params, cfg, "cpu"), loss_fn)
+    return {"held": step["held"], "peak": step["static"] + step["peak"]}
 
 
 def run_case(model_dir: Path, case: dict) -> tuple[dict, dict]:

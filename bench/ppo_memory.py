@@ -29,7 +29,7 @@ for training (bitsandbytes' generic CPU kernel; pocketrlhf loads its one base th
 
 Memory, per child process, in MB (10^6 bytes) above the process's RSS after imports:
   * peak live tensors: every tensor storage created after the imports is tracked while it lives
-    (a TorchDispatchMode with weakref finalizers, bench/plan_check.py's LiveTensors); the peak of
+    (a TorchDispatchMode with weakref finalizers, pocketrlhf.measure.LiveTensors); the peak of
     their sum is what a GPU would have to hold (torch.cuda.max_memory_allocated, less allocator
     rounding). The primary number.
   * peak RSS (/proc/self/status VmHWM): during the step (VmHWM reset once the models are loaded)
@@ -351,7 +351,7 @@ def worker(a) -> None:
     out = Path(a.out)
     # Every tensor storage created from here on (weights included: they are copied by materialize)
     # is tracked while it lives: the peak of their sum is what a GPU would have to hold.
-    from plan_check import LiveTensors
+    from pocketrlhf.measure import LiveTensors
 
     tracker = LiveTensors(ignore=set())
     baseline = proc_status()["VmRSS"]

@@ -5,15 +5,12 @@ training steps of tiny models on the CPU."""
 from __future__ import annotations
 
 import dataclasses
-import gc
 import json
-import weakref
 
 import pytest
 import torch
-from torch.utils import _pytree as pytree
-from torch.utils._python_dispatch import TorchDispatchMode
 
+from pocketrlhf import measure
 from pocketrlhf import plan as P
 from pocketrlhf.cli import main
 from pocketrlhf.errors import ConfigError
@@ -251,69 +248,10 @@ def test_cli_bad_config_files(tmp_path, capsys):
 # Predictions against memory measured during real training steps (CPU, tiny models).
 
 
-class LiveTensors(TorchDispatchMode):
-    """Tracks every tensor storage created inside the block: bytes still alive, and the peak."""
-
-    def __init__(self, ignore: set[int]):
-        super().__init__()
-        self.ignore, self.sizes, self.current, self.peak = ignore, {}, 0, 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in pytree.tree_leaves(out):
-            if isinstance(t, torch.Tensor):
-                storage = t.untyped_storage()
-                ptr = storage.data_ptr()
-                if ptr and ptr not in self.ignore and ptr not in self.sizes:
-                    self.sizes[ptr] = storage.nbytes()
-                    self.current += storage.nbytes()
-                    self.peak = max(self.peak, self.current)
-                    weakref.finalize(storage, self._free, ptr)
-        return out
-
-    def _free(self, ptr: int) -> None:
-        self.current -= self.sizes.pop(ptr, 0)
-
-
-def storage_bytes(tensors) -> dict[int, int]:
-    out = {}
-    for t in tensors:
-        if torch.is_tensor(t):
-            out[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-    return out
-
-
-def static_bytes(model, optimizer) -> dict[int, int]:
-    """Weights (with bitsandbytes' quantization constants), buffers and optimizer state."""
-    tensors = list(model.parameters()) + list(model.buffers())
-    for p in model.parameters():
-        qs = getattr(p, "quant_state", None)
-        if qs is not None:
-            tensors += [v for v in vars(qs).values() if torch.is_tensor(v)]
-            tensors += [v for v in vars(getattr(qs, "state2", None) or object()).values() if torch.is_tensor(v)]
-        tensors.append(getattr(p, "SCB", None))
-    for state in optimizer.state.values():
-        tensors += [v for v in state.values() if torch.is_tensor(v)]
-    return storage_bytes(tensors)
-
-
-def measure_steps(model, params, cfg, loss_fn, steps: int = 2) -> dict:
-    """Memory of the last of ``steps`` optimizer steps: static bytes, bytes held for backward at
-    the end of the forward pass, and the peak of forward + backward above the static bytes."""
+def measure_steps(model, params, cfg, loss_fn) -> dict:
     from pocketrlhf.stages import common
 
-    optimizer = common.build_optimizer(params, cfg, "cpu")
-    for _ in range(steps):
-        gc.collect()
-        static = static_bytes(model, optimizer)
-        tracker = LiveTensors(set(static))
-        with tracker:
-            loss = loss_fn()
-            held = tracker.current
-            loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-    return {"static": sum(static.values()), "held": held, "peak": tracker.peak}
+    return measure.measure_steps(model, common.build_optimizer(params, cfg, "cpu"), loss_fn)
 
 
 def batch(vocab: int, sequences: int, tokens: int, padded: bool):

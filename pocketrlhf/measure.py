@@ -1,0 +1,80 @@
+"""Exact memory of a training step on any device, the ground truth ``pocketrlhf plan`` is checked
+against (tests/test_plan.py, bench/plan_check.py, bench/ppo_memory.py).
+
+Every tensor storage created inside a ``LiveTensors`` block is counted while it lives (a
+``TorchDispatchMode`` with weakref finalizers), so the peak is what an allocator would have to
+hold without its rounding; the static bytes (weights with bitsandbytes' quantization constants,
+buffers, optimizer state) are counted from the live objects.
+"""
+
+from __future__ import annotations
+
+import gc
+import weakref
+from typing import Any, Callable, Iterable
+
+import torch
+from torch.utils import _pytree as pytree
+from torch.utils._python_dispatch import TorchDispatchMode
+
+
+class LiveTensors(TorchDispatchMode):
+    """Bytes of the storages created inside the block that are still alive (``current``) and their
+    highest sum (``peak``); storages whose data pointers are in ``ignore`` are not counted."""
+
+    def __init__(self, ignore: set[int] | None = None):
+        super().__init__()
+        self.ignore, self.sizes, self.current, self.peak = ignore or set(), {}, 0, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in pytree.tree_leaves(out):
+            if isinstance(t, torch.Tensor):
+                storage = t.untyped_storage()
+                ptr = storage.data_ptr()
+                if ptr and ptr not in self.ignore and ptr not in self.sizes:
+                    self.sizes[ptr] = storage.nbytes()
+                    self.current += storage.nbytes()
+                    self.peak = max(self.peak, self.current)
+                    weakref.finalize(storage, self._free, ptr)
+        return out
+
+    def _free(self, ptr: int) -> None:
+        self.current -= self.sizes.pop(ptr, 0)
+
+
+def storage_bytes(tensors: Iterable[Any]) -> dict[int, int]:
+    """Bytes of each distinct storage among ``tensors`` (non-tensors skipped), by data pointer."""
+    return {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors if torch.is_tensor(t)}
+
+
+def static_bytes(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[int, int]:
+    """Weights (with bitsandbytes' quantization constants), buffers and optimizer state."""
+    tensors: list[Any] = list(model.parameters()) + list(model.buffers())
+    for p in model.parameters():
+        qs = getattr(p, "quant_state", None)
+        if qs is not None:
+            tensors += [v for v in vars(qs).values() if torch.is_tensor(v)]
+            tensors += [v for v in vars(getattr(qs, "state2", None) or object()).values() if torch.is_tensor(v)]
+        tensors.append(getattr(p, "SCB", None))
+    for state in optimizer.state.values():
+        tensors += [v for v in state.values() if torch.is_tensor(v)]
+    return storage_bytes(tensors)
+
+
+def measure_steps(model: torch.nn.Module, optimizer: torch.optim.Optimizer, loss_fn: Callable[[], torch.Tensor],
+                  steps: int = 2) -> dict[str, int]:
+    """Memory of the last of ``steps`` optimizer steps (the second one runs with optimizer state):
+    ``static`` bytes, bytes ``held`` for backward at the end of the forward pass, and the ``peak``
+    of forward + backward above the static bytes."""
+    for _ in range(steps):
+        gc.collect()
+        static = static_bytes(model, optimizer)
+        tracker = LiveTensors(set(static))
+        with tracker:
+            loss = loss_fn()
+            held = tracker.current
+            loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return {"static": sum(static.values()), "held": held, "peak": tracker.peak}
