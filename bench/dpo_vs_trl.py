@@ -43,13 +43,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import subprocess
 import sys
-import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import ROOT, count_parameters, machine, now, preimport, quiet_libraries, run_child, write_result  # noqa: E402
+
 sys.path.insert(0, str(ROOT))
 SIZES = {
     # ~20M parameters: 9 layers of 512 (MLP 1024, 8 heads, 2 KV heads).
@@ -78,10 +77,6 @@ def prepare(work: Path, size: str) -> dict:
     return files
 
 
-def clock() -> tuple[float, float]:
-    return time.perf_counter(), time.process_time()
-
-
 def run_ours(a, files: dict, out: Path, dtype: str) -> dict:
     from pocketrlhf.stages import dpo
 
@@ -90,9 +85,9 @@ def run_ours(a, files: dict, out: Path, dtype: str) -> dict:
                         warmup_steps=0, max_grad_norm=1.0, beta=BETA, loss_type="sigmoid", lora_r=LORA_R,
                         lora_alpha=LORA_ALPHA, lora_dropout=0.0, target_modules="all-linear", progress=False,
                         logging_steps=10 ** 9, dtype=dtype)
-    wall, cpu = clock()
+    wall, cpu = now()
     summary = dpo.train(cfg)
-    wall2, cpu2 = clock()
+    wall2, cpu2 = now()
     return {"seconds": wall2 - wall, "cpu_seconds": cpu2 - cpu, "adapter": summary["adapter"], "steps": summary["steps"],
             "dtype": dtype}
 
@@ -112,14 +107,14 @@ def run_trl(a, files: dict, out: Path, setup: str) -> dict:
                      **tuned)
     peft_config = LoraConfig(r=LORA_R, lora_alpha=LORA_ALPHA, lora_dropout=0.0, target_modules="all-linear",
                              task_type="CAUSAL_LM")
-    wall, cpu = clock()
+    wall, cpu = now()
     tokenizer = load_tokenizer(files["model"])  # the same pad token (distinct from EOS) as pocketrlhf
     # A fresh datasets cache: trl caches precomputed reference log-probs there and must not reuse them.
     train = load_dataset("json", data_files=files["train"], split="train", cache_dir=str(out / "datasets_cache"))
     trainer = DPOTrainer(model=files["model"], args=args, train_dataset=train, processing_class=tokenizer,
                          peft_config=peft_config)
     trainer.train()
-    wall2, cpu2 = clock()
+    wall2, cpu2 = now()
     trainer.save_model(str(out / "adapter"))
     return {"seconds": wall2 - wall, "cpu_seconds": cpu2 - cpu, "adapter": str(out / "adapter"),
             "steps": trainer.state.global_step}
@@ -150,45 +145,22 @@ def worker(a) -> None:
     import torch
 
     torch.set_num_threads(a.threads)
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     # Every side imports everything before its clock starts: imports are not what is compared.
-    import accelerate  # noqa: F401
-    import datasets
-    import peft  # noqa: F401
-    import transformers
-    import transformers.models.llama.modeling_llama  # noqa: F401
     from trl import DPOConfig, DPOTrainer  # noqa: F401
 
-    import pocketrlhf.models.adapters  # noqa: F401
-    import pocketrlhf.models.forward  # noqa: F401
-    import pocketrlhf.models.loading  # noqa: F401
     from pocketrlhf.stages import dpo  # noqa: F401
 
-    datasets.disable_progress_bars()
-    transformers.logging.set_verbosity_error()
+    preimport()
+    quiet_libraries()
     files = json.loads(a.files)
     out = Path(a.out)
-    if a.child.startswith("pocketrlhf"):
-        result = run_ours(a, files, out, "bfloat16" if a.child == "pocketrlhf-bf16" else "auto")
+    if a.worker.startswith("pocketrlhf"):
+        result = run_ours(a, files, out, "bfloat16" if a.worker == "pocketrlhf-bf16" else "auto")
     else:
-        result = run_trl(a, files, out, a.child)
+        result = run_trl(a, files, out, a.worker)
     result["eval_accuracy"] = held_out_accuracy(files, result["adapter"], result.get("dtype", "auto"))
     result["torch_threads"] = torch.get_num_threads()
-    Path(a.result).write_text(json.dumps(result))
-
-
-def child(a, side: str, files: dict, out: Path) -> dict:
-    out.mkdir(parents=True, exist_ok=True)
-    result = out / "result.json"
-    env = dict(os.environ, OMP_NUM_THREADS=str(a.threads), MKL_NUM_THREADS=str(a.threads), TQDM_DISABLE="1",
-               HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--child", side, "--files", json.dumps(files), "--out", str(out),
-           "--result", str(result), "--epochs", str(a.epochs), "--lr", str(a.lr), "--threads", str(a.threads)]
-    with (out / "log.txt").open("w") as f:
-        proc = subprocess.run(cmd, env=env, stdout=f, stderr=subprocess.STDOUT, cwd=str(ROOT))
-    if proc.returncode != 0:
-        raise SystemExit(f"{side} failed (exit {proc.returncode}); see {out / 'log.txt'}")
-    return json.loads(result.read_text())
+    write_result(out, result)
 
 
 def main() -> None:
@@ -203,30 +175,27 @@ def main() -> None:
     p.add_argument("--work", default=str(ROOT / "bench" / "_work" / "dpo"), help="scratch folder (model, data, runs)")
     p.add_argument("--json", default="", help="also write the summary to this file")
     # Internal: one side in a child process.
-    p.add_argument("--child", choices=SIDES, help=argparse.SUPPRESS)
+    p.add_argument("--worker", choices=SIDES, help=argparse.SUPPRESS)
     p.add_argument("--files", help=argparse.SUPPRESS)
     p.add_argument("--out", help=argparse.SUPPRESS)
-    p.add_argument("--result", help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.epochs is None:
         a.epochs = SIZES[a.size]["epochs"]
-    if a.child:
+    if a.worker:
         worker(a)
         return
 
     import shutil
 
-    import transformers
-
     work = Path(a.work)
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     files = prepare(work, a.size)
-    n_params = sum(t.numel() for t in transformers.AutoModelForCausalLM.from_pretrained(files["model"]).parameters())
+    n_params = count_parameters(files["model"])
     spec = SIZES[a.size]
     pairs = spec["train_pairs"] * a.epochs
     print(f"dpo bench: llama {n_params / 1e6:.1f}M params, {spec['train_pairs']} train pairs x {a.epochs} epochs, "
-          f"batch {BATCH_SIZE}, {spec['eval_pairs']} held out; {a.threads} torch thread(s)", flush=True)
+          f"batch {BATCH_SIZE}, {spec['eval_pairs']} held out; {a.threads} torch thread(s); {machine()}", flush=True)
     sides = [s.strip() for s in a.sides.split(",") if s.strip()]
     unknown = set(sides) - set(SIDES)
     if unknown:
@@ -234,7 +203,8 @@ def main() -> None:
     runs: dict[str, list[dict]] = {s: [] for s in sides}
     for r in range(a.rounds):
         for side in (sides if r % 2 == 0 else sides[::-1]):
-            res = child(a, side, files, work / f"{side}-{r}")
+            res = run_child(__file__, side, ["--files", json.dumps(files), "--epochs", str(a.epochs), "--lr", str(a.lr)],
+                            work / f"{side}-{r}", a.threads)
             runs[side].append(res)
             print(f"  round {r + 1} {side:<15} {pairs / res['seconds']:6.2f} pairs/s ({res['seconds']:.1f} s wall, "
                   f"{res['cpu_seconds']:.1f} s CPU), held-out accuracy {res['eval_accuracy']:.3f}", flush=True)
@@ -254,7 +224,7 @@ def main() -> None:
             print(f"{ours} vs {peer}: {wall[peer] / wall[ours]:.2f}x wall, {cpu[peer] / cpu[ours]:.2f}x CPU")
     summary = {"size": a.size, "params": n_params, "train_pairs": spec["train_pairs"], "epochs": a.epochs,
                "eval_pairs": spec["eval_pairs"], "lr": a.lr, "threads": a.threads, "rounds": a.rounds,
-               "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores", "rows": rows,
+               "machine": machine(), "rows": rows,
                "speedups": ratios}
     if a.json:
         Path(a.json).write_text(json.dumps(summary, indent=2))
