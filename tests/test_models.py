@@ -238,3 +238,29 @@ def test_guard_marks_every_layer_of_a_training_model(llama):
     model = load_base(str(llama), "4bit", device="cpu", training=False)
     assert guard_cpu_4bit(model, training=True) == []
     assert all(m.support_avx512bf16_for_cpu is False for _, m in linear4bit_modules(model))
+
+
+@pytest.mark.parametrize("arch", ["gpt_neox", "gpt2"])  # gpt2: Conv1D weights, stored transposed
+def test_a_random_nf4_checkpoint_loads_like_its_16bit_twin_quantized_at_load(tmp_path, arch):
+    from pocketrlhf.models.random_init import write_random_checkpoint
+    from pocketrlhf.models.tiny import tiny_config
+
+    config = tiny_config(arch, vocab_size=128, hidden_size=128, layers=2, heads=4)
+    twin = load_base(str(write_random_checkpoint(config, tmp_path / "bf16", quantization="none", seed=3)),
+                     quantization="4bit", device="cpu")
+    direct = load_base(str(write_random_checkpoint(config, tmp_path / "nf4", quantization="4bit", seed=3)),
+                       quantization="4bit", device="cpu")
+    assert len(list((tmp_path / "nf4").glob("*.safetensors"))) == 3  # one shard per layer, one for the rest
+    assert len(linear4bit_modules(direct)) == len(linear4bit_modules(twin)) > 0
+    # A bf16 pre-quantized checkpoint loaded in fp32 (the CPU default): its norms and embeddings follow
+    # dtype= like its biases (transformers alone left them bf16 and the first layer norm failed).
+    assert {p.dtype for p in direct.parameters() if p.is_floating_point()} == {torch.float32}
+    ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(direct(ids).logits, twin(ids).logits)
+        # Stored quantized: loaded 4-bit whatever --quantization says (and guarded as 4-bit on the CPU).
+        asked_none = load_base(str(tmp_path / "nf4"), quantization="none", device="cpu")
+        assert len(linear4bit_modules(asked_none)) == len(linear4bit_modules(direct))
+        assert torch.equal(asked_none(ids).logits, twin(ids).logits)
+        other = write_random_checkpoint(config, tmp_path / "seed4", quantization="4bit", seed=4)
+        assert not torch.equal(load_base(str(other), quantization="4bit", device="cpu")(ids).logits, twin(ids).logits)

@@ -119,12 +119,19 @@ def load_base(
     if not model:
         raise ModelLoadError("no base model given: pass --model DIR (a Hugging Face model directory)")
     dev = resolve_device(device)
-    if quantization != "none" and dev == "mps":
-        raise ModelLoadError("bitsandbytes 8-bit/4-bit does not run on Apple GPUs (mps); use --quantization none or --device cpu")
+    stored = None
     if is_local(model):
         check_safetensors(model)
         # Absolute, so that adapter_config.json's base_model_name_or_path works from any folder.
         model = str(Path(model).expanduser().resolve())
+        stored = checkpoint_quantization(model)
+        if stored:  # transformers loads a pre-quantized checkpoint as it is stored, whatever else is asked
+            if quantization != stored:
+                log.info("%s is stored quantized (%s): loading it %s instead of --quantization %s",
+                         model, stored, stored, quantization)
+            quantization = stored
+    if quantization != "none" and dev == "mps":
+        raise ModelLoadError("bitsandbytes 8-bit/4-bit does not run on Apple GPUs (mps); use --quantization none or --device cpu")
     torch_dtype = resolve_dtype(dtype, dev)
     kwargs: dict[str, Any] = dict(
         dtype=torch_dtype,
@@ -133,7 +140,7 @@ def load_base(
         device_map={"": dev},
         revision=revision,
     )
-    qcfg = bnb_config(quantization, quant_type, double_quant, compute_dtype)
+    qcfg = None if stored else bnb_config(quantization, quant_type, double_quant, compute_dtype)
     if max_memory is not None:
         kwargs.update(device_map="auto", max_memory=max_memory)
         if qcfg is not None and "cpu" in max_memory:
@@ -151,10 +158,40 @@ def load_base(
         raise ModelLoadError(f"cannot load {model}{where}: {str(e).splitlines()[0]}") from None
     for p in lm.parameters():
         p.requires_grad_(False)
+    if getattr(getattr(lm, "hf_quantizer", None), "pre_quantized", False):
+        follow_dtype(lm, torch_dtype)
     if quantization == "4bit" and dev == "cpu":
         guard_cpu_4bit(lm, training=training)
     lm.config.use_cache = not training
     return lm
+
+
+def checkpoint_quantization(path: str) -> str | None:
+    """``4bit``/``8bit`` for a model directory saved already quantized by bitsandbytes, else None."""
+    import json
+
+    try:
+        qc = json.loads((Path(path) / "config.json").read_text()).get("quantization_config") or {}
+    except (OSError, ValueError):
+        return None
+    if qc.get("quant_method") != "bitsandbytes":
+        return None
+    return "4bit" if qc.get("load_in_4bit") else "8bit" if qc.get("load_in_8bit") else None
+
+
+def follow_dtype(model: torch.nn.Module, dtype: torch.dtype) -> None:
+    """Give the unquantized weights of a pre-quantized checkpoint the dtype asked for.
+
+    transformers 5.23 loads a pre-quantized bitsandbytes checkpoint's float ``.weight`` tensors
+    (norms, embeddings, the output layer) in the checkpoint's dtype, ignoring ``dtype=``, while
+    biases follow it: a bf16 4-bit checkpoint loaded in fp32 on the CPU failed in its first layer
+    norm ("expected scalar type BFloat16 but found Float").
+    """
+    keep_fp32 = tuple(getattr(model, "_keep_in_fp32_modules", None) or ())
+    for name, p in model.named_parameters():
+        kept = any(k in name for k in keep_fp32)
+        if type(p) is torch.nn.Parameter and p.is_floating_point() and p.dtype != dtype and not kept:
+            p.data = p.data.to(dtype)
 
 
 def model_reference(path: str) -> str:
