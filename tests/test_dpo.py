@@ -316,4 +316,4 @@ def test_gradient_checkpointing_stays_on_with_the_frozen_reference(pretrained_ll
                                                         device="cpu", gradient_checkpointing=True), total_steps=1)
     assert reference == "reference" and model.training
     assert all(m.training for m in model.modules())
-    assert model.get_base_model().is_gradient_checkpointing
+    assert model.get_base_model().is_activation_checkpointing

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
+
 import torch
 
 from pocketrlhf.config import AdapterOptions, ModelOptions, TrainOptions, option
@@ -69,10 +71,13 @@ def build_policy(cfg, tokenizer=None, total_steps: int = 1000, adapter_name: str
     disable_dropout(base)
     gc_kwargs = {"use_reentrant": False}
     if cfg.quantization != "none" and cfg.kbit_upcast:
-        base = prepare_model_for_kbit_training(base, use_gradient_checkpointing=cfg.gradient_checkpointing,
-                                               gradient_checkpointing_kwargs=gc_kwargs)
+        with warnings.catch_warnings():
+            # peft calls transformers' deprecated gradient_checkpointing_enable: a notice no user can act on.
+            warnings.simplefilter("ignore", FutureWarning)
+            base = prepare_model_for_kbit_training(base, use_gradient_checkpointing=cfg.gradient_checkpointing,
+                                                   gradient_checkpointing_kwargs=gc_kwargs)
     elif cfg.gradient_checkpointing:
-        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gc_kwargs)
+        base.activation_checkpointing_enable(activation_checkpointing_kwargs=gc_kwargs)
     init = getattr(cfg, "init_adapter", "") if init_adapter is None else init_adapter
     if init:
         model = load_adapter(base, init, name=adapter_name, trainable=True)
