@@ -42,11 +42,11 @@ def write_random_checkpoint(config, out_dir: str | Path, quantization: str = "4b
     """Write ``config``'s model with random weights to ``out_dir`` as sharded safetensors.
 
     ``quantization``: ``none`` (``dtype`` weights) or ``4bit`` (NF4, double quantization, blocks
-    of 64, bf16 compute: pocketrlhf's default 4-bit setting). Every linear layer (GPT-2's Conv1D too) except the
-    output embedding is quantized, as transformers does. ``device`` draws and quantizes there (a GPU is
-    much faster for a big model); one shard per decoder layer. The same seed gives the same
-    16-bit values whatever the quantization, so a ``none`` and a ``4bit`` checkpoint of one seed
-    hold the same model.
+    of 64, bf16 compute: pocketrlhf's default 4-bit setting). Every linear layer (GPT-2's Conv1D
+    too) except the output embedding is quantized, as transformers does. ``device`` draws and
+    quantizes there (a GPU is much faster for a big model); one shard per decoder layer. The same
+    seed gives the same 16-bit values whatever the quantization, so a ``none`` and a ``4bit``
+    checkpoint of one seed hold the same model.
     """
     from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM
