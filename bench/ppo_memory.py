@@ -21,8 +21,8 @@ Setups (each in its own child process, one after another):
 The same for every setup: the model, the prompts (the first PPO step's prompts), the rollout
 (pure sampling at T=1, ``--max-new-tokens``; a random-init model rarely emits EOS, so every
 response has the full length), micro-batch ``--batch-size``, ``--rollouts`` per step,
-``--grad-accum`` micro-batches per optimizer step, one PPO epoch = rollouts / (batch x accum)
-optimizer steps (>= 2, so that a backward runs while the AdamW state exists), no gradient
+``--grad-accum`` micro-batches per optimizer step, ``--ppo-epochs`` (1) epochs of rollouts / (batch x
+accum) optimizer steps (>= 2 in all, so that a backward runs while the AdamW state exists), no gradient
 checkpointing unless ``--gradient-checkpointing``. Weights are fp32 (``--quantization none``) or
 NF4 with double quantization and bf16 compute (``4bit``) on the CPU; every 4-bit base is loaded
 for training (bitsandbytes' generic CPU kernel; pocketrlhf loads its one base that way too).
@@ -41,8 +41,8 @@ Memory, per child process, in MB (10^6 bytes) above the process's RSS after impo
     (``--default-malloc`` restores it).
   * static tensor bytes: unique storages of parameters and buffers (with bitsandbytes'
     quantization constants), gradients (= the trained parameters' size), AdamW state after the step.
-  * the live-tensor peak and RSS at the end of each phase (rollout + scoring, old/ref/value pass,
-    update).
+  * the live-tensor peak and RSS at the end of each phase (generation, scoring, old/ref/value
+    pass, update), and each phase's own live-tensor peak.
 transformers maps safetensors files lazily on the CPU: a tensor that stays a view of the file is
 not private memory, and four models read from one file would share pages that four GPU copies
 could not. Every setup therefore copies each loaded weight into private memory right after loading
@@ -79,9 +79,6 @@ MB = 1e6
 
 def prepare(work: Path, size: str, lora_r: int) -> dict:
     from pocketrlhf.data import synthetic
-    from pocketrlhf.models.adapters import attach_adapter, make_peft_config, save_adapter, write_adapter_info
-    from pocketrlhf.models.heads import ScalarHead
-    from pocketrlhf.models.loading import load_base
 
     spec = SIZES[size]
     model = review_llama(work / f"llama-{size}", spec["hidden_size"], spec["layers"], spec["heads"],
@@ -90,14 +87,23 @@ def prepare(work: Path, size: str, lora_r: int) -> dict:
     prompts.write_text("".join(json.dumps(r) + "\n" for r in synthetic.prompt_rows(256, seed=2)))
     reward = work / f"reward-{size}-r{lora_r}"
     if not (reward / "head.safetensors").is_file():
-        # A reward adapter + head as `pocketrlhf rm` saves them (its values do not matter here).
-        base = load_base(str(model), device="cpu", training=True)
-        peft_model = attach_adapter(base, make_peft_config("lora", lora_r, 2.0 * lora_r, 0.0, "all-linear"))
-        save_adapter(peft_model, reward)
-        ScalarHead(spec["hidden_size"], init="reward").save(reward, metadata={"reward_mean": 0.0, "reward_std": 1.0})
-        write_adapter_info(reward, stage="rm", template="plain", base_model=str(model), quantization="none",
-                           reward_mean=0.0, reward_std=1.0)
+        write_reward_adapter(model, reward, lora_r)
     return {"model": str(model), "prompts": str(prompts), "reward": str(reward)}
+
+
+def write_reward_adapter(model: Path, reward: Path, lora_r: int, quantization: str = "none") -> None:
+    """A reward adapter + head as `pocketrlhf rm` saves them (its values do not matter here)."""
+    from pocketrlhf.models.adapters import attach_adapter, make_peft_config, save_adapter, write_adapter_info
+    from pocketrlhf.models.heads import ScalarHead
+    from pocketrlhf.models.loading import load_base
+    from pocketrlhf.stages.rm import hidden_size
+
+    base = load_base(str(model), quantization=quantization, device="cpu", training=True)
+    peft_model = attach_adapter(base, make_peft_config("lora", lora_r, 2.0 * lora_r, 0.0, "all-linear"))
+    save_adapter(peft_model, reward)
+    ScalarHead(hidden_size(base), init="reward").save(reward, metadata={"reward_mean": 0.0, "reward_std": 1.0})
+    write_adapter_info(reward, stage="rm", template="plain", base_model=str(model), quantization=quantization,
+                       reward_mean=0.0, reward_std=1.0)
 
 
 def ppo_config(a, files: dict, out: Path, value_model: str = "head"):
@@ -105,10 +111,10 @@ def ppo_config(a, files: dict, out: Path, value_model: str = "head"):
 
     return ppo.PPOConfig(
         model=files["model"], prompts=files["prompts"], reward_adapter=files["reward"], output_dir=str(out / "run"),
-        device="cpu", quantization=a.quantization, eval_fraction=0.0, value_model=value_model, reference="sft",
-        max_steps=1, rollouts_per_step=a.rollouts, generation_batch_size=a.rollouts, batch_size=a.batch_size,
-        gradient_accumulation_steps=a.grad_accum, ppo_epochs=1, max_new_tokens=a.max_new_tokens, temperature=1.0,
-        lora_r=a.lora_r, lora_alpha=2.0 * a.lora_r, lora_dropout=0.0, target_modules="all-linear",
+        device=a.device, dtype=a.dtype, quantization=a.quantization, eval_fraction=0.0, value_model=value_model,
+        reference="sft", max_steps=1, rollouts_per_step=a.rollouts, generation_batch_size=a.rollouts, batch_size=a.batch_size,
+        gradient_accumulation_steps=a.grad_accum, ppo_epochs=a.ppo_epochs, max_prompt_length=a.max_prompt_length,
+        max_new_tokens=a.max_new_tokens, temperature=1.0, lora_r=a.lora_r, lora_alpha=2.0 * a.lora_r, lora_dropout=0.0, target_modules="all-linear",
         gradient_checkpointing=a.gradient_checkpointing, learning_rate=1e-5, progress=False, seed=0,
     )
 
@@ -181,9 +187,15 @@ class Phases:
         self.load_peak_rss = 0.0
 
     def mark(self, name: str) -> None:
+        import torch
+
         s = proc_status()
         self.marks[name] = {"peak_rss": (s["VmHWM"] - self.baseline) / MB, "rss": (s["VmRSS"] - self.baseline) / MB,
-                            "live_peak": self.tracker.peak / MB, "live": self.tracker.current / MB}
+                            "live_peak": self.tracker.peak / MB, "live": self.tracker.current / MB,
+                            "phase_live_peak": self.tracker.take_window() / MB}
+        if torch.cuda.is_initialized():
+            self.marks[name].update(cuda_peak=torch.cuda.max_memory_allocated() / MB,
+                                    cuda_reserved_peak=torch.cuda.max_memory_reserved() / MB)
         if name == "before step":
             # Loading has transients of its own (the file's pages while weights are copied out of it,
             # fp32 weights before 4-bit quantization): the step's peak is measured from here.
@@ -196,17 +208,19 @@ class Phases:
 
 
 def run_ours(a, files: dict, out: Path, phases: Phases, value_model: str) -> dict:
+    from pocketrlhf.models import generation
     from pocketrlhf.stages import ppo
 
     cfg = ppo_config(a, files, out, value_model)
     found: dict = {}
     generate, old_pass, update = ppo.generate_rollouts, ppo.old_policy_pass, ppo.ppo_update
+    generate_tokens = generation.sample
 
     def generate_rollouts(*args, **kwargs):
         if "before step" not in phases.marks:
             phases.mark("before step")
         r = generate(*args, **kwargs)
-        phases.mark("rollout + scoring")
+        phases.mark("scoring")
         found["response_tokens"] = int(r.response_mask.sum())
         found["sequence_length"] = int(r.input_ids.shape[1])
         return r
@@ -224,7 +238,13 @@ def run_ours(a, files: dict, out: Path, phases: Phases, value_model: str) -> dic
                                     * cfg.ppo_epochs)
         return stats
 
+    def sample(*args, **kwargs):  # generation alone: its KV cache is gone by the time the rollouts are scored
+        tokens = generate_tokens(*args, **kwargs)
+        phases.mark("generation")
+        return tokens
+
     ppo.generate_rollouts, ppo.old_policy_pass, ppo.ppo_update = generate_rollouts, old_policy_pass, ppo_update
+    generation.sample = sample
     ppo.train(cfg)
     return found
 
@@ -271,12 +291,13 @@ def run_naive(a, files: dict, out: Path, phases: Phases) -> dict:
     trainable = ([p for p in policy.parameters() if p.requires_grad] + [p for p in value_model.parameters()
                                                                          if p.requires_grad]
                  + list(value_head.parameters()))
-    optimizer = common.build_optimizer(trainable, cfg, "cpu")
+    optimizer = common.build_optimizer(trainable, cfg, cfg.device)
     phases.mark("before step")
 
     # Rollout and scoring.
     responses = sample(policy, tok, prompt_ids, cfg.max_new_tokens, cfg.temperature, batch_size=cfg.generation_batch_size,
                        row_seeds=[row_seed(cfg.seed, 0, i) for i in range(len(prompt_ids))])  # as stages/ppo.py samples
+    phases.mark("generation")
     batch = collate([TokenExample(p + r, [0] * len(p) + [1] * len(r)) for p, r in zip(prompt_ids, responses)],
                     tok.pad_token_id)
     ids, attn, resp = batch["input_ids"], batch["attention_mask"], batch["loss_mask"]
@@ -287,7 +308,7 @@ def run_naive(a, files: dict, out: Path, phases: Phases) -> dict:
                                                                                 attn[i:i + B]), attn[i:i + B])
                             for i in range(0, len(ids), B)]).float()
     scores = scores - cfg.missing_eos_penalty * (~has_eos).float()
-    phases.mark("rollout + scoring")
+    phases.mark("scoring")
 
     # Old log-probs and values, reference log-probs.
     def values_of(i, j):
@@ -366,6 +387,11 @@ def worker(a) -> None:
     wall2, cpu2 = now()
     status = proc_status()
     step_peak = (status["VmHWM"] - baseline) / MB
+    if torch.cuda.is_initialized():  # what the GPU's allocator held: the number the GPU goals are about
+        found.update(cuda_peak_mb=torch.cuda.max_memory_allocated() / MB,
+                     cuda_reserved_peak_mb=torch.cuda.max_memory_reserved() / MB,
+                     cuda_total_mb=torch.cuda.get_device_properties(0).total_memory / MB,
+                     cuda_device=torch.cuda.get_device_name(0))
     write_result(out, {**found, "baseline_rss_mb": baseline / MB, "peak_mb": step_peak,
                        "load_peak_mb": phases.load_peak_rss, "run_peak_mb": max(step_peak, phases.load_peak_rss),
                        "live_peak_mb": tracker.peak / MB, "phases_mb": phases.marks, "wall_s": wall2 - wall,
@@ -380,13 +406,20 @@ def planned(a, files: dict, sequence_length: int, value_model: str) -> dict:
     """pocketrlhf plan's static and peak bytes for pocketrlhf and the naive LoRA layout."""
     from pocketrlhf import plan
 
-    cfg = plan.PlanConfig(model=files["model"], stage="ppo", quantization=a.quantization, dtype="float32",
+    dtype = a.dtype if a.dtype != "auto" else ("bfloat16" if a.device == "cuda" else "float32")  # as load_base has it
+    cfg = plan.PlanConfig(model=files["model"], stage="ppo", quantization=a.quantization, dtype=dtype,
                           lora_r=a.lora_r, batch_size=a.batch_size, seq_length=sequence_length,
                           max_new_tokens=a.max_new_tokens, generation_batch_size=a.rollouts, value_model=value_model,
                           reference="base", gradient_checkpointing=a.gradient_checkpointing, cuda_context="0GB")
     result = plan.to_json(plan.plan_memory(plan.model_shape(plan.read_config(cfg.model)), cfg))
     return {s["name"]: {"static_mb": (s["static_bytes"] or 0) / MB, "peak_mb": (s["peak_bytes"] or 0) / MB}
             for s in result["setups"] if s["available"]}
+
+
+def step_args(a) -> list[str]:
+    """The worker options beyond the layout's (shared with bench/ppo_big_step.py)."""
+    return ["--ppo-epochs", str(a.ppo_epochs), "--max-prompt-length", str(a.max_prompt_length), "--dtype", a.dtype,
+            "--device", a.device]
 
 
 def main() -> None:
@@ -397,6 +430,10 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=4, help="micro-batch (forward/backward)")
     p.add_argument("--grad-accum", type=int, default=2, help="micro-batches per optimizer step")
     p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--max-prompt-length", type=int, default=256)
+    p.add_argument("--ppo-epochs", type=int, default=1)
+    p.add_argument("--dtype", default="auto", help="weights/compute dtype of the unquantized parts (auto: fp32 on a CPU)")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--lora-r", type=int, default=16)
     p.add_argument("--gradient-checkpointing", action="store_true")
     p.add_argument("--no-materialize", action="store_true", help="leave weights mapped from the safetensors file")
@@ -418,8 +455,8 @@ def main() -> None:
     quantizations = [q.strip() for q in a.quantization.split(",") if q.strip()]
     setups = [s.strip() for s in a.setups.split(",") if s.strip()]
     print(f"[bench] ppo memory: llama {n_params / 1e6:.1f}M params; {a.rollouts} rollouts x {a.max_new_tokens} new "
-          f"tokens, micro-batch {a.batch_size} x {a.grad_accum} accumulation, 1 PPO epoch, LoRA r={a.lora_r} "
-          f"all-linear, gradient checkpointing {'on' if a.gradient_checkpointing else 'off'}; {a.threads} torch "
+          f"tokens, micro-batch {a.batch_size} x {a.grad_accum} accumulation, {a.ppo_epochs} PPO epoch(s), "
+          f"LoRA r={a.lora_r} all-linear, gradient checkpointing {'on' if a.gradient_checkpointing else 'off'}; {a.threads} torch "
           f"thread(s); {machine()}", flush=True)
     results: dict[str, dict] = {}
     for q in quantizations:
@@ -427,7 +464,7 @@ def main() -> None:
         for s in setups:
             args = ["--files", json.dumps(files), "--quantization", q, "--rollouts", str(a.rollouts),
                     "--batch-size", str(a.batch_size), "--grad-accum", str(a.grad_accum),
-                    "--max-new-tokens", str(a.max_new_tokens), "--lora-r", str(a.lora_r)]
+                    "--max-new-tokens", str(a.max_new_tokens), "--lora-r", str(a.lora_r)] + step_args(a)
             args += (["--gradient-checkpointing"] if a.gradient_checkpointing else [])
             args += (["--no-materialize"] if a.no_materialize else [])
             # A fixed mmap threshold: blocks >= 1 MiB are mapped and unmapped, so RSS follows the live

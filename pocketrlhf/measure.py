@@ -20,11 +20,17 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 class LiveTensors(TorchDispatchMode):
     """Bytes of the storages created inside the block that are still alive (``current``) and their
-    highest sum (``peak``); storages whose data pointers are in ``ignore`` are not counted."""
+    highest sum (``peak``, and ``window``: since the last ``take_window``); storages whose data
+    pointers are in ``ignore`` are not counted."""
 
     def __init__(self, ignore: set[int] | None = None):
         super().__init__()
-        self.ignore, self.sizes, self.current, self.peak = ignore or set(), {}, 0, 0
+        self.ignore, self.sizes, self.current, self.peak, self.window = ignore or set(), {}, 0, 0, 0
+
+    def take_window(self) -> int:
+        """The highest sum since the last call (the peak of one phase of a step), then start anew."""
+        peak, self.window = self.window, self.current
+        return peak
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
@@ -36,6 +42,7 @@ class LiveTensors(TorchDispatchMode):
                     self.sizes[ptr] = storage.nbytes()
                     self.current += storage.nbytes()
                     self.peak = max(self.peak, self.current)
+                    self.window = max(self.window, self.current)
                     weakref.finalize(storage, self._free, ptr)
         return out
 

@@ -381,3 +381,18 @@ def test_ppo_training_pass_matches_measured_memory(tiny_models):
         cache = base(input_ids=ids, attention_mask=mask, use_cache=True).past_key_values
     kv = sum(t.untyped_storage().nbytes() for layer in cache.layers for t in (layer.keys, layer.values))
     assert line(planned, "kv_cache") == kv
+
+
+def test_live_tensors_count_what_lives_and_the_peak_of_each_phase():
+    mb = 2**20
+    with measure.LiveTensors() as live:
+        kept = torch.empty(mb, dtype=torch.uint8)
+        temporary = torch.empty(3 * mb, dtype=torch.uint8)
+        del temporary
+        first_phase = live.take_window()
+        second = torch.empty(2 * mb, dtype=torch.uint8)
+        del second
+        second_phase = live.take_window()
+    assert (first_phase, second_phase, live.peak, live.current) == (4 * mb, 3 * mb, 4 * mb, mb)
+    del kept
+    assert live.current == 0
