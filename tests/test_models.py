@@ -264,3 +264,11 @@ def test_a_random_nf4_checkpoint_loads_like_its_16bit_twin_quantized_at_load(tmp
         assert torch.equal(asked_none(ids).logits, twin(ids).logits)
         other = write_random_checkpoint(config, tmp_path / "seed4", quantization="4bit", seed=4)
         assert not torch.equal(load_base(str(other), quantization="4bit", device="cpu")(ids).logits, twin(ids).logits)
+
+
+def test_random_checkpoint_refuses_an_unknown_quantization(tmp_path):
+    from pocketrlhf.models.random_init import write_random_checkpoint
+    from pocketrlhf.models.tiny import tiny_config
+
+    with pytest.raises(ValueError, match="unknown quantization '8bit' \\(none or 4bit\\)"):
+        write_random_checkpoint(tiny_config("llama", vocab_size=64), tmp_path / "m", quantization="8bit")
