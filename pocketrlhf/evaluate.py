@@ -14,8 +14,10 @@ from pathlib import Path
 
 import torch
 
+from pocketrlhf.algorithms.stats import pearson, wilson_interval
 from pocketrlhf.config import ModelOptions, option
 from pocketrlhf.data.templates import TemplateName
+from pocketrlhf.diagnostics import reward_hacking_warnings
 from pocketrlhf.errors import ConfigError
 from pocketrlhf.stages import common
 from pocketrlhf.stages.common import log
@@ -92,6 +94,7 @@ def evaluate(cfg: EvaluationConfig) -> dict:
     results: dict[str, dict] = {}
     answers_text: dict[str, list[str]] = {}
     rm_scores: dict[str, torch.Tensor] = {}
+    lengths: dict[str, list[float]] = {}
     for name, adapter in contenders.items():
         with adapters.use(adapter):
             # Every model answers prompt i from the same random stream: common random numbers make
@@ -99,8 +102,10 @@ def evaluate(cfg: EvaluationConfig) -> dict:
             answers = sample(model, tok, prompt_ids, cfg.max_new_tokens, cfg.temperature, batch_size=cfg.batch_size,
                              row_seeds=[row_seed(cfg.seed, i) for i in range(len(prompt_ids))])
         ids, attn, mask = _sequence_batch(prompt_ids, answers, tok.pad_token_id, device)
-        row = {"eos_fraction": sum(bool(a) and a[-1] == tok.eos_token_id for a in answers) / len(answers),
-               "mean_length": sum(map(len, answers)) / len(answers)}
+        lengths[name] = [float(len(a)) for a in answers]
+        row = {"prompts": len(answers),
+               "eos_fraction": sum(bool(a) and a[-1] == tok.eos_token_id for a in answers) / len(answers),
+               "mean_length": sum(lengths[name]) / len(answers)}
         kl = torch.cat([_kl_to_reference(model, adapters, adapter, "sft", ids[i:i + cfg.batch_size],
                                          attn[i:i + cfg.batch_size], mask[i:i + cfg.batch_size], cfg.temperature)
                         for i in range(0, len(answers), cfg.batch_size)])
@@ -118,21 +123,61 @@ def evaluate(cfg: EvaluationConfig) -> dict:
         for name in results:
             wins = (rm_scores[name] > rm_scores["sft"]).float() + 0.5 * (rm_scores[name] == rm_scores["sft"]).float()
             results[name]["win_rate_vs_sft"] = wins.mean().item()
+            results[name]["win_rate_vs_sft_ci95"] = list(wilson_interval(wins.sum().item(), len(wins)))
+    warnings = length_diagnostics(results, rm_scores, lengths)
+    for warning in warnings:
+        log.warning("%s", warning)
     prompts_text = tok.batch_decode(prompt_ids, skip_special_tokens=True)
     with (out_dir / "samples.jsonl").open("w") as f:
         for i, p in enumerate(prompts_text):
             f.write(json.dumps({"prompt": p, **{name: answers_text[name][i] for name in results}}) + "\n")
     (out_dir / "results.json").write_text(json.dumps(results, indent=2))
-    (out_dir / "evaluation.md").write_text(markdown(results, prompts_text, answers_text, cfg.side_by_side))
+    (out_dir / "evaluation.md").write_text(markdown(results, prompts_text, answers_text, cfg.side_by_side, warnings))
     log.info("evaluation of %s on %d prompts written to %s", ", ".join(results), len(prompt_ids), out_dir)
     return results
 
 
-def markdown(results: dict[str, dict], prompts: list[str], answers: dict[str, list[str]], shown: int) -> str:
+def length_diagnostics(results: dict[str, dict], rm_scores: dict[str, torch.Tensor],
+                       lengths: dict[str, list[float]]) -> list[str]:
+    """Fill each model's length shift against SFT and the correlation of its reward-model scores with
+    answer length; warnings where a score gain comes with a large length shift."""
+    warnings = []
+    sft = results["sft"]
+    for name, row in results.items():
+        row["length_vs_sft"] = row["mean_length"] / sft["mean_length"] if sft["mean_length"] else None
+        if name in rm_scores:
+            row["score_length_correlation"] = pearson(rm_scores[name].tolist(), lengths[name])
+            if name not in ("base", "sft"):
+                warnings += reward_hacking_warnings(name, row["reward_model_score"], sft["reward_model_score"],
+                                                    row["mean_length"], sft["mean_length"], row["eos_fraction"],
+                                                    sft["eos_fraction"])
+    if rm_scores:
+        pooled = pearson([x for name in rm_scores for x in rm_scores[name].tolist()],
+                         [x for name in rm_scores for x in lengths[name]])
+        if pooled is not None and abs(pooled) > 0.5:
+            warnings.append(f"reward-model scores correlate with answer length (r = {pooled:+.2f} over every model's "
+                            "answers): a policy can raise its score by changing length alone")
+    return warnings
+
+
+def _cell(value) -> str:
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_cell(v) for v in value) + "]"
+    if isinstance(value, float):
+        return f"{value:.3f}"
+    return "" if value is None else str(value)
+
+
+def markdown(results: dict[str, dict], prompts: list[str], answers: dict[str, list[str]], shown: int,
+             warnings: list[str] = ()) -> str:
     metrics = list(dict.fromkeys(k for row in results.values() for k in row))
     lines = ["## evaluation", "", "| model | " + " | ".join(metrics) + " |", "|---" * (len(metrics) + 1) + "|"]
     for name, row in results.items():
-        lines.append(f"| {name} | " + " | ".join(f"{row[m]:.3f}" if m in row else "" for m in metrics) + " |")
+        lines.append(f"| {name} | " + " | ".join(_cell(row.get(m)) for m in metrics) + " |")
+    n = next(iter(results.values()), {}).get("prompts", 0)
+    lines += ["", f"{n} held-out prompts; intervals are 95% (Wilson)."]
+    if warnings:
+        lines += ["", "### warnings", ""] + [f"- {w}" for w in warnings]
     lines += ["", "### answers side by side", ""]
     for i in range(min(shown, len(prompts))):
         lines.append(f"**{prompts[i].strip()}**\n")

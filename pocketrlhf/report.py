@@ -11,6 +11,7 @@ import json
 import logging
 from pathlib import Path
 
+from pocketrlhf.algorithms.stats import describe_accuracy
 from pocketrlhf.config import option
 from pocketrlhf.errors import ConfigError
 
@@ -80,6 +81,22 @@ def _fmt(v) -> str:
     return f"{v:.4g}" if isinstance(v, float) else str(v)
 
 
+def trust_lines(summary: dict) -> list[str]:
+    """How far a stage's held-out numbers can be trusted: n, interval, how the split was made, warnings."""
+    lines = []
+    if summary.get("eval_accuracy_n"):
+        lines.append(f"\nheld-out accuracy: {describe_accuracy(summary['eval_accuracy'], summary['eval_accuracy_n'])}")
+    if summary.get("train_seen_accuracy_n"):
+        lines.append(f"accuracy on as many training pairs: "
+                     f"{describe_accuracy(summary['train_seen_accuracy'], summary['train_seen_accuracy_n'])}")
+    split = summary.get("held_out") or {}
+    if split.get("held_out_from"):
+        lines.append(f"held-out rows: {split.get('held_out_rows', 0)} ({split.get('held_out_prompts', 0)} prompts) "
+                     f"from {split['held_out_from']}")
+    lines += [f"\n**warning**: {w}" for w in summary.get("warnings") or []]
+    return lines
+
+
 def stage_summary(run_dir: Path, records: list[dict], plots: list[Path]) -> str:
     stage = records[0].get("stage", run_dir.name)
     lines = [f"## {stage} ({run_dir})", ""]
@@ -98,6 +115,7 @@ def stage_summary(run_dir: Path, records: list[dict], plots: list[Path]) -> str:
     summary = run_dir / "summary.json"
     if summary.is_file():
         data = json.loads(summary.read_text())
+        lines += trust_lines(data)
         if "adapter" in data:
             lines.append(f"\nadapter: `{data['adapter']}`")
     if plots:

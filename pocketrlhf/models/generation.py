@@ -1,9 +1,11 @@
 """Batched sampling from a (peft) causal LM: left-padded prompts, explicit sampling settings.
 
-Every sampling setting is passed explicitly, so a model repo's generation_config.json (top_k=50,
-repetition_penalty, ...) never changes what an RL rollout samples from: rollouts must be pure
-sampling at temperature T (spec 4.9), or log-probs recomputed by a forward pass would not match
-the distribution the tokens came from.
+transformers fills every generation field we leave unset from the model folder's
+generation_config.json (``min_new_tokens``, ``no_repeat_ngram_size``, ``suppress_tokens``,
+``bad_words_ids``, ``min_p``, ...). While generating, the model's defaults are therefore replaced
+by a clean config that keeps only the special token ids, so what is sampled depends on the
+settings passed here and nothing else: RL rollouts are pure samples of softmax(logits / T), the
+distribution their log-probs are recomputed from, and chat/serve do what their settings say.
 """
 
 from __future__ import annotations
@@ -45,12 +47,31 @@ def generation_config(tokenizer, model, max_new_tokens: int, temperature: float 
     )
 
 
+# The folder's generation fields that are kept: they name tokens, they do not shape the distribution.
+_TOKEN_FIELDS = ("bos_token_id", "eos_token_id", "pad_token_id", "decoder_start_token_id")
+
+
+def folder_generation_settings(model) -> dict:
+    """The model folder's generation settings that generation here ignores (to tell the user)."""
+    _, lm = unwrap(model)
+    folder = getattr(lm, "generation_config", None)
+    if folder is None:
+        return {}
+    return {k: v for k, v in folder.to_diff_dict().items() if k not in _TOKEN_FIELDS and k != "transformers_version"}
+
+
 @contextlib.contextmanager
 def inference_mode(model):
-    """Eval mode (KV cache on despite gradient checkpointing), restored afterwards."""
+    """Generation as asked and nothing else: eval mode, KV cache on despite gradient checkpointing,
+    and the model folder's generation defaults swapped for clean ones; all restored afterwards."""
+    from transformers import GenerationConfig
+
     was_training = model.training
     _, lm = unwrap(model)
     use_cache = lm.config.use_cache
+    folder = lm.generation_config
+    lm.generation_config = GenerationConfig(**{k: getattr(folder, k) for k in _TOKEN_FIELDS
+                                               if getattr(folder, k, None) is not None})
     model.eval()
     lm.config.use_cache = True
     try:
@@ -58,6 +79,7 @@ def inference_mode(model):
             yield
     finally:
         lm.config.use_cache = use_cache
+        lm.generation_config = folder
         model.train(was_training)
 
 
