@@ -8,6 +8,7 @@ from __future__ import annotations
 import difflib
 import importlib
 import logging
+import os
 import sys
 from dataclasses import dataclass
 
@@ -55,7 +56,31 @@ def usage() -> str:
     return "\n".join(lines)
 
 
+def group_usage(group: str) -> str:
+    """The sub-commands of a two-word command group such as ``data``."""
+    lines = [f"usage: pocketrlhf {group} <command> [--option value ...]", "", "commands:"]
+    lines += [f"  {name:<18} {cmd.summary}" for name, cmd in COMMANDS.items() if name.startswith(f"{group} ")]
+    lines += ["", f"Run 'pocketrlhf {group} <command> --help' for a command's options."]
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
+    try:
+        status = _main(argv)
+        sys.stdout.flush()  # a closed pipe surfaces here, inside the try, not at interpreter exit
+        return status
+    except BrokenPipeError:
+        # `pocketrlhf sft --help | head`: the reader left. Point stdout at devnull so that Python's
+        # final flush does not raise again (https://docs.python.org/3/library/signal.html#note-on-sigpipe).
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        try:
+            os.dup2(devnull, sys.stdout.fileno())
+        except (OSError, ValueError):  # stdout is not a real file (captured in tests)
+            pass
+        return 1
+
+
+def _main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(usage())
@@ -67,7 +92,18 @@ def main(argv: list[str] | None = None) -> int:
     # Two-word commands ("data stackexchange").
     if rest and f"{name} {rest[0]}" in COMMANDS:
         name, rest = f"{name} {rest[0]}", rest[1:]
+    groups = {n.split()[0] for n in COMMANDS if " " in n}
+    if name in groups and (not rest or rest[0] in ("-h", "--help", "help")):
+        print(group_usage(name))
+        return 0 if rest else 2
     if name not in COMMANDS:
+        if name in groups:
+            subs = [n.split()[1] for n in COMMANDS if n.startswith(f"{name} ")]
+            close = difflib.get_close_matches(rest[0], subs, n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            print(f"error: unknown command '{name} {rest[0]}'{hint}; the {name} commands are {', '.join(subs)}",
+                  file=sys.stderr)
+            return 2
         close = difflib.get_close_matches(name, list(COMMANDS), n=1)
         hint = f" (did you mean '{close[0]}'?)" if close else ""
         print(f"error: unknown command '{name}'{hint}; run 'pocketrlhf --help' for the list", file=sys.stderr)

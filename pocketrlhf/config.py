@@ -11,14 +11,16 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import math
 import types
 import typing
 from pathlib import Path
-from typing import Any, Literal, get_args, get_origin
+from typing import Any, Callable, Literal, get_args, get_origin
 
 import yaml
 
 from pocketrlhf.errors import ConfigError
+from pocketrlhf.paths import missing_local
 
 
 def option(default: Any, help: str = "", **extra: Any) -> Any:
@@ -188,6 +190,145 @@ def coerce(tp: Any, value: Any, where: str) -> Any:
     raise ConfigError(f"{where}: unsupported option type {tp}")
 
 
+# ---------------------------------------------------------------------------------------------
+# Validation: one pass over every option before any work (command line, YAML, pipeline sections).
+
+
+@dataclasses.dataclass(frozen=True)
+class Bound:
+    """Allowed values of a number: ``low`` <= value <= ``high`` (or < where ``open_low``/``open_high``)."""
+
+    low: float | None = None
+    high: float | None = None
+    open_low: bool = False
+    open_high: bool = False
+
+    def allows(self, value: float) -> bool:
+        if self.low is not None and (value < self.low or (self.open_low and value == self.low)):
+            return False
+        return not (self.high is not None and (value > self.high or (self.open_high and value == self.high)))
+
+    def describe(self) -> str:
+        if self.high is None:
+            return f"must be > {self.low:g}" if self.open_low else f"must be at least {self.low:g}"
+        if self.low is None:
+            return f"must be < {self.high:g}" if self.open_high else f"must be at most {self.high:g}"
+        return f"must be in {'(' if self.open_low else '['}{self.low:g}, {self.high:g}{')' if self.open_high else ']'}"
+
+
+COUNT = Bound(1)
+NON_NEGATIVE = Bound(0)
+POSITIVE = Bound(0, open_low=True)
+FRACTION = Bound(0, 1, open_high=True)
+UNIT = Bound(0, 1)
+
+# Bounds by option name; "Class.option" where one command means something else by the same name.
+# Every float must also be finite, bounded or not.
+BOUNDS: dict[str, Bound] = {
+    **dict.fromkeys(("batch_size", "gradient_accumulation_steps", "rollouts_per_step", "generation_batch_size",
+                     "ppo_epochs", "lora_r", "num_virtual_tokens", "seq_length", "max_length", "max_prompt_length",
+                     "max_new_tokens", "max_tokens", "logging_steps", "samples", "stats_pairs",
+                     "max_body_bytes"), COUNT),
+    **dict.fromkeys(("max_steps", "warmup_steps", "eval_steps", "save_steps", "save_total_limit", "weight_decay",
+                     "max_grad_norm", "samples_to_log", "side_by_side", "top_k", "reward_clip", "kl_coef",
+                     "vf_coef", "target_kl", "workers", "max_chars", "max_queue"), NON_NEGATIVE),
+    **dict.fromkeys(("learning_rate", "adam_eps", "epochs", "lora_alpha", "beta", "cliprange", "cliprange_value",
+                     "kl_target", "kl_horizon", "repetition_penalty", "temperature"), POSITIVE),
+    **dict.fromkeys(("eval_fraction", "lora_dropout"), FRACTION),
+    **dict.fromkeys(("gamma", "lam"), UNIT),
+    "top_p": Bound(0, 1, open_low=True),
+    "label_smoothing": Bound(0, 0.5, open_high=True),
+    "port": Bound(0, 65535),
+    "ChatConfig.temperature": NON_NEGATIVE,  # 0: greedy decoding (PPO and evaluation divide logits by it)
+}
+
+DATA = "a data file or folder, or a hub dataset id org/name"
+ADAPTER = "an adapter folder"
+MODEL = "a local Hugging Face model folder"
+SERVED = "a model or adapter directory"
+# Options naming something that must exist before any work: (kind, what it should be). Kinds:
+# "data" and "model" also accept hub ids (pocketrlhf.paths), "local" does not; None: the command
+# checks it itself, with its own words (plan reads only config.json, merge names the adapter).
+PATHS: dict[str, tuple[str, str] | None] = {
+    **dict.fromkeys(("data", "eval_data", "prompts", "eval_prompts", "input"), ("data", DATA)),
+    **dict.fromkeys(("sft_adapter", "reward_adapter", "init_adapter", "policies"), ("local", ADAPTER)),
+    **dict.fromkeys(("model", "base"), ("model", MODEL)),
+    **dict.fromkeys(("ChatConfig.model", "ServeConfig.model"), ("model", SERVED)),
+    "reward_function": ("function", "a Python file"),
+    "stackexchange": ("data", "a Posts.xml dump, a folder holding one, or a paired dataset"),
+    "PlanConfig.model": None,
+    "PipelineConfig.data": None,  # the options of the data stage, not a dataset
+}
+
+# Options a command cannot run without, by config class (the pipeline supplies them to its stages).
+REQUIRED: dict[str, tuple[str, ...]] = {
+    "SFTConfig": ("model", "data"),
+    "RMConfig": ("model", "data"),
+    "DPOConfig": ("model", "data"),
+    "PPOConfig": ("model", "prompts"),
+    "EvaluationConfig": ("model", "prompts", "sft_adapter"),
+}
+_REQUIRED_WHAT = {"model": MODEL, "data": "a data file or folder", "prompts": "a prompts file or folder",
+                  "sft_adapter": "the SFT adapter folder"}
+
+
+def _rule(table: dict, cls: type, name: str) -> Any:
+    return table.get(f"{cls.__name__}.{name}", table.get(name))
+
+
+def _missing_path(kind: str, value: str) -> str | None:
+    """The part of ``value`` that should exist and does not, or None."""
+    if kind == "function":  # file.py:function; module:function is imported later
+        target = value.rpartition(":")[0]
+        return target if target.endswith(".py") and not Path(target).expanduser().is_file() else None
+    if kind == "local":
+        return None if Path(value).expanduser().exists() else value
+    return value if missing_local(value, dataset=kind == "data") else None
+
+
+def check_paths(cfg: Any, label: Callable[[str], str], names: typing.Iterable[str] | None = None) -> None:
+    """Every path option (or those in ``names``) that must exist does, else one ConfigError naming it."""
+    fields_ = config_fields(type(cfg))
+    for name in fields_ if names is None else [n for n in names if n in fields_]:
+        rule = _rule(PATHS, type(cfg), name)
+        value = getattr(cfg, name)
+        if rule is None or not value:
+            continue
+        kind, what = rule
+        for item in value.values() if isinstance(value, dict) else [value]:
+            missing = _missing_path(kind, str(item)) if isinstance(item, (str, Path)) and str(item) else None
+            if missing:
+                where = label(name)
+                raise ConfigError(f"{where + ' ' if where else ''}{missing} does not exist (expected {what})")
+
+
+def validate(cfg: Any, label: Callable[[str], str], paths: bool = True, required: bool = True) -> None:
+    """One pass over a built config: number ranges, paths that must exist, then required options.
+
+    ``label(name)`` says where an option came from (``--batch-size``, ``run.yaml: sft: batch_size``,
+    or "" for a positional), so the one-line error points at what to change.
+    """
+    cls = type(cfg)
+    for name in config_fields(cls):
+        value = getattr(cfg, name)
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            continue
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{label(name)} must be a finite number, got {value}")
+        bound = _rule(BOUNDS, cls, name)
+        if bound is not None and not bound.allows(value):
+            raise ConfigError(f"{label(name)} {bound.describe()}, got {value}")
+    if paths:
+        check_paths(cfg, label)
+    for name in REQUIRED.get(cls.__name__, ()) if required else ():
+        if not getattr(cfg, name):
+            raise ConfigError(f"{label(name)} is required ({_REQUIRED_WHAT[name]})")
+
+
+def flag(name: str) -> str:
+    return f"--{name.replace('_', '-')}"
+
+
 def read_yaml(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
@@ -203,8 +344,18 @@ def read_yaml(path: str | Path) -> dict:
     return data
 
 
-def from_dict(cls: type, data: dict, source: str = "config", base: Any = None) -> Any:
-    """Build (or update ``base``) from a mapping, checking every key and value."""
+def from_dict(cls: type, data: dict, source: str = "config", base: Any = None, check_paths: bool = True) -> Any:
+    """Build (or update ``base``) from a mapping, checking every key and value (``validate``).
+
+    ``check_paths=False`` leaves out the existence of paths: a pipeline wires each stage to the
+    outputs of the stages before it, which do not exist yet when every section is checked.
+    """
+    cfg = _build(cls, data, source, base)
+    validate(cfg, lambda name: f"{source}: {name}", paths=check_paths)
+    return cfg
+
+
+def _build(cls: type, data: dict, source: str, base: Any = None) -> Any:
     fields_ = config_fields(cls)
     values = dataclasses.asdict(base) if base is not None else {}
     for key, value in data.items():
@@ -254,6 +405,9 @@ def parse_args(cls: type, argv: list[str], positional: tuple[str, ...] = ()) -> 
             if not negated and nxt in _TRUE | _FALSE:
                 flags[name] = coerce(bool, nxt, f"--{key}")
                 i += 2
+            elif not negated and nxt and not nxt.startswith("--") and len(positionals) >= len(positional):
+                # No positional is left to fill, so the word can only have been meant as the flag's value.
+                raise ConfigError(f"--{key}: expected true or false, got '{argv[i + 1]}'")
             else:
                 flags[name] = not negated
                 i += 1
@@ -276,8 +430,11 @@ def parse_args(cls: type, argv: list[str], positional: tuple[str, ...] = ()) -> 
             continue
         flags[name] = coerce(fields_[name].type, value, name)
     cfg = cls()
+    from_yaml: set[str] = set()
     if config_file:
-        cfg = from_dict(cls, read_yaml(config_file), source=str(config_file), base=cfg)
+        data = read_yaml(config_file)
+        from_yaml = {str(k).replace("-", "_") for k in data}
+        cfg = _build(cls, data, str(config_file), base=cfg)
     values = dataclasses.asdict(cfg)
     values.update(flags)
     try:
@@ -286,6 +443,16 @@ def parse_args(cls: type, argv: list[str], positional: tuple[str, ...] = ()) -> 
         raise
     except (TypeError, ValueError) as e:
         raise ConfigError(str(e)) from None
+    given = dict(zip(positional, positionals))
+
+    def label(name: str) -> str:
+        if name in given:
+            return ""  # a positional: its value alone reads best ("runs/x does not exist ...")
+        if name in from_yaml and name not in flags:
+            return f"{config_file}: {name}"
+        return flag(name)
+
+    validate(result, label)
     if config_file:
         result._config_file = str(config_file)  # lets commands name the file in later errors
     return result

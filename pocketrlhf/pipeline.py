@@ -27,9 +27,10 @@ import json
 import time
 from pathlib import Path
 
-from pocketrlhf.config import ModelOptions, from_dict, option, save_config
+from pocketrlhf.config import ModelOptions, check_paths, from_dict, option, save_config
 from pocketrlhf.data.templates import TemplateName
 from pocketrlhf.errors import ConfigError
+from pocketrlhf.paths import missing_model_message
 from pocketrlhf.stages import common
 from pocketrlhf.stages.common import log
 
@@ -74,7 +75,8 @@ def stage_config(cls, cfg: PipelineConfig, section: str, values: dict, wiring: d
     merged = {k: getattr(cfg, k) for k in SHARED if k in fields}
     merged.update({k: v for k, v in wiring.items() if k in fields})
     merged.update(values)
-    return from_dict(cls, merged, source=f"{source}: {section}")
+    # Wired paths are outputs of earlier stages, absent until they run: Pipeline checks the user's.
+    return from_dict(cls, merged, source=f"{source}: {section}", check_paths=False)
 
 
 class Pipeline:
@@ -83,10 +85,23 @@ class Pipeline:
         _check_stages(cfg)
         if not cfg.model:
             raise ConfigError(f"{source}: `model:` (the base model directory) is required")
+        problem = missing_model_message(cfg.model)
+        if problem:
+            raise ConfigError(f"{source}: model {problem}")
         self.cfg, self.source = cfg, source
         self.root = Path(cfg.output_dir)
         for stage in cfg.stages:  # every section checked now, not hours later when its stage starts
-            self.stage_config(stage)
+            stage_cfg = self.stage_config(stage)
+            section = {"eval": "evaluation"}.get(stage, stage)
+            check_paths(stage_cfg, lambda name, section=section: f"{source}: {section}: {name}",
+                        [f.name for f in dataclasses.fields(stage_cfg) if not self._produced(getattr(stage_cfg, f.name))])
+
+    def _produced(self, value) -> bool:
+        """A path inside the pipeline's folder, which its own stages write (or an option that is no path)."""
+        if not isinstance(value, str) or not value:
+            return True
+        root = self.root.expanduser().resolve()
+        return Path(value).expanduser().resolve().is_relative_to(root)
 
     def dir(self, stage: str) -> Path:
         return self.root / {"eval": "evaluation"}.get(stage, stage)

@@ -31,21 +31,39 @@ PREFERENCE_FORMATS = {
 PROMPT_FORMATS = {"prompt": ("prompt",), "stackexchange": ("question",), "messages": ("messages",)}
 
 
+SHOWN_ROWS = 3
+
+
 @dataclass
 class Skipped:
-    """Why rows were left out, and how many; reported at the end of every data step."""
+    """Why rows were left out, how many, and the first few row numbers (1-based) of each reason,
+    so that a user can find them; reported at the end of every data step."""
 
     counts: Counter = field(default_factory=Counter)
+    rows: dict[str, list[int]] = field(default_factory=dict)
 
-    def add(self, reason: str) -> None:
+    def add(self, reason: str, row: int | None = None) -> None:
         self.counts[reason] += 1
+        if row is not None:
+            seen = self.rows.setdefault(reason, [])
+            if len(seen) < SHOWN_ROWS:
+                seen.append(row)
 
     @property
     def total(self) -> int:
         return sum(self.counts.values())
 
     def describe(self) -> str:
-        return ", ".join(f"{n} {reason}" for reason, n in self.counts.most_common()) or "none"
+        """e.g. ``3 rows with an empty prompt (rows 4, 9, 12)``."""
+        parts = []
+        for reason, n in self.counts.most_common():
+            rows = self.rows.get(reason)
+            where = ""
+            if rows:
+                more = ", ..." if n > len(rows) else ""
+                where = f" ({'row' if len(rows) == 1 else 'rows'} {', '.join(map(str, rows))}{more})"
+            parts.append(f"{n} {reason}{where}")
+        return ", ".join(parts) or "none"
 
 
 def detect(columns: list[str], formats: dict[str, tuple[str, ...]], source: str, kind: str) -> str:
@@ -109,7 +127,7 @@ def sft_pairs(ds, source: str, template: str = "plain", tokenizer=None, fmt: str
             msgs = _messages(row["messages"], source, i)
             pair = _split_chat(msgs, chat_fmt, tokenizer) if msgs else None
             if pair is None:
-                skipped.add("rows without a final assistant message" if msgs else "rows with empty messages")
+                skipped.add("rows without a final assistant message" if msgs else "rows with empty messages", i)
                 out.extend([None] * placeholders)
                 continue
             out.append(pair)
@@ -117,7 +135,7 @@ def sft_pairs(ds, source: str, template: str = "plain", tokenizer=None, fmt: str
         if fmt == "text":
             text = require_string(row["text"], source, i, "text")
             if text is None:
-                skipped.add("rows with empty text")
+                skipped.add("rows with empty text", i)
                 out.extend([None] * placeholders)
                 continue
             out.append(TextPair("", text))
@@ -126,7 +144,7 @@ def sft_pairs(ds, source: str, template: str = "plain", tokenizer=None, fmt: str
         prompt = require_string(row[p_col], source, i, p_col)
         completion = require_string(row[c_col], source, i, c_col)
         if prompt is None or completion is None:
-            skipped.add(f"rows with an empty {p_col if prompt is None else c_col}")
+            skipped.add(f"rows with an empty {p_col if prompt is None else c_col}", i)
             out.extend([None] * placeholders)
             continue
         tmpl = effective_template(fmt, template)
@@ -160,13 +178,13 @@ def preference_pairs(ds, source: str, template: str = "plain", tokenizer=None,
         values = [require_string(row[c], source, i, c) for c in cols]
         if any(v is None for v in values):
             missing = cols[[v is None for v in values].index(True)]
-            skipped.add(f"rows with an empty {missing}")
+            skipped.add(f"rows with an empty {missing}", i)
             out.extend([None] * placeholders)
             continue
         if fmt == "implicit":
             chosen, rejected = values
             if chosen == rejected:
-                skipped.add("pairs whose two answers are identical")
+                skipped.add("pairs whose two answers are identical", i)
                 out.extend([None] * placeholders)
                 continue
             prompt = _common_prefix(chosen, rejected)
@@ -177,7 +195,7 @@ def preference_pairs(ds, source: str, template: str = "plain", tokenizer=None,
             continue
         prompt, chosen, rejected = values
         if chosen == rejected:
-            skipped.add("pairs whose two answers are identical")
+            skipped.add("pairs whose two answers are identical", i)
             out.extend([None] * placeholders)
             continue
         out.append(PreferencePair(prompt_text(prompt, tmpl, tokenizer), completion_text(chosen, tmpl, tokenizer),
@@ -197,7 +215,7 @@ def prompts(ds, source: str, template: str = "plain", tokenizer=None) -> tuple[l
         if fmt == "messages":
             msgs = _messages(row["messages"], source, i)
             if not msgs:
-                skipped.add("rows with empty messages")
+                skipped.add("rows with empty messages", i)
                 continue
             if msgs[-1]["role"] == "assistant":
                 msgs = msgs[:-1]
@@ -206,7 +224,7 @@ def prompts(ds, source: str, template: str = "plain", tokenizer=None) -> tuple[l
         col = PROMPT_FORMATS[fmt][0]
         text = require_string(row[col], source, i, col)
         if text is None:
-            skipped.add(f"rows with an empty {col}")
+            skipped.add(f"rows with an empty {col}", i)
             continue
         out.append(prompt_text(text, tmpl, tokenizer))
     if not out:

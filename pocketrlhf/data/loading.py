@@ -5,10 +5,12 @@ Every problem is one line that names the file, the line or row, and the column.
 
 from __future__ import annotations
 
+import csv
 import json
 from pathlib import Path
 
 from pocketrlhf.errors import DataError
+from pocketrlhf.paths import is_hub_dataset
 
 SUFFIXES = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv", ".arrow": "arrow"}
 
@@ -64,6 +66,24 @@ def _looks_like_json_lines(path: Path) -> bool:
     return True
 
 
+def _csv_problem(path: Path) -> str | None:
+    """The line where a quoted field that never closes starts, if ``path`` has one.
+
+    Only strict mode notices an unclosed quote, but it also rejects quirks such as ``"a"b`` that
+    the datasets reader accepts: those are left to it.
+    """
+    with path.open(newline="", encoding="utf-8", errors="replace") as f:
+        reader = csv.reader(f, strict=True)
+        start = 1
+        try:
+            for _ in reader:
+                start = reader.line_num + 1
+        except csv.Error as e:
+            if "unexpected end of data" in str(e):
+                return f"{path}:{start}: a quoted field opened on this line is never closed"
+    return None
+
+
 def load_records(path: str | Path, split: str = "train"):
     """A ``datasets.Dataset`` with at least one row, from a file, a folder or a hub id."""
     import datasets
@@ -72,10 +92,13 @@ def load_records(path: str | Path, split: str = "train"):
     p = Path(path).expanduser()
     source = str(path)
     if p.is_dir():
-        if (p / "state.json").is_file() or (p / "dataset_dict.json").is_file():
-            ds = datasets.load_from_disk(str(p))
-        else:
-            ds = datasets.load_dataset(str(p))
+        try:
+            if (p / "state.json").is_file() or (p / "dataset_dict.json").is_file():
+                ds = datasets.load_from_disk(str(p))
+            else:
+                ds = datasets.load_dataset(str(p))
+        except Exception as e:  # noqa: BLE001 - a folder without data files, or with unreadable ones
+            raise DataError(f"{p}: cannot read the folder as a dataset ({str(e).splitlines()[0]})") from None
     elif p.is_file():
         builder = SUFFIXES.get(p.suffix.lower())
         if builder is None:
@@ -93,11 +116,16 @@ def load_records(path: str | Path, split: str = "train"):
                 first_seen: dict[str, tuple[str, int]] = {}
                 for i, row in enumerate(data, start=1):
                     _check_column_types(row, first_seen, f"{p}: row {i}")
+        elif builder == "csv":
+            # Checked before datasets reads it: its reader logs a pandas error of its own, naming no line.
+            problem = _csv_problem(p)
+            if problem:
+                raise DataError(problem)
         try:
             ds = datasets.load_dataset(builder, data_files=str(p), split="train")
         except Exception as e:  # noqa: BLE001 - pyarrow/csv errors come in many types
             raise DataError(f"{p}: cannot read as {builder}: {str(e).splitlines()[0]}") from None
-    elif "/" in source and not source.startswith((".", "/")) and not p.suffix:
+    elif is_hub_dataset(source):
         try:
             ds = datasets.load_dataset(source, split=split)
         except Exception as e:  # noqa: BLE001

@@ -51,6 +51,7 @@ from xml.parsers import expat
 
 from pocketrlhf.config import option, to_dict
 from pocketrlhf.errors import ConfigError, DataError
+from pocketrlhf.paths import is_hub_dataset
 
 SPLITS = ("finetune", "reward", "rl", "evaluation")
 PAIRED_COLUMNS = ("question", "response_j", "response_k")
@@ -920,14 +921,19 @@ def resolve_input(raw: str) -> tuple[Path | None, str]:
     """(the dump file, "") for a Posts.xml, or (None, source) for a paired dataset."""
     path = Path(raw).expanduser()
     if path.is_dir():
-        for name in ("Posts.xml", "Posts.xml.gz", "Posts.xml.bz2", "Posts.xml.xz", "posts.xml"):
+        names = ("Posts.xml", "Posts.xml.gz", "Posts.xml.bz2", "Posts.xml.xz", "posts.xml")
+        for name in names:
             if (path / name).is_file():
                 return path / name, ""
+        saved = (path / "state.json").is_file() or (path / "dataset_dict.json").is_file()
+        if not saved and not any(f.suffix.lower() in DATASET_SUFFIXES for f in path.rglob("*") if f.is_file()):
+            raise DataError(f"{raw}: a folder with no {', '.join(names[:4])} and no dataset files "
+                            f"({', '.join(sorted(DATASET_SUFFIXES))}) in it")
         return None, raw
     if path.is_file():
         return (None, raw) if path.suffix.lower() in DATASET_SUFFIXES else (path, "")
-    if "/" in raw and not raw.startswith((".", "/", "~")) and not path.suffix:
-        return None, raw  # a hub id
+    if is_hub_dataset(raw):
+        return None, raw
     raise DataError(f"{raw}: no such file or folder")
 
 

@@ -14,6 +14,7 @@ import torch
 
 from pocketrlhf.errors import ModelLoadError
 from pocketrlhf.models.quantization import bnb_config, guard_cpu_4bit
+from pocketrlhf.paths import missing_model_message
 
 log = logging.getLogger("pocketrlhf")
 
@@ -50,6 +51,18 @@ def is_local(path: str) -> bool:
     return Path(path).expanduser().exists()
 
 
+def check_model(path: str) -> None:
+    """Fail at once, without the network, for no model or a local-looking path that does not exist.
+
+    What counts as local is ``pocketrlhf.paths``'s rule: an existing path, anything absolute or
+    starting with ``./``, ``../`` or ``~``, more than one ``/``, or ``dir/name`` where ``dir`` is a
+    folder here. Only ``name`` or ``org/name`` otherwise is tried as a hub id.
+    """
+    message = missing_model_message(path)
+    if message:
+        raise ModelLoadError(message)
+
+
 def check_safetensors(path: str) -> None:
     """Refuse pickle-only checkpoints before transformers gets a chance to unpickle them."""
     p = Path(path).expanduser()
@@ -80,6 +93,7 @@ def load_tokenizer(path: str, trust_remote_code: bool = False, revision: str | N
     """
     from transformers import AutoTokenizer
 
+    check_model(path)
     try:
         tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code, revision=revision)
     except Exception as e:  # noqa: BLE001 - many error types; one clear message
@@ -116,8 +130,7 @@ def load_base(
     """
     from transformers import AutoModelForCausalLM
 
-    if not model:
-        raise ModelLoadError("no base model given: pass --model DIR (a Hugging Face model directory)")
+    check_model(model)
     dev = resolve_device(device)
     stored = None
     if is_local(model):
@@ -196,6 +209,7 @@ def follow_dtype(model: torch.nn.Module, dtype: torch.dtype) -> None:
 
 def model_reference(path: str) -> str:
     """A local model path made absolute (recorded in run outputs), or a hub id as given."""
+    check_model(path)
     p = Path(path).expanduser()
     return str(p.resolve()) if p.exists() else path
 

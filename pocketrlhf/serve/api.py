@@ -19,6 +19,7 @@ import socket
 import threading
 import time
 import uuid
+from pathlib import Path
 from typing import Any, Callable, Literal
 
 from pocketrlhf.config import option
@@ -355,10 +356,14 @@ def create_app(load: Callable[[], Any], cfg: ServeConfig, api_key: str = ""):
             return JSONResponse({"status": "error", "message": state.error}, status_code=500)
         return JSONResponse({"status": "loading"}, status_code=503)
 
+    def public_source(source: str) -> str:
+        # Clients see the folder's name, not where it lies on the server's disk.
+        return Path(source).name if Path(source).is_absolute() else source
+
     def model_card(engine, served) -> dict:
         base = engine.models[next(iter(engine.models))]
         return {"id": served.name, "object": "model", "created": int(START), "owned_by": "pocketrlhf",
-                "root": served.source, "parent": None if served.adapter is None else base.name,
+                "root": public_source(served.source), "parent": None if served.adapter is None else base.name,
                 "max_model_len": engine.context_length}
 
     @app.get("/v1/models")
@@ -565,7 +570,11 @@ def _is_loopback(host: str) -> bool:
 
 
 def run(cfg: ServeConfig) -> None:
-    import uvicorn
+    try:
+        import fastapi  # noqa: F401
+        import uvicorn
+    except ImportError as e:  # an install made before they became default dependencies
+        raise ConfigError(f"pocketrlhf serve needs fastapi and uvicorn ({e}): pip install 'pocketrlhf[serve]'") from None
 
     from pocketrlhf.errors import ModelLoadError
     from pocketrlhf.models.loading import resolve_device

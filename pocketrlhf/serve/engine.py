@@ -29,6 +29,7 @@ from typing import Any, Iterator, Literal
 
 from pocketrlhf.config import option
 from pocketrlhf.errors import ConfigError, ModelLoadError
+from pocketrlhf.paths import missing_local
 
 log = logging.getLogger("pocketrlhf")
 
@@ -100,8 +101,7 @@ def adapter_base(adapter_dir: Path, override: str = "") -> str:
     if not base:
         raise ModelLoadError(f"{adapter_dir / 'adapter_config.json'} records no base model "
                              "(base_model_name_or_path); pass --base DIR")
-    looks_local = base.startswith(("/", ".", "~")) or Path(base).expanduser().exists()
-    if looks_local and not Path(base).expanduser().exists():
+    if missing_local(base):
         raise ModelLoadError(f"adapter {adapter_dir} was trained on {base}, which does not exist here; "
                              "pass --base DIR to use another copy of that base model")
     return base
@@ -162,7 +162,7 @@ def plan_models(opts: ServingOptions, adapters: dict[str, str] | None = None, na
     else:
         if opts.base:
             raise ConfigError(f"--base only applies to an adapter directory, and {opts.model} has no adapter_config.json")
-        if not primary.exists() and (opts.model.startswith(("/", ".", "~")) or "/" not in opts.model):
+        if not primary.exists() and (missing_local(opts.model) or "/" not in opts.model):
             raise ModelLoadError(f"{opts.model} does not exist (expected a model or adapter directory)")
         base = opts.model
     base_path = Path(base).expanduser()

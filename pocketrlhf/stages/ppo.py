@@ -455,7 +455,8 @@ def train(cfg: PPOConfig) -> dict:
     reduce = (lambda x: accelerator.reduce(x, "sum")) if world > 1 else (lambda x: x)
     log.info("ppo: %d prompts, %d steps of %d rollouts, %d epochs; reference: %s; value: %s; reward: %s",
              len(train_prompts), total_steps, cfg.rollouts_per_step, cfg.ppo_epochs,
-             roles.reference or "adapters disabled", cfg.value_model, cfg.reward_adapter or cfg.reward_function)
+             f"frozen copy of the SFT adapter ({cfg.sft_adapter})" if roles.reference else "base (adapters off)",
+             cfg.value_model, cfg.reward_adapter or cfg.reward_function)
     progress = common.Progress(total_steps, start_step, "ppo", cfg.progress and accelerator.is_main_process)
     last: dict[str, float] = {}
     for step in range(start_step, total_steps):

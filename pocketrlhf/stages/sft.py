@@ -26,7 +26,8 @@ from pocketrlhf.stages.loop import micro_batches, step_indices  # noqa: F401  (r
 @dataclasses.dataclass
 class SFTConfig(ModelOptions, AdapterOptions, TrainOptions):
     output_dir: str = option("runs/sft", "run directory")
-    data: str = option("", "training data: .jsonl/.json/.parquet/.csv/.arrow, a save_to_disk folder, or a hub id")
+    data: str = option("", "training data (.jsonl/.json/.parquet/.csv/.arrow, a save_to_disk folder, or a hub id) with "
+                           "the columns text, prompt+completion, messages (chat), or question+response_j (Stack Exchange)")
     eval_data: str = option("", "held-out data (default: eval_fraction of data)")
     eval_fraction: float = option(0.05, "fraction of data held out for eval when no eval_data (0: no eval)")
     template: TemplateName = option("plain", "prompt format (stackllama: 'Question: ...\\n\\nAnswer: ...'; auto: tokenizer chat template)")
