@@ -284,7 +284,7 @@ def test_stack_exchange_pairs_train_with_stackllama_prompts(tmp_path, llama):
     ('{"question": "a", "answer": "b"}\n', r"bad.jsonl: no usable columns for preference data"),
     ("", r"bad.jsonl: the dataset is empty"),
     ('{"prompt": "a", "chosen": "b", "rejected": "b"}\n' * 3,
-     r"bad.jsonl: no usable preference pairs \(3 pairs whose two answers are identical skipped\)"),
+     r"bad.jsonl: no usable preference pairs \(3 pairs whose two answers are identical \(rows 1, 2, 3\) skipped\)"),
     ('{"prompt": "a", "chosen": "b", "rejected": 3}\n', r"bad.jsonl: row 1: column 'rejected' must be a string, got int"),
 ])
 def test_bad_data_is_a_one_line_error(tmp_path, llama, capsys, content, message):

@@ -111,7 +111,7 @@ def test_cli_runs_sft_from_yaml_with_flag_overrides(tmp_path, llama, sft_file):
     ('{"prompt": "a", "completion": "b"}\n{"prompt": "a", "completion": }\n', r"bad.jsonl:2: malformed JSON line"),
     ('{"question_text": "a", "answer": "b"}\n', r"bad.jsonl: no usable columns for SFT data"),
     ('{"prompt": "a", "completion": 1}\n', r"bad.jsonl: row 1: column 'completion' must be a string, got int"),
-    ('{"prompt": "a", "completion": ""}\n', r"bad.jsonl: no usable rows \(1 rows with an empty completion skipped\)"),
+    ('{"prompt": "a", "completion": ""}\n', r"bad.jsonl: no usable rows \(1 rows with an empty completion \(row 1\) skipped\)"),
     ("", r"bad.jsonl: the dataset is empty"),
 ])
 def test_bad_input_is_a_one_line_error(tmp_path, llama, capsys, content, message):
