@@ -122,7 +122,16 @@ def _main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("\ninterrupted", file=sys.stderr)
+        hint = ""
+        if name in ("sft", "rm", "ppo", "dpo", "pipeline", "demo"):  # the commands with a run to continue
+            from pocketrlhf.stages.common import resume_command
+
+            try:
+                again = resume_command(name, rest, parse_args(config_cls, rest, cmd.positional))
+            except PocketError:
+                again = None
+            hint = f"; continue with: {again}" if again else ""
+        print(f"\ninterrupted{hint}", file=sys.stderr)
         return 130
     return 0
 

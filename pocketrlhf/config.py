@@ -92,6 +92,13 @@ class TrainOptions:
     save_total_limit: int = option(2, "keep at most N checkpoints (0: keep all)")
     resume: str = option("", "continue a run: auto (latest checkpoint in output_dir, if any) or a checkpoint path")
     overwrite: bool = option(False, "start over in an output_dir that holds a previous run (its outputs are removed)")
+    resume_ignore_config: bool = option(
+        False, "resume even though options that change the training differ from the checkpoint's (data, seed, "
+        "learning rate, batch shape, model, adapter...); the differences are listed either way")
+    skip_nonfinite: bool = option(
+        False, "drop what turns NaN/inf and go on, counted as nonfinite_skipped in the metrics (PPO: rollouts with a "
+        "non-finite reward; SFT/RM/DPO: micro-batches with a non-finite loss; any stage: steps with a non-finite "
+        "gradient norm); off: such a value stops the run with an error naming it")
     report_to: Literal["none", "tensorboard"] = option("none", "extra metrics sink besides metrics.jsonl")
     progress: bool = option(True, "show a progress bar")
 

@@ -18,10 +18,13 @@ from typing import Literal
 
 from pocketrlhf.config import option
 from pocketrlhf.data import synthetic
+from pocketrlhf.errors import ConfigError
 from pocketrlhf.stages import common
 from pocketrlhf.stages.common import log
 
 GROUND_TRUTH = "pocketrlhf.data.synthetic:sentiment_reward"
+# What the demo writes at the top of its folder: starting over removes these, and nothing else.
+OUTPUTS = ("base", "data", "sft", "rm", "ppo", "dpo", "evaluation", "report.md", "pipeline.yaml", "demo_results.json")
 
 
 @dataclasses.dataclass
@@ -101,14 +104,30 @@ def results_table(root: Path) -> tuple[str, dict]:
     return "\n".join(lines), numbers
 
 
+def prepare_folder(root: Path, resume: bool) -> None:
+    """An empty or new folder, or one a previous demo made (its marker): starting over removes that
+    demo's outputs (a second run with the same seed gives the same numbers) and keeps anything else."""
+    if root.exists() and not root.is_dir():
+        raise ConfigError(f"--output-dir {root} is a file, not a folder")
+    entries = sorted(root.iterdir()) if root.is_dir() else []
+    common.refuse_foreign(root, entries, "write into it" if resume else "delete them", command="demo")
+    if not resume:
+        for p in (root / name for name in OUTPUTS):
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p)
+            elif p.exists() or p.is_symlink():
+                p.unlink()
+    root.mkdir(parents=True, exist_ok=True)
+    common.write_marker(root, "demo")
+
+
 def run(cfg: DemoConfig) -> dict:
     from pocketrlhf.pipeline import Pipeline
 
     common.setup_logging()
     started = time.time()
     root = Path(cfg.output_dir)
-    if root.exists() and not cfg.resume:
-        shutil.rmtree(root)  # the demo starts over: a second run with the same seed gives the same numbers
+    prepare_folder(root, cfg.resume)
     base = build_base(cfg, root)
     Pipeline(pipeline_config(cfg, root, base), source="demo").run()
     table, numbers = results_table(root)

@@ -15,3 +15,11 @@ class DataError(PocketError, ValueError):
 
 class ModelLoadError(PocketError, RuntimeError):
     """A base model or adapter that cannot be loaded, and why."""
+
+
+class NonFiniteError(PocketError, ArithmeticError):
+    """A NaN or infinite reward, loss or gradient stopped training; the message names its source."""
+
+
+class RewardFunctionError(PocketError, RuntimeError):
+    """A user's reward function raised or returned something other than one number per response."""

@@ -4,9 +4,10 @@ their algorithm.
 
 Run directory layout::
 
+    OUTPUT_DIR/.pocketrlhf-run    marker: pocketrlhf made this folder (only such folders are ever cleared)
     OUTPUT_DIR/config.yaml        the resolved config (defaults < YAML < flags)
     OUTPUT_DIR/metrics.jsonl      one JSON object per logged step/eval
-    OUTPUT_DIR/checkpoint-N/      adapter(s), heads, optimizer, scheduler, RNG, data position
+    OUTPUT_DIR/checkpoint-N/      adapter(s), heads, optimizer, scheduler, RNG, data position, config.yaml
     OUTPUT_DIR/adapter/           the final adapter (peft format + tokenizer)
     OUTPUT_DIR/summary.json       final metrics, written when the stage finishes
 """
@@ -28,12 +29,29 @@ from typing import Any, Callable, Iterable
 import numpy as np
 import torch
 
-from pocketrlhf.config import ConfigError, save_config
+import yaml
+
+from pocketrlhf import __version__
+from pocketrlhf.config import ConfigError, save_config, to_dict
+from pocketrlhf.errors import NonFiniteError
 
 log = logging.getLogger("pocketrlhf")
 
 CHECKPOINT_PREFIX = "checkpoint-"
 STATE_FILE = "trainer_state.json"
+MARKER = ".pocketrlhf-run"
+CONFIG_FILE = "config.yaml"
+# What a stage writes into its folder besides checkpoints; --overwrite removes these (and only in a
+# folder carrying MARKER).
+RUN_OUTPUTS = ("metrics.jsonl", "summary.json", "adapter", "report.md", "plots", "tensorboard", "samples.jsonl")
+# Options that may differ between a run and its continuation: they change what is shown, logged or
+# saved, or where, never the weights of the steps taken. max_steps/epochs extend (or shorten) the run:
+# the steps already taken stay the same, and a decaying schedule is stretched from the resumed step
+# on. device lets another machine continue a run. skip_nonfinite only decides what happens at a
+# non-finite value, which the steps so far never met (it is what one adds after such an error).
+RESUME_SAFE = frozenset({"output_dir", "resume", "overwrite", "resume_ignore_config", "progress", "logging_steps",
+                         "save_steps", "save_total_limit", "report_to", "max_steps", "epochs", "device",
+                         "skip_nonfinite", "samples_to_log"})
 
 
 class _StderrHandler(logging.StreamHandler):
@@ -89,8 +107,91 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def write_marker(folder: Path, command: str) -> None:
+    """Mark ``folder`` as made by pocketrlhf (kept as first written: it says who created the folder)."""
+    path = Path(folder) / MARKER
+    if not path.exists():
+        path.write_text(json.dumps({"created_by": "pocketrlhf", "version": __version__, "command": command,
+                                    "created": time.strftime("%Y-%m-%dT%H:%M:%S")}) + "\n")
+
+
+def is_own_folder(folder: Path, command: str | None = None) -> bool:
+    """Whether pocketrlhf created ``folder`` (by ``command``, when given): its marker is there. Only
+    such folders are ever cleared."""
+    try:
+        marker = json.loads((Path(folder) / MARKER).read_text())
+        return marker.get("created_by") == "pocketrlhf" and command in (None, marker.get("command"))
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def refuse_foreign(folder: Path, found: list[Path], action: str, command: str | None = None) -> None:
+    """ConfigError unless ``folder`` is pocketrlhf's own (or ``found`` is empty): never delete or
+    overwrite what pocketrlhf did not create."""
+    if found and not is_own_folder(folder, command):
+        names = ", ".join(sorted(p.name for p in found)[:3]) + (", ..." if len(found) > 3 else "")
+        maker = f"`pocketrlhf {command}`" if command else "pocketrlhf"
+        raise ConfigError(f"{folder} holds {names} but was not made by {maker} (no {MARKER} file of it), so it will "
+                          f"not {action}; choose an empty or new --output-dir")
+
+
+def resume_command(command: str, argv: list[str], cfg: Any) -> str | None:
+    """The command line that continues an interrupted ``command`` run, or None when it has no run
+    to continue (not a training command, or no output folder)."""
+    import shlex
+
+    if command == "pipeline":
+        return shlex.join(["pocketrlhf", command, *argv])  # re-running resumes the pipeline
+    if command == "demo":
+        kept = [a for a in argv if a not in ("--resume", "--no-resume")]
+        return shlex.join(["pocketrlhf", command, *kept, "--resume"])
+    if not isinstance(getattr(cfg, "resume", None), str) or not getattr(cfg, "output_dir", ""):
+        return None
+    kept, i = [], 0
+    while i < len(argv):
+        key = argv[i].split("=", 1)[0].replace("_", "-")
+        if key == "--resume":
+            i += 1 if "=" in argv[i] else 2
+            continue
+        if key in ("--overwrite", "--no-overwrite"):
+            has_value = "=" not in argv[i] and i + 1 < len(argv) and not argv[i + 1].startswith("--")
+            i += 2 if has_value else 1
+            continue
+        kept.append(argv[i])
+        i += 1
+    return shlex.join(["pocketrlhf", command, *kept, "--resume", "auto"])
+
+
+def _normalized(cfg: Any) -> dict:
+    """The config as its config.yaml reads back (so floats and lists compare alike)."""
+    from pocketrlhf.config import _plain
+
+    return yaml.safe_load(yaml.safe_dump(_plain(to_dict(cfg)), sort_keys=False)) or {}
+
+
+def _same(old: Any, new: Any) -> bool:
+    if isinstance(old, (int, float)) and isinstance(new, (int, float)) and not isinstance(old, bool):
+        return float(old) == float(new)
+    return old == new
+
+
+def config_differences(recorded: dict, cfg: Any) -> list[str]:
+    """``option: old -> new`` for every option that would change a resumed run's trajectory."""
+    safe = set(RESUME_SAFE)
+    if not getattr(cfg, "lora_dropout", 0):
+        # Offline evaluation runs in training mode: with dropout it draws from the RNG the training
+        # steps draw from, so only without dropout is the evaluation cadence free to change.
+        safe.add("eval_steps")
+    current = _normalized(cfg)
+    return [f"{k}: {recorded[k]!r} -> {v!r}" for k, v in current.items()
+            if k not in safe and k in recorded and not _same(recorded[k], v)]
+
+
 class Run:
-    """One stage's output directory: config, metrics, checkpoints. Only the main process writes."""
+    """One stage's output directory: config, metrics, checkpoints. Only the main process writes.
+
+    ``finished`` holds the saved summary when ``--resume auto`` finds a finished run (summary.json
+    and adapter): nothing is written then, and the stage returns that summary instead of training."""
 
     def __init__(self, cfg: Any, stage: str, is_main: bool = True):
         self.cfg = cfg
@@ -100,10 +201,18 @@ class Run:
         self.metrics_path = self.dir / "metrics.jsonl"
         self._tb = None
         self._start = time.time()
+        self._compared: Path | None = None
+        self.finished = self._finished_summary()
+        if self.finished is not None:
+            log.info("%s: %s holds a finished run (summary.json, adapter): nothing to resume; pass --overwrite to "
+                     "train again", stage, self.dir)
+            return
+        self.resume_from()  # a refused resumption is refused before anything is written
         if is_main:
             self._start_fresh_or_resume()
             self.dir.mkdir(parents=True, exist_ok=True)
-            save_config(cfg, self.dir / "config.yaml")
+            write_marker(self.dir, stage)
+            save_config(cfg, self.dir / CONFIG_FILE)
             if getattr(cfg, "report_to", "none") == "tensorboard":
                 try:
                     from torch.utils.tensorboard import SummaryWriter
@@ -111,12 +220,27 @@ class Run:
                     raise ConfigError("--report-to tensorboard needs the tensorboard package: pip install 'pocketrlhf[tensorboard]'") from None
                 self._tb = SummaryWriter(str(self.dir / "tensorboard"))
 
+    def _finished_summary(self) -> dict | None:
+        if getattr(self.cfg, "resume", "") != "auto":
+            return None
+        summary = self.dir / "summary.json"
+        if not (summary.is_file() and (self.dir / "adapter").is_dir()):
+            return None
+        try:
+            return json.loads(summary.read_text())
+        except ValueError:
+            return None  # a damaged summary: not a finished run
+
     def _start_fresh_or_resume(self) -> None:
         """Never mix two runs' outputs: a fresh run into a folder holding a previous one needs
-        --overwrite (or --resume); resuming before the first checkpoint restarts cleanly."""
+        --overwrite (or --resume); resuming before the first checkpoint restarts cleanly. Only a
+        folder pocketrlhf made (its marker) is ever cleared, and a config.yaml of someone else's is
+        never overwritten."""
         previous = [p for p in (self.metrics_path, self.dir / "summary.json", self.dir / "adapter") if p.exists()]
         previous += self.checkpoints() if self.dir.is_dir() else []
         if not previous:
+            config = self.dir / CONFIG_FILE
+            refuse_foreign(self.dir, [config] if config.exists() else [], "overwrite them")
             return
         resume = getattr(self.cfg, "resume", "")
         if resume and (resume != "auto" or self.checkpoints()):
@@ -124,12 +248,10 @@ class Run:
         if not resume and not getattr(self.cfg, "overwrite", False):
             raise ConfigError(f"{self.dir} already holds a run ({previous[0].name}); pass --resume auto to continue it "
                               "or --overwrite to start over")
-        for p in previous:
+        outputs = [p for p in (self.dir / name for name in RUN_OUTPUTS) if p.exists()]
+        refuse_foreign(self.dir, sorted(set(previous + outputs)), "delete them")
+        for p in sorted(set(previous + outputs)):
             shutil.rmtree(p) if p.is_dir() else p.unlink()
-        for name in ("report.md", "plots", "tensorboard", "samples.jsonl"):
-            p = self.dir / name
-            if p.exists():
-                shutil.rmtree(p) if p.is_dir() else p.unlink()
 
     # -- metrics ---------------------------------------------------------------------------
     def log(self, step: int, metrics: dict, split: str = "train") -> None:
@@ -185,6 +307,7 @@ class Run:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         write(tmp)
+        save_config(self.cfg, tmp / CONFIG_FILE)  # what a resumption is compared with (check_resume_config)
         (tmp / STATE_FILE).write_text(json.dumps({"step": step, **{k: _jsonable(v) for k, v in state.items()}}, indent=2))
         if final.exists():
             shutil.rmtree(final)
@@ -202,11 +325,46 @@ class Run:
             return None
         if resume == "auto":
             found = self.checkpoints()
-            return found[-1] if found else None
-        path = Path(resume)
-        if not (path / STATE_FILE).is_file():
-            raise ConfigError(f"--resume {resume}: not a checkpoint folder (no {STATE_FILE})")
+            path = found[-1] if found else None
+        else:
+            path = Path(resume)
+            if not (path / STATE_FILE).is_file():
+                raise ConfigError(f"--resume {resume}: not a checkpoint folder (no {STATE_FILE})")
+        if path is not None:
+            self.check_resume_config(path)
         return path
+
+    def check_resume_config(self, checkpoint: Path) -> None:
+        """A resumed run continues the same trajectory: a change of data, seed, optimisation,
+        batch shape, model or adapter is an error unless --resume-ignore-config."""
+        if self._compared == checkpoint:
+            return
+        self._compared = checkpoint
+        recorded_path = checkpoint / CONFIG_FILE
+        if not recorded_path.is_file():
+            log.warning("%s records no config (an older pocketrlhf): resuming without comparing settings", checkpoint)
+            return
+        recorded = yaml.safe_load(recorded_path.read_text()) or {}
+        differences = config_differences(recorded, self.cfg)
+        if not differences:
+            return
+        listed = "; ".join(differences)
+        if getattr(self.cfg, "resume_ignore_config", False):
+            log.warning("resuming %s with changed settings (%s)", checkpoint, listed)
+            return
+        raise ConfigError(f"{checkpoint} was trained with other settings ({listed}); resuming would not continue the "
+                          "same run: restore them, pass --resume-ignore-config to continue with the new ones, or "
+                          "--overwrite to start over")
+
+    def last_good(self) -> str:
+        """Where a stopped run can be continued from, for error messages."""
+        found = self.checkpoints() if self.dir.is_dir() else []
+        return f"last checkpoint {found[-1]}" if found else "no checkpoint yet"
+
+    def nonfinite(self, what: str, step: int, remedy: str) -> NonFiniteError:
+        """The one-line error of a non-finite value at ``step`` (1-based): nothing is written after it."""
+        return NonFiniteError(f"{self.stage} step {step}: {what}; stopped before writing anything "
+                              f"({self.last_good()}; a saved adapter is unchanged); {remedy}")
 
 
 def read_state(checkpoint: Path) -> dict:
@@ -220,12 +378,30 @@ def save_torch_state(path: Path, optimizer, scheduler, extra: dict | None = None
 
 
 def load_torch_state(path: Path, optimizer, scheduler) -> dict:
+    # The checkpoint's optimizer state brings its own hyper-parameters back; those this run was built
+    # with win (they differ only under --resume-ignore-config, which asks for the new ones).
+    built = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
     # weights_only=False is needed for numpy RNG state; these files are our own checkpoints.
     optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=False))
     scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=False))
+    _keep_hyperparameters(optimizer, scheduler, built)
     extra = torch.load(path / "rng_state.pt", weights_only=False)
     set_rng_state(extra.pop("rng"))
     return extra
+
+
+def _keep_hyperparameters(optimizer, scheduler, built: list[dict]) -> None:
+    for group, fresh in zip(optimizer.param_groups, built):
+        for k, v in fresh.items():
+            if k not in ("lr", "initial_lr") and k in group and group[k] != v:
+                group[k] = v
+    base = [fresh.get("initial_lr", fresh["lr"]) for fresh in built]
+    if list(scheduler.base_lrs) != base and hasattr(scheduler, "lr_lambdas"):
+        scheduler.base_lrs = base
+        lrs = [b * f(scheduler.last_epoch) for b, f in zip(base, scheduler.lr_lambdas)]
+        for group, b, lr in zip(optimizer.param_groups, base, lrs):
+            group["initial_lr"], group["lr"] = b, lr
+        scheduler._last_lr = lrs
 
 
 def _jsonable(v: Any) -> Any:
@@ -342,3 +518,19 @@ def make_accelerator(device: str):
 
 def no_sync(accelerator, model, active: bool):
     return accelerator.no_sync(model) if active and accelerator.num_processes > 1 else nullcontext()
+
+
+def grad_norm(accelerator, params: list[torch.nn.Parameter], max_norm: float) -> torch.Tensor:
+    """The total gradient norm, after clipping to ``max_norm`` when it is > 0. Computed without
+    clipping too: a non-finite gradient must be caught either way."""
+    if max_norm > 0:
+        return accelerator.clip_grad_norm_(params, max_norm)
+    norms = [torch.linalg.vector_norm(p.grad.detach().float()) for p in params if p.grad is not None]
+    return torch.linalg.vector_norm(torch.stack(norms)) if norms else torch.zeros(())
+
+
+def skip_backward(accelerator, params: list[torch.nn.Parameter]) -> None:
+    """Stands in for the backward of a micro-batch skipped for a non-finite loss: under DDP every
+    process must join the gradient all-reduce, so a zero gradient is accumulated instead."""
+    if accelerator.num_processes > 1:
+        accelerator.backward(sum(p.sum() for p in params) * 0.0)

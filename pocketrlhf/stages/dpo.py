@@ -272,6 +272,8 @@ def train(cfg: DPOConfig) -> dict:
     check_config(cfg)
     accelerator = common.make_accelerator(cfg.device)
     run = common.Run(cfg, "dpo", accelerator.is_main_process)
+    if run.finished is not None:  # --resume auto on a finished run: never trained again
+        return run.finished
     common.set_seed(cfg.seed)
     tokenizer = load_tokenizer(cfg.model, cfg.trust_remote_code)
     train_set, eval_set, data_report = prepare_data(cfg, tokenizer)

@@ -131,11 +131,16 @@ class Loop:
     eval_set: Sequence[Any]
     write_checkpoint: Callable[[Path], None]  # trained weights only; optimizer/RNG are added here
     unit: str = "tokens"
+    nonfinite_skipped: int = 0  # micro-batches and steps skipped so far (skip_nonfinite), in checkpoints too
 
     def fit(self, start_step: int, steps_per_epoch: int, total_steps: int) -> dict[str, float]:
+        """Train from ``start_step``. A non-finite loss or gradient norm stops with a NonFiniteError
+        before anything more is written, or with ``skip_nonfinite`` skips that micro-batch or step
+        (counted in ``nonfinite_skipped``, over the whole run)."""
         cfg, acc = self.cfg, self.accelerator
         world, rank = acc.num_processes, acc.process_index
         device = self.parameters[0].device
+        skip = getattr(cfg, "skip_nonfinite", False)
         progress = common.Progress(total_steps, start_step, self.run.stage, cfg.progress and acc.is_main_process)
         speed = common.Throughput()
         last: dict[str, float] = {}
@@ -143,25 +148,50 @@ class Loop:
             indices = step_indices(cfg, step, steps_per_epoch, len(self.train_set), world)
             global_units = self.stage.units([self.train_set[i] for i in indices])
             batches = micro_batches(indices, cfg, rank)
-            sums: dict[str, torch.Tensor] = {}
+            sums: dict[str, torch.Tensor] = {"loss": torch.zeros((), device=device)}
+            skipped = 0  # this process's micro-batches skipped in this step
             for j, ids in enumerate(batches):
                 batch = _to(self.stage.batch([self.train_set[i] for i in ids]), device)
                 with common.no_sync(acc, self.module, j < len(batches) - 1):
                     loss, metrics = self.stage.loss(self.module, batch)
+                    if not torch.isfinite(loss.detach()).all():
+                        if not skip:
+                            raise self.run.nonfinite(f"the loss of micro-batch {j + 1} of {len(batches)} is "
+                                                     f"{loss.detach().float().item()}", step + 1,
+                                                     "pass --skip-nonfinite to skip such micro-batches")
+                        # The remaining micro-batches keep their weight: the step is a little smaller.
+                        skipped += 1
+                        common.skip_backward(acc, self.parameters)
+                        for k in metrics:  # every process reduces the same metric names below
+                            sums.setdefault(k, torch.zeros((), device=device))
+                        continue
                     # DDP averages gradients over processes, hence the factor `world`.
                     acc.backward(loss / global_units * world)
                 for k, v in {"loss": loss, **metrics}.items():
                     sums[k] = sums.get(k, torch.zeros((), device=device)) + v.detach().float()
                 speed.add(int(batch["attention_mask"].sum()) * world)
-            grad_norm = acc.clip_grad_norm_(self.parameters, cfg.max_grad_norm) if cfg.max_grad_norm > 0 else None
-            self.optimizer.step()
+            # Gradients are already summed over processes here, so every process sees the same norm.
+            grad_norm = float(common.grad_norm(acc, self.parameters, cfg.max_grad_norm))
+            if math.isfinite(grad_norm):
+                self.optimizer.step()
+            elif not skip:
+                raise self.run.nonfinite(f"the gradient norm is {grad_norm}", step + 1,
+                                         "pass --skip-nonfinite to skip such steps")
+            else:
+                skipped = 1  # the whole step (the norm is the same on every process): no update; the schedule
+                # still advances, so the learning rate stays a function of the step as on resume
             self.scheduler.step()
             self.optimizer.zero_grad(set_to_none=True)
             done = step + 1
             last = {k: (acc.reduce(v, "sum") / global_units).item() for k, v in sums.items()}
             last.update(lr=self.scheduler.get_last_lr()[0], epoch=step / steps_per_epoch)
-            if grad_norm is not None:
-                last["grad_norm"] = float(grad_norm)
+            if cfg.max_grad_norm > 0:
+                last["grad_norm"] = grad_norm
+            if skip:
+                if math.isfinite(grad_norm) and world > 1:
+                    skipped = int(acc.reduce(torch.tensor(skipped, device=device), "sum"))
+                self.nonfinite_skipped += skipped
+                last["nonfinite_skipped"] = self.nonfinite_skipped
             if done % cfg.logging_steps == 0 or done == total_steps:
                 last["tokens_per_s"] = speed.rate()
                 self.run.log(done, last)
@@ -182,7 +212,8 @@ class Loop:
             self.write_checkpoint(path)
             common.save_torch_state(path, self.optimizer, self.scheduler)
 
-        self.run.save_checkpoint(step, write, {"epoch": epoch, "total_steps": total_steps})
+        self.run.save_checkpoint(step, write, {"epoch": epoch, "total_steps": total_steps,
+                                               "nonfinite_skipped": self.nonfinite_skipped})
 
     def resume(self, load_weights: Callable[[Path], None]) -> int:
         """Restore weights, optimizer, schedule and RNG from the checkpoint cfg.resume names; the step."""
@@ -191,7 +222,9 @@ class Loop:
             return 0
         load_weights(checkpoint)
         common.load_torch_state(checkpoint, self.optimizer, self.scheduler)
-        step = common.read_state(checkpoint)["step"]
+        state = common.read_state(checkpoint)
+        step = state["step"]
+        self.nonfinite_skipped = state.get("nonfinite_skipped", 0)
         self.run.truncate_metrics(step)
         common.log.info("resuming from %s (step %d)", checkpoint, step)
         return step

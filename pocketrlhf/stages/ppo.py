@@ -19,6 +19,7 @@ import importlib
 import inspect
 import json
 import math
+import numbers
 import sys
 import time
 from dataclasses import dataclass
@@ -34,7 +35,7 @@ from pocketrlhf.config import AdapterOptions, ModelOptions, TrainOptions, option
 from pocketrlhf.data.formats import prompts as prompt_rows
 from pocketrlhf.data.templates import TemplateName
 from pocketrlhf.data.tokenize import TokenExample, collate, encode
-from pocketrlhf.errors import ConfigError, DataError
+from pocketrlhf.errors import ConfigError, DataError, NonFiniteError, RewardFunctionError
 from pocketrlhf.models.generation import row_seed
 from pocketrlhf.stages import common
 from pocketrlhf.stages.common import log
@@ -125,18 +126,51 @@ def load_reward_function(spec: str) -> Callable:
     return fn
 
 
-def rule_reward(fn: Callable) -> Callable:
-    """Adapt a user function of (responses) or (prompts, responses) to the reward interface."""
+def rule_reward(fn: Callable, spec: str | None = None) -> Callable:
+    """Adapt a user function of (responses) or (prompts, responses) to the reward interface. What
+    it raises, and anything but one number per response, is a RewardFunctionError naming ``spec``
+    (module:function) and the first bad value."""
     wants_prompts = len(inspect.signature(fn).parameters) >= 2
+    name = spec or f"{getattr(fn, '__module__', '?')}:{getattr(fn, '__qualname__', fn)}"
 
     def reward(input_ids, attention_mask, prompts: list[str], responses: list[str]) -> torch.Tensor:
-        scores = fn(prompts, responses) if wants_prompts else fn(responses)
-        scores = [float(s) for s in scores]
-        if len(scores) != len(responses):
-            raise DataError(f"the reward function returned {len(scores)} scores for {len(responses)} responses")
-        return torch.tensor(scores, dtype=torch.float32, device=input_ids.device)
+        try:
+            scores = fn(prompts, responses) if wants_prompts else fn(responses)
+        except Exception as e:  # noqa: BLE001 - the user's code: any failure becomes one line naming it
+            detail = str(e).splitlines()[0] if str(e) else ""
+            raise RewardFunctionError(f"reward function {name} raised {type(e).__name__}"
+                                      f"{': ' + detail if detail else ''} (on {len(responses)} responses)") from e
+        return torch.tensor(check_scores(scores, len(responses), f"reward function {name}"), dtype=torch.float32,
+                            device=input_ids.device)
 
     return reward
+
+
+def check_scores(scores, n: int, source: str) -> list[float]:
+    """``scores`` as n floats, or a RewardFunctionError naming ``source`` and the first bad value."""
+    if isinstance(scores, torch.Tensor):
+        scores = scores.detach().cpu().reshape(-1).tolist() if scores.dim() <= 1 else scores
+    if isinstance(scores, (str, bytes, dict)) or not hasattr(scores, "__len__"):
+        raise RewardFunctionError(f"{source} returned {type(scores).__name__} {_short(scores)}; it must return a list "
+                                  f"of {n} numbers, one per response")
+    if len(scores) != n:
+        raise RewardFunctionError(f"{source} returned {len(scores)} scores for {n} responses")
+    out = []
+    for i, s in enumerate(scores):
+        if isinstance(s, torch.Tensor) and s.numel() == 1:
+            s = s.item()
+        if isinstance(s, (str, bytes)) or not isinstance(s, numbers.Real):
+            error = RewardFunctionError(f"{source} returned {type(s).__name__} {_short(s)} as a score; it must "
+                                        "return numbers")
+            error.index = i  # lets the caller name the prompt
+            raise error
+        out.append(float(s))
+    return out
+
+
+def _short(value, limit: int = 60) -> str:
+    text = repr(value).replace("\n", " ")
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 def set_trainable(model: torch.nn.Module, adapters: set[str]) -> list[torch.nn.Parameter]:
@@ -172,7 +206,7 @@ def build_roles(cfg: PPOConfig, total_steps: int) -> Roles:
         def reward(input_ids, attention_mask, prompts, responses):
             return scorer(input_ids, attention_mask, normalize=cfg.reward_normalize)
     else:
-        reward = rule_reward(load_reward_function(cfg.reward_function))
+        reward = rule_reward(load_reward_function(cfg.reward_function), cfg.reward_function)
     value_adapter = None
     if cfg.value_model == "adapter":
         value_adapter = VALUE
@@ -239,13 +273,18 @@ class Rollout:
     has_eos: torch.Tensor  # [N] bool
     prompts: list[str]
     responses: list[str]
+    kept: torch.Tensor | None = None  # [N] bool: False for rollouts dropped for a non-finite score (skip_nonfinite)
 
 
 def generate_rollouts(cfg: PPOConfig, roles: Roles, tokenizer, prompt_ids: list[list[int]],
-                      row_seeds: list[int]) -> Rollout:
+                      row_seeds: list[int], prompt_indices: list[int] | None = None) -> Rollout:
     """Sample, truncate at EOS and score one response per prompt; response i comes from its own
     random stream ``row_seeds[i]``, so rollouts do not depend on how prompts are batched or split
-    over processes (N processes reproduce one process exactly)."""
+    over processes (N processes reproduce one process exactly).
+
+    A non-finite score is a NonFiniteError naming the reward and the prompt (its index in
+    ``prompt_indices``, else its position), or with ``skip_nonfinite`` drops that rollout: its
+    response mask and score become 0, so it adds nothing to the update, and ``kept`` marks it."""
     from pocketrlhf.models.generation import sample
 
     responses = sample(roles.model, tokenizer, prompt_ids, cfg.max_new_tokens, cfg.temperature,
@@ -258,14 +297,31 @@ def generate_rollouts(cfg: PPOConfig, roles: Roles, tokenizer, prompt_ids: list[
     has_eos = torch.tensor([bool(r) and r[-1] == eos for r in responses], device=device)
     prompt_texts = tokenizer.batch_decode(prompt_ids, skip_special_tokens=True)
     response_texts = tokenizer.batch_decode(responses, skip_special_tokens=True)
-    raw = torch.cat([roles.reward(ids[i:i + cfg.batch_size], attn[i:i + cfg.batch_size],
-                                  prompt_texts[i:i + cfg.batch_size], response_texts[i:i + cfg.batch_size])
-                     for i in range(0, len(prompt_ids), cfg.batch_size)]).float()
-    scores = raw - cfg.reward_baseline
+    index = prompt_indices if prompt_indices is not None else list(range(len(prompt_ids)))
+    source = f"reward function {cfg.reward_function}" if cfg.reward_function else f"reward adapter {cfg.reward_adapter}"
+    parts = []
+    for i in range(0, len(prompt_ids), cfg.batch_size):
+        try:
+            parts.append(roles.reward(ids[i:i + cfg.batch_size], attn[i:i + cfg.batch_size],
+                                      prompt_texts[i:i + cfg.batch_size], response_texts[i:i + cfg.batch_size]))
+        except RewardFunctionError as e:
+            bad = getattr(e, "index", None)
+            where = (f"the answer to prompt {index[i + bad]}, {_short(prompt_texts[i + bad])}" if bad is not None else
+                     f"prompts {index[i]}..{index[min(i + cfg.batch_size, len(index)) - 1]}")
+            raise RewardFunctionError(f"{e} ({where})") from e.__cause__
+    raw = torch.cat(parts).float()
+    kept = torch.isfinite(raw)
+    if not kept.all():
+        bad = int((~kept).nonzero()[0])
+        if not cfg.skip_nonfinite:
+            raise NonFiniteError(f"{source} returned {raw[bad].item()} for the answer to prompt {index[bad]}, "
+                                 f"{_short(prompt_texts[bad])} ({int((~kept).sum())} of {len(raw)} scores non-finite)")
+        resp = resp * kept[:, None].to(resp.dtype)
+    scores = torch.where(kept, raw, 0.0) - cfg.reward_baseline
     if cfg.reward_clip > 0:
         scores = scores.clamp(-cfg.reward_clip, cfg.reward_clip)
-    scores = scores - cfg.missing_eos_penalty * (~has_eos).float()
-    return Rollout(ids, attn, resp, scores, raw, has_eos, prompt_texts, response_texts)
+    scores = (scores - cfg.missing_eos_penalty * (~has_eos).float()) * kept
+    return Rollout(ids, attn, resp, scores, raw, has_eos, prompt_texts, response_texts, kept)
 
 
 @torch.no_grad()
@@ -297,7 +353,11 @@ def ppo_update(cfg: PPOConfig, roles: Roles, module, r: Rollout, old: dict, adva
                scheduler, accelerator, generator: torch.Generator) -> dict[str, float]:
     """ppo_epochs passes of shuffled minibatches. Each minibatch's losses are token means over the
     minibatch on ALL processes (micro-batches weighted by their tokens, DDP's averaging undone),
-    so N processes take the same step as one process with the same global minibatch."""
+    so N processes take the same step as one process with the same global minibatch.
+
+    A non-finite loss or gradient norm is a NonFiniteError, or with ``skip_nonfinite`` skips that
+    micro-batch's backward or that minibatch's update; ``nonfinite_skipped`` counts them (this
+    process's micro-batches plus the minibatch updates)."""
     mask = r.response_mask.float()
     n = mask.shape[0]
     world = accelerator.num_processes
@@ -305,6 +365,18 @@ def ppo_update(cfg: PPOConfig, roles: Roles, module, r: Rollout, old: dict, adva
     sums: dict[str, float] = {}
     weight = 0.0
     first: dict[str, float] = {}
+    stats: dict[str, float] = {}
+    skipped = 0
+
+    def finite(loss: torch.Tensor, what: str, epoch: int, start: int) -> bool:
+        if torch.isfinite(loss.detach()).all():
+            return True
+        if not cfg.skip_nonfinite:
+            raise NonFiniteError(f"the {what} loss is {loss.detach().float().item()} (PPO epoch {epoch + 1}, "
+                                 f"minibatch {start // minibatch + 1})")
+        common.skip_backward(accelerator, roles.trainable)
+        return False
+
     for epoch in range(cfg.ppo_epochs):
         order = torch.randperm(n, generator=generator).tolist()
         for start in range(0, n, minibatch):
@@ -317,6 +389,7 @@ def ppo_update(cfg: PPOConfig, roles: Roles, module, r: Rollout, old: dict, adva
                 idx = torch.tensor(rows[m:m + cfg.batch_size], device=mask.device)
                 ids, attn, resp, mb_mask = r.input_ids[idx], r.attention_mask[idx], r.response_mask[idx], mask[idx]
                 share = mb_mask.sum() / tokens  # this micro-batch's share of the minibatch's tokens
+                ok = True
                 with roles.adapters.use(POLICY):
                     out = module(ids, attn, resp, cfg.temperature)
                     pg = policy_loss(out["logprobs"], old["logprobs"][idx], advantages[idx], mb_mask, cfg.cliprange)
@@ -325,12 +398,22 @@ def ppo_update(cfg: PPOConfig, roles: Roles, module, r: Rollout, old: dict, adva
                         vf, vf_clip = value_loss(out["values"], old["values"][idx], returns[idx], mb_mask,
                                                  cfg.cliprange_value)
                         loss = loss + cfg.vf_coef * vf
-                    accelerator.backward(loss * share)
+                    # Backward inside the adapter's context: recomputation must see the same adapter.
+                    if finite(loss, "policy" if roles.value_adapter else "policy + value", epoch, start):
+                        accelerator.backward(loss * share)
+                    else:
+                        ok = False
                 if roles.value_adapter is not None:
                     with roles.adapters.use(roles.value_adapter):
                         values = module(ids, attn, resp, cfg.temperature, role=VALUE)["values"]
                         vf, vf_clip = value_loss(values, old["values"][idx], returns[idx], mb_mask, cfg.cliprange_value)
-                        accelerator.backward(cfg.vf_coef * vf * share)
+                        if finite(vf, "value", epoch, start):
+                            accelerator.backward(cfg.vf_coef * vf * share)
+                        else:
+                            ok = False
+                if not ok:
+                    skipped += 1
+                    continue
                 stats = {"pg_loss": pg.loss.item(), "vf_loss": vf.item(), "pg_clipfrac": pg.clipfrac.item(),
                          "vf_clipfrac": vf_clip.item(), "approxkl": pg.approxkl.item(), "policykl": pg.policykl.item(),
                          "ratio": pg.ratio.item()}
@@ -340,15 +423,23 @@ def ppo_update(cfg: PPOConfig, roles: Roles, module, r: Rollout, old: dict, adva
                 for k, v in stats.items():
                     sums[k] = sums.get(k, 0.0) + v * w
                 weight += w
-            if cfg.max_grad_norm > 0:
-                accelerator.clip_grad_norm_(roles.trainable, cfg.max_grad_norm)
-            optimizer.step()
+            norm = float(common.grad_norm(accelerator, roles.trainable, cfg.max_grad_norm))
+            if math.isfinite(norm):
+                optimizer.step()
+            elif not cfg.skip_nonfinite:
+                raise NonFiniteError(f"the gradient norm is {norm} (PPO epoch {epoch + 1}, minibatch "
+                                     f"{start // minibatch + 1})")
+            else:
+                skipped += 1  # this minibatch's update is dropped
             optimizer.zero_grad(set_to_none=True)
-        if cfg.target_kl > 0 and stats["policykl"] > 1.5 * cfg.target_kl:
+        if cfg.target_kl > 0 and stats.get("policykl", 0.0) > 1.5 * cfg.target_kl:
             first["early_stopped_epoch"] = epoch + 1
             break
     scheduler.step()
-    return {**{k: v / max(weight, 1.0) for k, v in sums.items()}, **first}
+    result = {**{k: v / max(weight, 1.0) for k, v in sums.items()}, **first}
+    if cfg.skip_nonfinite:
+        result["nonfinite_skipped"] = skipped
+    return result
 
 
 # ---------------------------------------------------------------------------------------------
@@ -418,6 +509,8 @@ def train(cfg: PPOConfig) -> dict:
     if cfg.rollouts_per_step % world:
         raise ConfigError(f"--rollouts-per-step {cfg.rollouts_per_step} must be divisible by the {world} processes")
     run = common.Run(cfg, "ppo", accelerator.is_main_process)
+    if run.finished is not None:  # --resume auto on a finished run: never trained again
+        return run.finished
     common.set_seed(cfg.seed + rank * 100003)  # each process samples its own rollouts (spec 4.10.6)
     tokenizer = load_tokenizer(cfg.model, cfg.trust_remote_code)
     train_prompts, eval_prompts, data_report = prepare_prompts(cfg, tokenizer)
@@ -439,7 +532,7 @@ def train(cfg: PPOConfig) -> dict:
             save_adapter(roles.model, path / "value", name=VALUE)
         roles.value_head.save(path / "value")
 
-    start_step = 0
+    start_step, nonfinite_skipped = 0, 0  # rollouts, micro-batches and updates dropped (skip_nonfinite)
     checkpoint = run.resume_from()
     if checkpoint is not None:
         load_adapter_weights(roles.model, checkpoint / "adapter", name=POLICY)
@@ -448,7 +541,8 @@ def train(cfg: PPOConfig) -> dict:
         roles.value_head.load_state_dict(ScalarHead.load(checkpoint / "value", device=device).state_dict())
         extra = common.load_torch_state(checkpoint, optimizer, scheduler)
         kl_ctl.load_state_dict(extra["kl_controller"])
-        start_step = common.read_state(checkpoint)["step"]
+        state = common.read_state(checkpoint)
+        start_step, nonfinite_skipped = state["step"], state.get("nonfinite_skipped", 0)
         run.truncate_metrics(start_step)
         log.info("resuming from %s (step %d of %d)", checkpoint, start_step, total_steps)
 
@@ -461,10 +555,16 @@ def train(cfg: PPOConfig) -> dict:
     last: dict[str, float] = {}
     for step in range(start_step, total_steps):
         started = time.perf_counter()
-        prompt_ids = [train_prompts[i] for i in step_prompts(cfg, step, len(train_prompts), rank, world)]
+        chosen = step_prompts(cfg, step, len(train_prompts), rank, world)
+        prompt_ids = [train_prompts[i] for i in chosen]
         first = rank * len(prompt_ids)  # global position of this process's first rollout in the step
-        r = generate_rollouts(cfg, roles, tokenizer, prompt_ids,
-                              [row_seed(cfg.seed, step, first + i) for i in range(len(prompt_ids))])
+        try:
+            r = generate_rollouts(cfg, roles, tokenizer, prompt_ids,
+                                  [row_seed(cfg.seed, step, first + i) for i in range(len(prompt_ids))], chosen)
+        except NonFiniteError as e:
+            raise run.nonfinite(str(e), step + 1, "pass --skip-nonfinite to drop such rollouts") from None
+        except RewardFunctionError as e:
+            raise RewardFunctionError(f"ppo step {step + 1}: {e}") from e.__cause__
         old = old_policy_pass(cfg, roles, module, r)
         mask = r.response_mask.float()
         kl = kl_per_token(old["logprobs"], old["ref_logprobs"], cfg.kl_estimator) * mask
@@ -474,23 +574,31 @@ def train(cfg: PPOConfig) -> dict:
         advantages, returns = gae(rewards, old["values"], mask, cfg.gamma, cfg.lam)
         advantages = masked_whiten(advantages, mask, reduce=reduce)
         generator = torch.Generator().manual_seed(cfg.seed * 1000003 + step)
-        stats = ppo_update(cfg, roles, module, r, old, advantages, returns, optimizer, scheduler, accelerator,
-                           generator)
-        # Statistics of the whole step's rollouts, over every process.
+        try:
+            stats = ppo_update(cfg, roles, module, r, old, advantages, returns, optimizer, scheduler, accelerator,
+                               generator)
+        except NonFiniteError as e:
+            raise run.nonfinite(str(e), step + 1, "pass --skip-nonfinite to skip such updates") from None
+        # Statistics of the whole step's rollouts, over every process (dropped rollouts left out).
         gather = accelerator.gather if world > 1 else (lambda x: x)
-        scores = gather(r.raw_scores)
-        seq_kl = gather(((old["logprobs"] - old["ref_logprobs"]) * mask).sum(1))
+        kept = gather(r.kept)
+        scores = gather(r.raw_scores)[kept]
+        seq_kl = gather(((old["logprobs"] - old["ref_logprobs"]) * mask).sum(1))[kept]
         metrics = {
             "score": scores.mean().item(), "score_std": scores.std().item() if len(scores) > 1 else 0.0,
             "kl": seq_kl.mean().item(), "kl_coef": kl_ctl.value,
             "entropy": masked_mean(old["entropy"], mask, reduce).item(),
-            "eos_fraction": gather(r.has_eos.float()).mean().item(),
-            "response_length": gather(mask.sum(1)).mean().item(),
+            "eos_fraction": gather(r.has_eos.float())[kept].mean().item(),
+            "response_length": gather(mask.sum(1))[kept].mean().item(),
             "explained_variance": explained_variance(old["values"], returns, mask, reduce),
             "lr": scheduler.get_last_lr()[0], **stats,
             "samples_per_s": cfg.rollouts_per_step / (time.perf_counter() - started),
         }
-        kl_ctl.update(metrics["kl"], cfg.rollouts_per_step)
+        if cfg.skip_nonfinite:
+            nonfinite_skipped += int((~kept).sum()) + stats.get("nonfinite_skipped", 0)
+            metrics["nonfinite_skipped"] = nonfinite_skipped
+        if len(scores):  # a step whose every rollout was dropped says nothing about the KL
+            kl_ctl.update(metrics["kl"], cfg.rollouts_per_step)
         done = step + 1
         last = metrics
         if done % cfg.logging_steps == 0 or done == total_steps:
@@ -500,7 +608,8 @@ def train(cfg: PPOConfig) -> dict:
             _log_eval(cfg, run, roles, module, tokenizer, eval_prompts, done)
         if cfg.save_steps and done % cfg.save_steps == 0 and done != total_steps:
             run.save_checkpoint(done, lambda path: (save_weights(path), common.save_torch_state(
-                path, optimizer, scheduler, {"kl_controller": kl_ctl.state_dict()})), {"total_steps": total_steps})
+                path, optimizer, scheduler, {"kl_controller": kl_ctl.state_dict()})),
+                {"total_steps": total_steps, "nonfinite_skipped": nonfinite_skipped})
     progress.close()
 
     summary = {"steps": total_steps, "final_score": last.get("score"), "final_kl": last.get("kl"), **data_report}

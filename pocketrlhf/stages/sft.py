@@ -116,6 +116,8 @@ def train(cfg: SFTConfig) -> dict:
     common.setup_logging()
     accelerator = common.make_accelerator(cfg.device)
     run = common.Run(cfg, "sft", accelerator.is_main_process)
+    if run.finished is not None:  # --resume auto on a finished run: never trained again
+        return run.finished
     common.set_seed(cfg.seed)
     tokenizer = load_tokenizer(cfg.model, cfg.trust_remote_code)
     train_set, eval_set, data_report = prepare_data(cfg, tokenizer)
