@@ -105,8 +105,8 @@ def test_no_model_at_all(workdir, capsys):
 def test_model_loading_checks_the_path_itself(workdir):
     from pocketrlhf.models.loading import load_base, load_tokenizer
 
+    (workdir / "models").mkdir()
     with pytest.raises(ModelLoadError, match=r"^models/llama does not exist \(expected a local Hugging Face model folder\)$"):
-        (workdir / "models").mkdir()
         load_tokenizer("models/llama")
     with pytest.raises(ModelLoadError, match=r"^--model is required \(a local Hugging Face model folder\)$"):
         load_base("")
