@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 from typing import Literal
 
+from pocketrlhf.algorithms.stats import describe_accuracy
 from pocketrlhf.config import option
 from pocketrlhf.data import synthetic
 from pocketrlhf.errors import ConfigError
@@ -93,13 +94,18 @@ def results_table(root: Path) -> tuple[str, dict]:
     rm_summary = json.loads((root / "rm" / "summary.json").read_text())
     samples = root / "evaluation" / "samples.jsonl"
     rows = {name: {**r, "well_formed": well_formed_fraction(samples, name)} for name, r in evaluation.items()}
-    numbers = {"reward_model_heldout_accuracy": rm_summary.get("eval_accuracy"), "models": rows}
+    numbers = {"reward_model_heldout_accuracy": rm_summary.get("eval_accuracy"),
+               "reward_model_heldout_pairs": rm_summary.get("eval_accuracy_n"),
+               "reward_model_heldout_ci95": rm_summary.get("eval_accuracy_ci95"), "models": rows}
     lines = [f"{'model':<6} {'well-formed':>11} {'ends (EOS)':>10} {'sentiment*':>10} {'RM score':>9} "
              f"{'win vs SFT':>10} {'KL to SFT':>9}"]
     for name, r in rows.items():
         lines.append(f"{name:<6} {r['well_formed']:>11.2f} {r['eos_fraction']:>10.2f} {r['ground_truth']:>10.3f} "
                      f"{r['reward_model_score']:>9.2f} {r['win_rate_vs_sft']:>10.2f} {r['kl_to_sft']:>9.2f}")
-    lines.append(f"\nreward model: held-out pair accuracy {numbers['reward_model_heldout_accuracy']:.3f}")
+    lines.append(f"\nreward model: held-out pair accuracy "
+                 f"{describe_accuracy(rm_summary.get('eval_accuracy'), rm_summary.get('eval_accuracy_n'))} "
+                 f"on prompts it never trained on")
+    lines.append(f"models answered {next(iter(rows.values()))['prompts']} held-out prompts each")
     lines.append("* ground truth: a fixed sentiment lexicon in [-1, 1], independent of the learned reward model")
     return "\n".join(lines), numbers
 

@@ -130,6 +130,9 @@ class Pipeline:
         from pocketrlhf.stages import dpo, ppo, rm, sft
 
         sft_adapter = self.adapter("sft")
+        # Held-out numbers of every stage come from the prepared evaluation split: questions that no
+        # training split holds (a random share of a stage's own rows would share questions with it).
+        held_out = self.prepared("evaluation")
         if stage == "data":
             from pocketrlhf.data import stackexchange
 
@@ -137,17 +140,20 @@ class Pipeline:
                       "progress": self.cfg.progress, "overwrite": True, **self.cfg.data}
             return from_dict(stackexchange.StackExchangeConfig, values, f"{self.source}: data")
         if stage == "sft":
-            return self._training_stage("sft", sft.SFTConfig, {"data": self.prepared("finetune")})
+            return self._training_stage("sft", sft.SFTConfig, {"data": self.prepared("finetune"), "eval_data": held_out})
         if stage == "rm":
-            return self._training_stage("rm", rm.RMConfig, {"data": self.prepared("reward"), "sft_adapter": sft_adapter})
+            return self._training_stage("rm", rm.RMConfig, {"data": self.prepared("reward"), "eval_data": held_out,
+                                                            "sft_adapter": sft_adapter})
         if stage == "ppo":
-            wiring = {"prompts": self.prepared("rl"), "sft_adapter": sft_adapter}
+            wiring = {"prompts": self.prepared("rl"), "eval_prompts": held_out, "sft_adapter": sft_adapter}
             if "reward_function" not in self.cfg.ppo:
                 wiring["reward_adapter"] = self.adapter("rm")
             return self._training_stage("ppo", ppo.PPOConfig, wiring)
         if stage == "dpo":
             data = self.cfg.rm.get("data", "") or self.prepared("reward")
-            return self._training_stage("dpo", dpo.DPOConfig, {"data": data, "sft_adapter": sft_adapter})
+            eval_data = self.cfg.rm.get("eval_data", "") or held_out
+            return self._training_stage("dpo", dpo.DPOConfig, {"data": data, "eval_data": eval_data,
+                                                              "sft_adapter": sft_adapter})
         policies = {s: self.adapter(s) for s in ("ppo", "dpo") if s in self.cfg.stages}
         wiring = {"output_dir": str(self.dir("eval")), "sft_adapter": sft_adapter, "policies": policies,
                   "reward_adapter": self.adapter("rm"),

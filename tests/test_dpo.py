@@ -68,7 +68,8 @@ def test_dpo_raises_held_out_preference_accuracy(tmp_path, llama, pairs_file, qu
     # Fresh adapter == base == reference at the first step (the cached reference was computed in
     # other batches, so equal up to rounding): no preference yet.
     assert first["loss"] == pytest.approx(math.log(2), abs=1e-6) and abs(first["margin"]) < 1e-5
-    assert summary["eval_pairs"] == 48
+    # A fifth of the 240 pairs, rounded to whole prompts (16 prompts share them).
+    assert summary["eval_pairs"] + summary["train_pairs"] == 240 and abs(summary["eval_pairs"] - 48) <= 240 / 16
     assert summary["eval_accuracy"] >= 0.85 and summary["eval_loss"] < 0.4
     assert summary["eval_rewards/chosen"] > summary["eval_rewards/rejected"]
     for name in ("config.yaml", "metrics.jsonl", "summary.json", "adapter/adapter_model.safetensors",
@@ -205,12 +206,13 @@ def test_precomputed_reference_resume_and_cache_reuse(tmp_path, llama, pairs_fil
     live = tmp_path / "live"
     dpo.train(config(llama, pairs_file, live, max_steps=6, precompute_ref_logprobs=False))
     full = tmp_path / "full"
-    dpo.train(config(llama, pairs_file, full, max_steps=6, save_steps=3, save_total_limit=0,
-                     precompute_ref_logprobs=True))
+    summary = dpo.train(config(llama, pairs_file, full, max_steps=6, save_steps=3, save_total_limit=0,
+                               precompute_ref_logprobs=True))
     cache = full / dpo.REFERENCE_CACHE
     with safe_open(str(cache), "pt") as f:
         assert set(f.keys()) == {"train_chosen", "train_rejected", "eval_chosen", "eval_rejected"}
-        assert f.get_tensor("train_chosen").shape == (192,) and len(f.metadata()["key"]) == 64
+        assert f.get_tensor("train_chosen").shape == (summary["train_pairs"],) and len(f.metadata()["key"]) == 64
+        assert f.get_tensor("eval_chosen").shape == (summary["eval_pairs"],)
     # The cached reference gives the live reference's numbers (batches differ, so not bit for bit).
     assert [m["loss"] for m in metrics(full)] == pytest.approx([m["loss"] for m in metrics(live)], abs=1e-4)
 
@@ -232,9 +234,9 @@ def test_precomputed_reference_resume_and_cache_reuse(tmp_path, llama, pairs_fil
 
     # Other data in the same folder: the cache no longer matches and is rebuilt.
     other = write_jsonl(tmp_path / "other.jsonl", synthetic.preference_rows(100, seed=7))
-    dpo.train(config(llama, other, crashed, max_steps=1, precompute_ref_logprobs=True, overwrite=True))
+    other_summary = dpo.train(config(llama, other, crashed, max_steps=1, precompute_ref_logprobs=True, overwrite=True))
     with safe_open(str(crashed / dpo.REFERENCE_CACHE), "pt") as f:
-        assert f.get_tensor("train_chosen").shape == (80,)
+        assert f.get_tensor("train_chosen").shape == (other_summary["train_pairs"],) != (summary["train_pairs"],)
 
 
 # ---------------------------------------------------------------------------------------------

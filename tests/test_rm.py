@@ -37,7 +37,9 @@ def trained_rm(tmp_path_factory, llama, pairs_file):
 
 def test_reward_model_ranks_held_out_pairs(trained_rm):
     out, summary = trained_rm
-    assert summary["eval_accuracy"] >= 0.9 and summary["eval_pairs"] == 120
+    assert summary["eval_accuracy"] >= 0.9 and summary["eval_accuracy_n"] == summary["eval_pairs"]
+    # A fifth of the pairs, rounded to whole prompts (16 prompts share the 600 pairs).
+    assert abs(summary["eval_pairs"] - 120) <= 600 / 16 and summary["held_out"]["held_out_prompts"] >= 2
     assert summary["eval_loss"] < 0.69  # better than chance (log 2)
     for name in ("adapter_model.safetensors", "adapter_config.json", "head.safetensors", "tokenizer_config.json"):
         assert (out / "adapter" / name).is_file()

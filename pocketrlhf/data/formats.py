@@ -49,6 +49,13 @@ class Skipped:
             if len(seen) < SHOWN_ROWS:
                 seen.append(row)
 
+    def merge(self, other: "Skipped", prefix: str = "") -> None:
+        """Add ``other``'s counts and row numbers, its reasons prefixed (``eval ``, say)."""
+        for reason, n in other.counts.items():
+            self.counts[prefix + reason] += n
+            seen = self.rows.setdefault(prefix + reason, [])
+            seen.extend(other.rows.get(reason, [])[:SHOWN_ROWS - len(seen)])
+
     @property
     def total(self) -> int:
         return sum(self.counts.values())
@@ -205,8 +212,10 @@ def preference_pairs(ds, source: str, template: str = "plain", tokenizer=None,
     return out, skipped
 
 
-def prompts(ds, source: str, template: str = "plain", tokenizer=None) -> tuple[list[str], Skipped]:
-    """Prompt-only rows (PPO), formatted and opened for the answer."""
+def prompts(ds, source: str, template: str = "plain", tokenizer=None,
+            placeholders: bool = False) -> tuple[list[str], Skipped]:
+    """Prompt-only rows (PPO), formatted and opened for the answer (``placeholders``: as in
+    ``sft_pairs``)."""
     fmt = detect(ds.column_names, PROMPT_FORMATS, source, "prompt")
     skipped = Skipped()
     out = []
@@ -216,6 +225,7 @@ def prompts(ds, source: str, template: str = "plain", tokenizer=None) -> tuple[l
             msgs = _messages(row["messages"], source, i)
             if not msgs:
                 skipped.add("rows with empty messages", i)
+                out.extend([None] * placeholders)
                 continue
             if msgs[-1]["role"] == "assistant":
                 msgs = msgs[:-1]
@@ -225,8 +235,9 @@ def prompts(ds, source: str, template: str = "plain", tokenizer=None) -> tuple[l
         text = require_string(row[col], source, i, col)
         if text is None:
             skipped.add(f"rows with an empty {col}", i)
+            out.extend([None] * placeholders)
             continue
         out.append(prompt_text(text, tmpl, tokenizer))
-    if not out:
+    if not any(out):
         raise DataError(f"{source}: no usable prompts ({skipped.describe()} skipped)")
     return out, skipped

@@ -481,6 +481,7 @@ class Engine:
         """Load the base once and every adapter onto it."""
         from pocketrlhf.models.adapters import load_adapter
         from pocketrlhf.models.forward import disable_dropout
+        from pocketrlhf.models.generation import folder_generation_settings
         from pocketrlhf.models.loading import load_base, load_tokenizer, resolve_device
 
         if opts.load_8bit and opts.load_4bit:
@@ -493,6 +494,10 @@ class Engine:
         model = load_base(plan.base, quantization, opts.quant_type, True, opts.compute_dtype, opts.dtype, opts.device,
                           opts.trust_remote_code, training=False, max_memory=max_memory)
         disable_dropout(model)
+        ignored = folder_generation_settings(model)
+        if ignored:
+            log.info("ignoring the model folder's generation settings (%s): replies use the request's or /set's "
+                     "settings only", ", ".join(f"{k}={v}" for k, v in ignored.items()))
         tokenizers: dict[str, Any] = {}
         for served in plan.models.values():
             if served.tokenizer_dir not in tokenizers:

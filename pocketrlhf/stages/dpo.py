@@ -29,14 +29,16 @@ from pathlib import Path
 import torch
 
 from pocketrlhf.algorithms.dpo import LossType, dpo_loss, reward_metric_sums
+from pocketrlhf.algorithms.stats import accuracy_report, describe_accuracy
 from pocketrlhf.config import AdapterOptions, ModelOptions, TrainOptions, option
 from pocketrlhf.data.formats import Skipped, preference_pairs
+from pocketrlhf.data.rows import read_rows
 from pocketrlhf.data.templates import TemplateName
 from pocketrlhf.data.tokenize import PreferenceExample, collate_preferences, collate_shared_prompt, tokenize_preferences
 from pocketrlhf.errors import ConfigError, DataError
 from pocketrlhf.stages import common
 from pocketrlhf.stages.common import log
-from pocketrlhf.stages.loop import Loop, plan_steps, read_rows, sequences_per_step
+from pocketrlhf.stages.loop import Loop, plan_steps, sequences_per_step
 
 REFERENCE_ADAPTER = "reference"
 REFERENCE_CACHE = "reference_logprobs.safetensors"
@@ -101,7 +103,8 @@ def prepare_data(cfg: DPOConfig, tokenizer) -> tuple[list[DPOExample], list[DPOE
         raise DataError(f"{cfg.data}: no usable preference pairs ({skipped.describe()} skipped)")
     if skipped.total:
         log.info("data: %s", skipped.describe())
-    report = {"template": template, "train_pairs": len(train), "eval_pairs": len(evals), "skipped": dict(skipped.counts)}
+    report = {"template": template, "train_pairs": len(train), "eval_pairs": len(evals), "skipped": dict(skipped.counts),
+              "held_out": rows.split}
     return train, evals, report
 
 
@@ -309,16 +312,19 @@ def train(cfg: DPOConfig) -> dict:
         metrics = loop.evaluate()
         run.log(total_steps, metrics, split="eval")
         summary.update({f"eval_{k}": v for k, v in metrics.items()})
+        summary.update(accuracy_report(metrics["accuracy"], len(eval_set), "eval"))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         out = save_adapter(model, run.dir / "adapter", tokenizer=tokenizer)
         write_adapter_info(out, stage="dpo", template=data_report["template"], base_model=model_reference(cfg.model),
                            quantization=cfg.quantization, reference=cfg.sft_adapter or "base", loss_type=cfg.loss_type,
-                           beta=cfg.beta, eval_accuracy=summary.get("eval_accuracy"))
+                           beta=cfg.beta, eval_accuracy=summary.get("eval_accuracy"),
+                           eval_accuracy_n=summary.get("eval_accuracy_n"))
         summary["adapter"] = str(out)
     run.write_summary(summary)
     run.close()
     log.info("dpo done: train loss %.4f%s; adapter in %s", summary["train_loss"],
-             f", eval loss {summary['eval_loss']:.4f}, eval accuracy {summary['eval_accuracy']:.3f}" if eval_set else "",
+             f", held-out loss {summary['eval_loss']:.4f}, implicit-reward accuracy "
+             f"{describe_accuracy(summary['eval_accuracy'], summary['eval_accuracy_n'])}" if eval_set else "",
              run.dir / "adapter")
     return summary

@@ -16,7 +16,6 @@ from typing import Any, Callable, Protocol, Sequence
 
 import torch
 
-from pocketrlhf.data.formats import Skipped
 from pocketrlhf.errors import DataError
 from pocketrlhf.stages import common
 
@@ -58,43 +57,6 @@ def micro_batches(indices: list[int], cfg, rank: int) -> list[list[int]]:
     share = cfg.batch_size * cfg.gradient_accumulation_steps
     mine = indices[rank * share:(rank + 1) * share]
     return [mine[i:i + cfg.batch_size] for i in range(0, len(mine), cfg.batch_size)]
-
-
-def split_holdout(items: list, fraction: float, seed: int, minimum: int = 10) -> tuple[list, list]:
-    """(train, held-out) with a seeded split; no hold-out for tiny data or fraction 0."""
-    if fraction <= 0 or len(items) < minimum:
-        return items, []
-    order = common.epoch_order(len(items), seed, epoch=-1)
-    n_eval = max(1, int(round(len(items) * fraction)))
-    return [items[i] for i in order[n_eval:]], [items[i] for i in order[:n_eval]]
-
-
-@dataclass
-class Rows:
-    train: list
-    held_out: list
-    skipped: Skipped
-    template: str  # the prompt format the rows were really rendered with (recorded with adapters)
-
-
-def read_rows(kind: str, parse: Callable, data: str, eval_data: str, eval_fraction: float, seed: int, template: str,
-              tokenizer) -> Rows:
-    """Rows of ``data`` turned into texts by ``parse`` (formats.sft_pairs, preference_pairs or
-    prompts), and held-out rows from ``eval_data`` or a seeded ``eval_fraction`` of ``data``;
-    every row left out is counted in ``skipped``."""
-    from pocketrlhf.data.formats import PREFERENCE_FORMATS, PROMPT_FORMATS, SFT_FORMATS, detect, effective_template
-    from pocketrlhf.data.loading import load_records
-
-    formats = {"SFT": SFT_FORMATS, "preference": PREFERENCE_FORMATS, "prompt": PROMPT_FORMATS}[kind]
-    ds = load_records(data)
-    fmt = detect(ds.column_names, formats, data, kind)
-    rows, skipped = parse(ds, data, template, tokenizer)
-    if eval_data:
-        held_out, eval_skipped = parse(load_records(eval_data), eval_data, template, tokenizer)
-        skipped.counts.update({f"eval {k}": v for k, v in eval_skipped.counts.items()})
-    else:
-        rows, held_out = split_holdout(rows, eval_fraction, seed)
-    return Rows(rows, held_out, skipped, effective_template(fmt, template))
 
 
 def _to(batch: dict[str, torch.Tensor], device) -> dict[str, torch.Tensor]:

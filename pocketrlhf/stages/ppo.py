@@ -33,13 +33,14 @@ from pocketrlhf.algorithms.ppo import (AdaptiveKLController, FixedKLController, 
                                        value_loss)
 from pocketrlhf.config import AdapterOptions, ModelOptions, TrainOptions, option
 from pocketrlhf.data.formats import prompts as prompt_rows
+from pocketrlhf.data.rows import read_rows
 from pocketrlhf.data.templates import TemplateName
 from pocketrlhf.data.tokenize import TokenExample, collate, encode
+from pocketrlhf.diagnostics import reward_model_warnings
 from pocketrlhf.errors import ConfigError, DataError, NonFiniteError, RewardFunctionError
 from pocketrlhf.models.generation import row_seed
 from pocketrlhf.stages import common
 from pocketrlhf.stages.common import log
-from pocketrlhf.stages.loop import read_rows
 
 POLICY, REFERENCE, VALUE, REWARD = "policy", "reference", "value", "reward"
 
@@ -466,7 +467,16 @@ def prepare_prompts(cfg: PPOConfig, tokenizer) -> tuple[list[list[int]], list[li
         raise DataError(f"{cfg.prompts}: no prompt fits max_prompt_length={cfg.max_prompt_length}")
     if skipped.total:
         log.info("prompts: %s", skipped.describe())
-    return train, evals, {"template": template, "train_prompts": len(train), "eval_prompts": len(evals), "skipped": dict(skipped.counts)}
+    return train, evals, {"template": template, "train_prompts": len(train), "eval_prompts": len(evals),
+                          "skipped": dict(skipped.counts), "held_out": rows.split}
+
+
+def reward_adapter_warnings(reward_adapter: str) -> list[str]:
+    """The reward model's own held-out record, checked before any rollout is optimised against it."""
+    from pocketrlhf.models.adapters import read_adapter_info
+
+    info = read_adapter_info(reward_adapter)
+    return reward_model_warnings(info.get("eval_accuracy"), info.get("eval_accuracy_n"), info.get("train_seen_accuracy"))
 
 
 def step_prompts(cfg: PPOConfig, step: int, n: int, rank: int, world: int) -> list[int]:
@@ -514,6 +524,9 @@ def train(cfg: PPOConfig) -> dict:
     common.set_seed(cfg.seed + rank * 100003)  # each process samples its own rollouts (spec 4.10.6)
     tokenizer = load_tokenizer(cfg.model, cfg.trust_remote_code)
     train_prompts, eval_prompts, data_report = prepare_prompts(cfg, tokenizer)
+    data_report["warnings"] = reward_adapter_warnings(cfg.reward_adapter) if cfg.reward_adapter else []
+    for warning in data_report["warnings"]:
+        log.warning("%s", warning)
     steps_per_epoch = max(len(train_prompts) // cfg.rollouts_per_step, 1)
     total_steps = cfg.max_steps if cfg.max_steps > 0 else max(1, math.ceil(cfg.epochs * steps_per_epoch))
 

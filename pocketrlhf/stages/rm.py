@@ -15,16 +15,20 @@ from pathlib import Path
 import torch
 
 from pocketrlhf.algorithms.reward import pairwise_accuracy, pairwise_loss
+from pocketrlhf.algorithms.stats import accuracy_report, describe_accuracy
 from pocketrlhf.config import AdapterOptions, ModelOptions, TrainOptions, option
 from pocketrlhf.data.formats import PREFERENCE_FORMATS, preference_pairs, sft_pairs
 from pocketrlhf.data.loading import load_records
+from pocketrlhf.data.rows import read_rows
 from pocketrlhf.data.templates import TemplateName
 from pocketrlhf.data.tokenize import (PreferenceExample, collate_preferences, collate_shared_prompt, tokenize_pair,
                                      tokenize_preferences)
+from pocketrlhf.diagnostics import reward_model_warnings
 from pocketrlhf.errors import ConfigError
 from pocketrlhf.stages import common
 from pocketrlhf.stages.common import log
-from pocketrlhf.stages.loop import Loop, plan_steps, read_rows
+from pocketrlhf.stages.loop import Loop, plan_steps
+from pocketrlhf.stages.loop import evaluate as evaluate_examples
 
 
 @dataclasses.dataclass
@@ -79,7 +83,7 @@ def prepare_pairs(cfg: RMConfig, tokenizer) -> tuple[list[PreferenceExample], li
     if rows.skipped.total:
         log.info("data: %s", rows.skipped.describe())
     return train, evals, {"template": rows.template, "train_pairs": len(train), "eval_pairs": len(evals),
-                          "skipped": dict(rows.skipped.counts)}
+                          "skipped": dict(rows.skipped.counts), "held_out": rows.split}
 
 
 @torch.no_grad()
@@ -144,6 +148,15 @@ def train(cfg: RMConfig) -> dict:
         metrics = loop.evaluate()
         run.log(total_steps, metrics, split="eval")
         summary.update({f"eval_{k}": v for k, v in metrics.items()})
+        summary.update(accuracy_report(metrics["accuracy"], len(eval_set), "eval"))
+        # The same number of training pairs, scored the same way: the gap to held-out is overfitting.
+        seen = evaluate_examples(module, stage, train_set[::max(1, len(train_set) // len(eval_set))][:len(eval_set)],
+                                 cfg.batch_size, device, accelerator)
+        summary.update(accuracy_report(seen["accuracy"], min(len(train_set), len(eval_set)), "train_seen"))
+    summary["warnings"] = reward_model_warnings(summary.get("eval_accuracy"), summary.get("eval_accuracy_n"),
+                                                summary.get("train_seen_accuracy"))
+    for warning in summary["warnings"]:
+        log.warning("%s", warning)
     stats = reward_statistics(pair_scores, stage, train_set[:cfg.stats_pairs], cfg.batch_size, device)
     summary.update(stats)
     accelerator.wait_for_everyone()
@@ -151,12 +164,14 @@ def train(cfg: RMConfig) -> dict:
         out = save_adapter(model, run.dir / "adapter", tokenizer=tokenizer)
         head.save(out, metadata=stats)
         write_adapter_info(out, stage="rm", template=data_report["template"], base_model=model_reference(cfg.model),
-                           quantization=cfg.quantization, eval_accuracy=summary.get("eval_accuracy"), **stats)
+                           quantization=cfg.quantization, eval_accuracy=summary.get("eval_accuracy"),
+                           eval_accuracy_n=summary.get("eval_accuracy_n"), eval_accuracy_ci95=summary.get("eval_accuracy_ci95"),
+                           train_seen_accuracy=summary.get("train_seen_accuracy"), **stats)
         summary["adapter"] = str(out)
     run.write_summary(summary)
     run.close()
-    log.info("rm done: train loss %.4f, eval accuracy %s; reward adapter in %s", summary["train_loss"],
-             f"{summary['eval_accuracy']:.3f}" if "eval_accuracy" in summary else "n/a", run.dir / "adapter")
+    log.info("rm done: train loss %.4f, held-out accuracy %s; reward adapter in %s", summary["train_loss"],
+             describe_accuracy(summary.get("eval_accuracy"), summary.get("eval_accuracy_n")), run.dir / "adapter")
     return summary
 
 

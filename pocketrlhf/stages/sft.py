@@ -15,11 +15,12 @@ import torch
 
 from pocketrlhf.config import AdapterOptions, ModelOptions, TrainOptions, option
 from pocketrlhf.data.formats import sft_pairs
+from pocketrlhf.data.rows import read_rows
 from pocketrlhf.data.templates import TemplateName
 from pocketrlhf.data.tokenize import TokenExample, collate, pack, tokenize_sft
 from pocketrlhf.stages import common
 from pocketrlhf.stages.common import log
-from pocketrlhf.stages.loop import Loop, plan_steps, read_rows, sequences_per_step
+from pocketrlhf.stages.loop import Loop, plan_steps, sequences_per_step
 from pocketrlhf.stages.loop import micro_batches, step_indices  # noqa: F401  (re-exported for other stages)
 
 
@@ -51,7 +52,8 @@ def prepare_data(cfg: SFTConfig, tokenizer) -> tuple[list[TokenExample], list[To
         train = pack(train, cfg.seq_length, cfg.seed)
         evals = pack(evals, cfg.seq_length, cfg.seed) if evals and sum(len(e.input_ids) for e in evals) >= cfg.seq_length else []
     report = {"template": rows.template, "train_examples": len(pairs), "eval_examples": len(eval_pairs),
-              "train_sequences": len(train), "eval_sequences": len(evals), "skipped": dict(skipped.counts)}
+              "train_sequences": len(train), "eval_sequences": len(evals), "skipped": dict(skipped.counts),
+              "held_out": rows.split}
     if skipped.total:
         log.info("data: %s", skipped.describe())
     return train, evals, report
