@@ -42,12 +42,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import ROOT, count_parameters, machine, now, preimport, quiet_libraries, run_child, write_result  # noqa: E402
+from _common import (ROOT, SIDES, add_harness_args, chosen_sides, count_parameters, machine, now,  # noqa: E402
+                     ratios, run_rounds, run_worker)
 
 sys.path.insert(0, str(ROOT))
 SIZES = {
@@ -56,7 +56,6 @@ SIZES = {
     # For checking the script quickly (~9M parameters, 64 pairs, 1 epoch).
     "small": dict(hidden_size=512, layers=4, heads=8, intermediate_size=1024, train_pairs=64, eval_pairs=32, epochs=1),
 }
-SIDES = ("pocketrlhf", "trl-defaults", "trl-tuned", "pocketrlhf-bf16")
 BATCH_SIZE = 8
 LORA_R, LORA_ALPHA = 16, 32
 BETA = 0.1
@@ -140,27 +139,15 @@ def held_out_accuracy(files: dict, adapter: str, dtype: str = "auto") -> float:
     return loop.evaluate(logps, stage, examples, BATCH_SIZE, "cpu", Accelerator(cpu=True))["accuracy"]
 
 
-def worker(a) -> None:
-    """One side, in a child process: train, then evaluate the saved adapter."""
-    import torch
-
-    torch.set_num_threads(a.threads)
-    # Every side imports everything before its clock starts: imports are not what is compared.
+def import_sides() -> None:
     from trl import DPOConfig, DPOTrainer  # noqa: F401
 
     from pocketrlhf.stages import dpo  # noqa: F401
 
-    preimport()
-    quiet_libraries()
-    files = json.loads(a.files)
-    out = Path(a.out)
-    if a.worker.startswith("pocketrlhf"):
-        result = run_ours(a, files, out, "bfloat16" if a.worker == "pocketrlhf-bf16" else "auto")
-    else:
-        result = run_trl(a, files, out, a.worker)
-    result["eval_accuracy"] = held_out_accuracy(files, result["adapter"], result.get("dtype", "auto"))
-    result["torch_threads"] = torch.get_num_threads()
-    write_result(out, result)
+
+def evaluate(files: dict, result: dict) -> dict:
+    """After a side's run (outside its clock): the held-out accuracy of the adapter it saved."""
+    return {"eval_accuracy": held_out_accuracy(files, result["adapter"], result.get("dtype", "auto"))}
 
 
 def main() -> None:
@@ -168,22 +155,13 @@ def main() -> None:
     p.add_argument("--size", choices=list(SIZES), default="full")
     p.add_argument("--epochs", type=int, default=None, help="default: 2 (full), 1 (small)")
     p.add_argument("--lr", type=float, default=5e-4)
-    p.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "1")),
-                   help="torch threads of every run")
-    p.add_argument("--rounds", type=int, default=1, help="repeat the runs, alternating their order; best round kept")
-    p.add_argument("--sides", default=",".join(SIDES), help="comma-separated subset of " + ", ".join(SIDES))
-    p.add_argument("--work", default=str(ROOT / "bench" / "_work" / "dpo"), help="scratch folder (model, data, runs)")
     p.add_argument("--json", default="", help="also write the summary to this file")
-    # Internal: one side in a child process.
-    p.add_argument("--worker", choices=SIDES, help=argparse.SUPPRESS)
-    p.add_argument("--files", help=argparse.SUPPRESS)
-    p.add_argument("--out", help=argparse.SUPPRESS)
+    add_harness_args(p, "dpo", SIDES)
     a = p.parse_args()
     if a.epochs is None:
         a.epochs = SIZES[a.size]["epochs"]
     if a.worker:
-        worker(a)
-        return
+        return run_worker(a, import_sides, run_ours, run_trl, then=evaluate)
 
     import shutil
 
@@ -196,18 +174,14 @@ def main() -> None:
     pairs = spec["train_pairs"] * a.epochs
     print(f"dpo bench: llama {n_params / 1e6:.1f}M params, {spec['train_pairs']} train pairs x {a.epochs} epochs, "
           f"batch {BATCH_SIZE}, {spec['eval_pairs']} held out; {a.threads} torch thread(s); {machine()}", flush=True)
-    sides = [s.strip() for s in a.sides.split(",") if s.strip()]
-    unknown = set(sides) - set(SIDES)
-    if unknown:
-        raise SystemExit(f"unknown side(s) {sorted(unknown)}; choose from {', '.join(SIDES)}")
-    runs: dict[str, list[dict]] = {s: [] for s in sides}
-    for r in range(a.rounds):
-        for side in (sides if r % 2 == 0 else sides[::-1]):
-            res = run_child(__file__, side, ["--files", json.dumps(files), "--epochs", str(a.epochs), "--lr", str(a.lr)],
-                            work / f"{side}-{r}", a.threads)
-            runs[side].append(res)
-            print(f"  round {r + 1} {side:<15} {pairs / res['seconds']:6.2f} pairs/s ({res['seconds']:.1f} s wall, "
-                  f"{res['cpu_seconds']:.1f} s CPU), held-out accuracy {res['eval_accuracy']:.3f}", flush=True)
+    sides = chosen_sides(a.sides, SIDES)
+
+    def show(r: int, side: str, res: dict) -> None:
+        print(f"  round {r + 1} {side:<15} {pairs / res['seconds']:6.2f} pairs/s ({res['seconds']:.1f} s wall, "
+              f"{res['cpu_seconds']:.1f} s CPU), held-out accuracy {res['eval_accuracy']:.3f}", flush=True)
+
+    runs = run_rounds(__file__, a, sides, ["--files", json.dumps(files), "--epochs", str(a.epochs), "--lr", str(a.lr)],
+                      work, show)
     # Each side's best round, by wall time and (separately) by CPU time.
     wall = {s: min(r["seconds"] for r in runs[s]) for s in sides}
     cpu = {s: min(r["cpu_seconds"] for r in runs[s]) for s in sides}
@@ -217,15 +191,14 @@ def main() -> None:
     for s in sides:
         row = rows[s]
         print(f"{s:<16}{row['pairs_per_s']:>9.2f}{row['wall_s']:>9.1f}{row['cpu_s']:>9.1f}{row['eval_accuracy']:>14.3f}")
-    ratios = {}
-    for ours in (s for s in sides if s.startswith("pocketrlhf")):
-        for peer in (s for s in sides if s.startswith("trl")):
-            ratios[f"{ours} vs {peer}"] = {"wall": wall[peer] / wall[ours], "cpu": cpu[peer] / cpu[ours]}
-            print(f"{ours} vs {peer}: {wall[peer] / wall[ours]:.2f}x wall, {cpu[peer] / cpu[ours]:.2f}x CPU")
+    speedups = {}
+    for name, (faster, faster_cpu) in ratios(rows, ("pairs_per_s", "pairs_per_cpu_s"), joiner=" vs ").items():
+        speedups[name] = {"wall": faster, "cpu": faster_cpu}
+        print(f"{name}: {faster:.2f}x wall, {faster_cpu:.2f}x CPU")
     summary = {"size": a.size, "params": n_params, "train_pairs": spec["train_pairs"], "epochs": a.epochs,
                "eval_pairs": spec["eval_pairs"], "lr": a.lr, "threads": a.threads, "rounds": a.rounds,
                "machine": machine(), "rows": rows,
-               "speedups": ratios}
+               "speedups": speedups}
     if a.json:
         Path(a.json).write_text(json.dumps(summary, indent=2))
 

@@ -56,14 +56,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import (ROOT, count_parameters, machine, now, preimport, proc_status, quiet_libraries,  # noqa: E402
-                     reset_peak_rss, review_llama, run_child, write_result)
+from _common import (add_harness_args, chosen_sides, count_parameters, machine, now, proc_status,  # noqa: E402
+                     reset_peak_rss, review_llama, run_child, save_summary, start_worker, write_result)
 
 SIZES = {
     # ~196M parameters: 8 layers of 1536 (MLP 4096, 12 heads of 128, 2 KV heads), vocabulary 320.
@@ -358,18 +357,16 @@ def run_naive(a, files: dict, out: Path, phases: Phases) -> dict:
             "optimizer_steps": steps, "response_tokens": int(resp.sum()), "sequence_length": int(ids.shape[1])}
 
 
+def import_stage() -> None:
+    from pocketrlhf.stages import ppo  # noqa: F401
+
+
 def worker(a) -> None:
     import torch
 
-    torch.set_num_threads(a.threads)
-    from pocketrlhf.stages import ppo  # noqa: F401
-
-    preimport()
-    quiet_libraries()
+    files, out = start_worker(a, import_stage)
     if not a.no_materialize:
         materialize_loads()
-    files = json.loads(a.files)
-    out = Path(a.out)
     # Every tensor storage created from here on (weights included: they are copied by materialize)
     # is tracked while it lives: the peak of their sum is what a GPU would have to hold.
     from pocketrlhf.measure import LiveTensors
@@ -438,12 +435,7 @@ def main() -> None:
     p.add_argument("--gradient-checkpointing", action="store_true")
     p.add_argument("--no-materialize", action="store_true", help="leave weights mapped from the safetensors file")
     p.add_argument("--default-malloc", action="store_true", help="keep glibc's dynamic mmap threshold (see the code)")
-    p.add_argument("--setups", default=",".join(SETUPS))
-    p.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "1")))
-    p.add_argument("--work", default=str(ROOT / "bench" / "_work" / "ppo_memory"))
-    p.add_argument("--worker", help=argparse.SUPPRESS)
-    p.add_argument("--files", help=argparse.SUPPRESS)
-    p.add_argument("--out", help=argparse.SUPPRESS)
+    add_harness_args(p, "ppo_memory", SETUPS, sides_flag="--setups", rounds_kept=None)
     a = p.parse_args()
     if a.worker:
         return worker(a)
@@ -453,7 +445,7 @@ def main() -> None:
     files = prepare(work, a.size, a.lora_r)
     n_params = count_parameters(files["model"])
     quantizations = [q.strip() for q in a.quantization.split(",") if q.strip()]
-    setups = [s.strip() for s in a.setups.split(",") if s.strip()]
+    setups = chosen_sides(a.setups, SETUPS)
     print(f"[bench] ppo memory: llama {n_params / 1e6:.1f}M params; {a.rollouts} rollouts x {a.max_new_tokens} new "
           f"tokens, micro-batch {a.batch_size} x {a.grad_accum} accumulation, {a.ppo_epochs} PPO epoch(s), "
           f"LoRA r={a.lora_r} all-linear, gradient checkpointing {'on' if a.gradient_checkpointing else 'off'}; {a.threads} torch "
@@ -523,9 +515,8 @@ def main() -> None:
                "grad_accum": a.grad_accum, "max_new_tokens": a.max_new_tokens, "lora_r": a.lora_r,
                "gradient_checkpointing": a.gradient_checkpointing, "materialize": not a.no_materialize,
                "threads": a.threads, "machine": machine(), "date": time.strftime("%Y-%m-%d %H:%M"), "rows": table}
-    path = work / f"results-{a.size}-{'-'.join(quantizations)}{'-gc' if a.gradient_checkpointing else ''}.json"
-    path.write_text(json.dumps(summary, indent=2, default=str))
-    print(f"\n[bench] results in {path}")
+    save_summary(work / f"results-{a.size}-{'-'.join(quantizations)}{'-gc' if a.gradient_checkpointing else ''}.json",
+                 summary)
 
 
 if __name__ == "__main__":

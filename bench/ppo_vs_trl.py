@@ -46,14 +46,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import (ROOT, count_parameters, machine, now, preimport, quiet_libraries, review_llama,  # noqa: E402
-                     run_child, steady_rate, write_result)
+from _common import (SIDES, add_harness_args, chosen_sides, count_parameters, machine, now,  # noqa: E402
+                     print_settings, ratios, review_llama, run_rounds, run_worker, save_summary, steady_rate)
 
 SIZES = {
     # ~20M parameters: 9 layers of 512 (MLP 1024, 8 heads, 2 KV heads), vocabulary 320.
@@ -61,7 +60,6 @@ SIZES = {
     # A quick check of the script (~9M parameters).
     "small": dict(hidden_size=512, layers=4, heads=8, intermediate_size=1024, samples=16, max_new_tokens=24, steps=3),
 }
-SIDES = ("pocketrlhf", "trl-defaults", "trl-tuned", "pocketrlhf-bf16")
 TRL_SETUPS = {"trl-defaults": {}, "trl-tuned": dict(gradient_checkpointing=False, bf16=False)}
 REWARD = "pocketrlhf.data.synthetic:sentiment_reward"
 LORA_R, LORA_ALPHA = 16, 32
@@ -202,25 +200,10 @@ def run_trl(a, files: dict, out: Path, setup: str) -> dict:
             "settings": settings}
 
 
-def worker(a) -> None:
-    import torch
-
-    torch.set_num_threads(a.threads)
-    # Every side imports everything before its clock starts: imports are not what is compared.
+def import_sides() -> None:
     from trl import RLOOConfig, RLOOTrainer  # noqa: F401
 
     from pocketrlhf.stages import ppo  # noqa: F401
-
-    preimport()
-    quiet_libraries()
-    files = json.loads(a.files)
-    out = Path(a.out)
-    if a.worker.startswith("pocketrlhf"):
-        result = run_ours(a, files, out, "bfloat16" if a.worker == "pocketrlhf-bf16" else "auto")
-    else:
-        result = run_trl(a, files, out, a.worker)
-    result["torch_threads"] = torch.get_num_threads()
-    write_result(out, result)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -256,14 +239,7 @@ def main() -> None:
     p.add_argument("--epochs", type=int, default=2, help="pocketrlhf ppo_epochs = trl num_iterations")
     p.add_argument("--lr", type=float, default=1e-5)
     p.add_argument("--pretrain-steps", type=int, default=0, help="full-weight LM pretraining of the base on reviews")
-    p.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "1")))
-    p.add_argument("--timing-skip", type=int, default=1, help="warm-up batches left out of the rate")
-    p.add_argument("--rounds", type=int, default=1, help="repeat every side, alternating the order; best round kept")
-    p.add_argument("--sides", default=",".join(SIDES))
-    p.add_argument("--work", default=str(ROOT / "bench" / "_work" / "ppo_vs_trl"))
-    p.add_argument("--worker", help=argparse.SUPPRESS)
-    p.add_argument("--files", help=argparse.SUPPRESS)
-    p.add_argument("--out", help=argparse.SUPPRESS)
+    add_harness_args(p, "ppo_vs_trl", SIDES, timing_skip=1, skip_unit="batches")
     a = p.parse_args()
     spec = SIZES[a.size]
     for key in ("samples", "max_new_tokens", "steps"):
@@ -272,7 +248,7 @@ def main() -> None:
     if a.samples % (a.batch_size * a.grad_accum) or a.samples % 2:
         p.error("--samples must be even and a multiple of --batch-size x --grad-accum")
     if a.worker:
-        return worker(a)
+        return run_worker(a, import_sides, run_ours, run_trl)
 
     work = Path(a.work)
     work.mkdir(parents=True, exist_ok=True)
@@ -283,18 +259,17 @@ def main() -> None:
           f"{a.samples} samples x <= {a.max_new_tokens} new tokens; micro-batch {a.batch_size} x {a.grad_accum} "
           f"accumulation x {a.epochs} epochs = {per_batch} optimizer steps per batch; {a.threads} torch thread(s); "
           f"{machine()}", flush=True)
-    sides = [s.strip() for s in a.sides.split(",") if s.strip()]
-    runs: dict[str, list[dict]] = {s: [] for s in sides}
+    sides = chosen_sides(a.sides, SIDES)
     child_args = ["--files", json.dumps(files), "--size", a.size, "--samples", str(a.samples),
                   "--max-new-tokens", str(a.max_new_tokens), "--steps", str(a.steps), "--batch-size", str(a.batch_size),
                   "--grad-accum", str(a.grad_accum), "--epochs", str(a.epochs), "--lr", str(a.lr)]
-    for r in range(a.rounds):
-        for side in (sides if r % 2 == 0 else sides[::-1]):
-            res = run_child(__file__, side, child_args, work / f"run-{a.size}" / f"{side}-{r}", a.threads)
-            runs[side].append(res)
-            rate = steady_rate(res["ends"], [a.samples] * len(res["ends"]), a.timing_skip)
-            print(f"  round {r + 1} {side:<13} {rate['per_s']:.3f} samples/s ({rate['per_cpu_s']:.3f} per CPU-s), "
-                  f"{res['wall_s']:.0f} s wall / {res['cpu_s']:.0f} s CPU in all", flush=True)
+
+    def show(r: int, side: str, res: dict) -> None:
+        rate = steady_rate(res["ends"], [a.samples] * len(res["ends"]), a.timing_skip)
+        print(f"  round {r + 1} {side:<13} {rate['per_s']:.3f} samples/s ({rate['per_cpu_s']:.3f} per CPU-s), "
+              f"{res['wall_s']:.0f} s wall / {res['cpu_s']:.0f} s CPU in all", flush=True)
+
+    runs = run_rounds(__file__, a, sides, child_args, work / f"run-{a.size}", show)
     rows = {s: summarize(a, runs[s]) for s in sides}
     print("\n| side | samples/s (wall) | samples per CPU-s | mean response tokens | response tokens/s | "
           "optimizer steps | max RSS MB |")
@@ -304,31 +279,23 @@ def main() -> None:
         print(f"| {s} | {row['samples_per_s']:.3f} | {row['samples_per_cpu_s']:.3f} | "
               f"{row['mean_response_length']:.1f} | {row['samples_per_s'] * row['mean_response_length']:.1f} | "
               f"{row['optimizer_steps']} | {row['max_rss_mb']:.0f} |")
-    ratios = {}
     print("\nratios of samples/s (wall / CPU):")
-    for ours in [s for s in sides if s.startswith("pocketrlhf")]:
-        for theirs in [s for s in sides if s.startswith("trl")]:
-            wall = rows[ours]["samples_per_s"] / rows[theirs]["samples_per_s"]
-            cpu = rows[ours]["samples_per_cpu_s"] / rows[theirs]["samples_per_cpu_s"]
-            ratios[f"{ours} / {theirs}"] = [wall, cpu]
-            print(f"  {ours} / {theirs}: {wall:.2f}x / {cpu:.2f}x")
+    versus = ratios(rows, ("samples_per_s", "samples_per_cpu_s"))
+    for name, (wall, cpu) in versus.items():
+        print(f"  {name}: {wall:.2f}x / {cpu:.2f}x")
     print("\nseconds per phase over the whole run (wall / CPU), best round; the rest is set-up, data and logging:")
     for s in sides:
         row = rows[s]
         known = sum(v[0] for k, v in row["phases_s"].items() if not k.startswith("of which"))
         phases = ", ".join(f"{k} {v[0]:.1f} / {v[1]:.1f}" for k, v in row["phases_s"].items())
         print(f"  {s:<13} {phases}; rest {row['wall_s'] - known:.1f} s wall")
-    for s in sides:
-        if rows[s]["settings"]:
-            print(f"{s} settings: {rows[s]['settings']}")
-    summary = {"size": a.size, "params": n_params, "pretrain_steps": a.pretrain_steps, "samples": a.samples,
-               "max_new_tokens": a.max_new_tokens, "steps": a.steps, "batch_size": a.batch_size,
-               "grad_accum": a.grad_accum, "epochs": a.epochs, "lr": a.lr, "threads": a.threads, "rounds": a.rounds,
-               "machine": machine(), "date": time.strftime("%Y-%m-%d %H:%M"), "rows": rows,
-               "ratios": ratios}
-    path = work / f"results-{a.size}.json"
-    path.write_text(json.dumps(summary, indent=2, default=str))
-    print(f"\n[bench] results in {path}")
+    print_settings(rows)
+    save_summary(work / f"results-{a.size}.json",
+                 {"size": a.size, "params": n_params, "pretrain_steps": a.pretrain_steps, "samples": a.samples,
+                  "max_new_tokens": a.max_new_tokens, "steps": a.steps, "batch_size": a.batch_size,
+                  "grad_accum": a.grad_accum, "epochs": a.epochs, "lr": a.lr, "threads": a.threads,
+                  "rounds": a.rounds, "machine": machine(), "date": time.strftime("%Y-%m-%d %H:%M"), "rows": rows,
+                  "ratios": versus})
 
 
 if __name__ == "__main__":

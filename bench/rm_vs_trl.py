@@ -48,14 +48,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import (ROOT, count_parameters, machine, now, preimport, quiet_libraries, review_llama,  # noqa: E402
-                     run_child, steady_rate, write_result)
+from _common import (SIDES, add_harness_args, chosen_sides, count_parameters, machine, now,  # noqa: E402
+                     print_settings, ratios, review_llama, run_rounds, run_worker, save_summary, steady_rate)
 
 SIZES = {
     # ~20M parameters: 9 layers of 512 (MLP 1024, 8 heads, 2 KV heads), vocabulary 320.
@@ -63,7 +62,6 @@ SIZES = {
     # A quick check of the script (~9M parameters).
     "small": dict(hidden_size=512, layers=4, heads=8, intermediate_size=1024, train_pairs=128, eval_pairs=128, epochs=1),
 }
-SIDES = ("pocketrlhf", "trl-defaults", "trl-tuned", "pocketrlhf-bf16")
 TRL_SETUPS = {"trl-defaults": {}, "trl-tuned": dict(gradient_checkpointing=False, bf16=False)}
 BATCH_PAIRS = 8
 LORA_R, LORA_ALPHA = 16, 32
@@ -196,26 +194,10 @@ def run_trl(a, files: dict, out: Path, setup: str) -> dict:
             "settings": settings}
 
 
-def worker(a) -> None:
-    import torch
-
-    torch.set_num_threads(a.threads)
-    # Every side imports everything before its clock starts: imports are not what is compared.
+def import_sides() -> None:
     from trl import RewardConfig, RewardTrainer  # noqa: F401
 
     from pocketrlhf.stages import rm  # noqa: F401
-
-    preimport()
-
-    quiet_libraries()
-    files = json.loads(a.files)
-    out = Path(a.out)
-    if a.worker.startswith("pocketrlhf"):
-        result = run_ours(a, files, out, "bfloat16" if a.worker == "pocketrlhf-bf16" else "auto")
-    else:
-        result = run_trl(a, files, out, a.worker)
-    result["torch_threads"] = torch.get_num_threads()
-    write_result(out, result)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -249,19 +231,12 @@ def main() -> None:
     p.add_argument("--epochs", type=int, default=None, help="default: 2 (full), 1 (small)")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--pretrain-steps", type=int, default=0, help="full-weight LM pretraining of the base on reviews")
-    p.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "1")))
-    p.add_argument("--timing-skip", type=int, default=2, help="warm-up steps left out of the steady-state rate")
-    p.add_argument("--rounds", type=int, default=1, help="repeat every side, alternating the order; best round kept")
-    p.add_argument("--sides", default=",".join(SIDES))
-    p.add_argument("--work", default=str(ROOT / "bench" / "_work" / "rm_vs_trl"))
-    p.add_argument("--worker", help=argparse.SUPPRESS)
-    p.add_argument("--files", help=argparse.SUPPRESS)
-    p.add_argument("--out", help=argparse.SUPPRESS)
+    add_harness_args(p, "rm_vs_trl", SIDES, timing_skip=2)
     a = p.parse_args()
     if a.epochs is None:
         a.epochs = SIZES[a.size]["epochs"]
     if a.worker:
-        return worker(a)
+        return run_worker(a, import_sides, run_ours, run_trl)
 
     work = Path(a.work)
     files = prepare(work, a.size, a.pretrain_steps)
@@ -270,17 +245,16 @@ def main() -> None:
     print(f"[bench] rm: llama {n_params / 1e6:.1f}M params (pretrain steps {a.pretrain_steps}), {spec['train_pairs']} "
           f"train pairs x {a.epochs} epochs, batch {BATCH_PAIRS} pairs, {spec['eval_pairs']} held out; lr {a.lr}; "
           f"{a.threads} torch thread(s); {machine()}", flush=True)
-    sides = [s.strip() for s in a.sides.split(",") if s.strip()]
-    runs: dict[str, list[dict]] = {s: [] for s in sides}
-    child_args = ["--files", json.dumps(files), "--epochs", str(a.epochs), "--lr", str(a.lr)]
-    for r in range(a.rounds):
-        for side in (sides if r % 2 == 0 else sides[::-1]):
-            res = run_child(__file__, side, child_args, work / f"run-{a.size}" / f"{side}-{r}", a.threads)
-            res["epochs"] = a.epochs
-            runs[side].append(res)
-            print(f"  round {r + 1} {side:<13} {res['pairs'] * a.epochs / res['wall_s']:6.2f} pairs/s end to end "
-                  f"({res['wall_s']:.1f} s wall, {res['cpu_s']:.1f} s CPU), held-out accuracy "
-                  f"{res['eval_accuracy']:.3f}", flush=True)
+    sides = chosen_sides(a.sides, SIDES)
+
+    def show(r: int, side: str, res: dict) -> None:
+        res["epochs"] = a.epochs
+        print(f"  round {r + 1} {side:<13} {res['pairs'] * a.epochs / res['wall_s']:6.2f} pairs/s end to end "
+              f"({res['wall_s']:.1f} s wall, {res['cpu_s']:.1f} s CPU), held-out accuracy "
+              f"{res['eval_accuracy']:.3f}", flush=True)
+
+    runs = run_rounds(__file__, a, sides, ["--files", json.dumps(files), "--epochs", str(a.epochs), "--lr", str(a.lr)],
+                      work / f"run-{a.size}", show)
     rows = {s: summarize(runs[s], a.timing_skip) for s in sides}
     print("\n| side | pairs/s steady (wall) | pairs per CPU-s steady | pairs/s end-to-end (wall) | "
           "pairs per CPU-s end-to-end | end-to-end wall s / CPU s | held-out accuracy | max RSS MB |")
@@ -290,29 +264,19 @@ def main() -> None:
         print(f"| {s} | {row['steady_pairs_per_s']:.2f} | {row['steady_pairs_per_cpu_s']:.2f} | "
               f"{row['e2e_pairs_per_s']:.2f} | {row['e2e_pairs_per_cpu_s']:.2f} | {row['e2e_wall_s']:.1f} / "
               f"{row['e2e_cpu_s']:.1f} | {row['eval_accuracy']:.3f} | {row['max_rss_mb']:.0f} |")
-    ratios = {}
     print("\nratios of pairs/s: steady state (wall / CPU); end to end (wall / CPU):")
-    for ours in [s for s in sides if s.startswith("pocketrlhf")]:
-        for theirs in [s for s in sides if s.startswith("trl")]:
-            o, t = rows[ours], rows[theirs]
-            r = [o["steady_pairs_per_s"] / t["steady_pairs_per_s"], o["steady_pairs_per_cpu_s"] / t["steady_pairs_per_cpu_s"],
-                 o["e2e_pairs_per_s"] / t["e2e_pairs_per_s"], o["e2e_pairs_per_cpu_s"] / t["e2e_pairs_per_cpu_s"]]
-            ratios[f"{ours} / {theirs}"] = r
-            print(f"  {ours} / {theirs}: {r[0]:.2f}x / {r[1]:.2f}x; {r[2]:.2f}x / {r[3]:.2f}x")
+    versus = ratios(rows, ("steady_pairs_per_s", "steady_pairs_per_cpu_s", "e2e_pairs_per_s", "e2e_pairs_per_cpu_s"))
+    for name, r in versus.items():
+        print(f"  {name}: {r[0]:.2f}x / {r[1]:.2f}x; {r[2]:.2f}x / {r[3]:.2f}x")
     for s in sides:
         print(f"{s}: {rows[s]['to_first_step_end_s']:.1f} s wall to the end of the first step, "
               f"{rows[s]['after_last_step_s']:.1f} s after the last step")
-    for s in sides:
-        if rows[s]["settings"]:
-            print(f"{s} settings: {rows[s]['settings']}")
-    summary = {"size": a.size, "params": n_params, "pretrain_steps": a.pretrain_steps, "epochs": a.epochs, "lr": a.lr,
-               "train_pairs": spec["train_pairs"], "eval_pairs": spec["eval_pairs"], "threads": a.threads,
-               "rounds": a.rounds, "machine": machine(), "date": time.strftime("%Y-%m-%d %H:%M"), "rows": rows,
-               "ratios": ratios}
-    path = work / f"results-{a.size}.json"
-    path.write_text(json.dumps(summary, indent=2, default=str))
-    print(f"\n[bench] results in {path}")
-
+    print_settings(rows)
+    save_summary(work / f"results-{a.size}.json",
+                 {"size": a.size, "params": n_params, "pretrain_steps": a.pretrain_steps, "epochs": a.epochs,
+                  "lr": a.lr, "train_pairs": spec["train_pairs"], "eval_pairs": spec["eval_pairs"],
+                  "threads": a.threads, "rounds": a.rounds, "machine": machine(),
+                  "date": time.strftime("%Y-%m-%d %H:%M"), "rows": rows, "ratios": versus})
 
 if __name__ == "__main__":
     main()

@@ -38,18 +38,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
-import os
 import random
-import resource
-import shutil
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import (add_harness_args, chosen_sides, count_parameters, now, print_settings, run_child,  # noqa: E402
+                     run_rounds, save_summary, write_result)
+
 SIZES = {
     # ~20M parameters: 8 layers of 384 (MLP 1024), vocabulary 8192, untied output layer.
     "full": dict(hidden_size=384, layers=8, heads=6, intermediate_size=1024, vocab_size=8192, train_docs=3000),
@@ -65,6 +63,7 @@ TRL_SETUPS = {
     "trl-defaults": {},
     "trl-tuned": dict(gradient_checkpointing=False, bf16=False, packing_strategy="wrapped"),
 }
+RUNS = ("ours", "trl-defaults", "trl-tuned", "ours-bf16")  # the default --runs: the first three
 
 
 # ---------------------------------------------------------------------------------------------
@@ -125,13 +124,6 @@ def prepare(work: Path, size: str) -> dict:
     return {"model": str(model), "train": str(train), "eval": str(held_out)}
 
 
-def count_parameters(model_dir: str) -> int:
-    from safetensors import safe_open
-
-    with safe_open(str(Path(model_dir) / "model.safetensors"), "pt") as f:
-        return sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())
-
-
 # ---------------------------------------------------------------------------------------------
 # Workers (each runs in its own process).
 
@@ -146,10 +138,6 @@ def steady_rate(ends: list[tuple[float, float]], step_tokens: list[int], skip: i
     wall = ends[-1][0] - ends[skip][0]
     cpu = ends[-1][1] - ends[skip][1]
     return {"tokens_per_s": tokens / wall, "tokens_per_cpu_s": tokens / cpu, "s_per_step": wall / (len(ends) - skip - 1)}
-
-
-def now() -> tuple[float, float]:
-    return time.perf_counter(), time.process_time()
 
 
 def run_ours(a, files: dict, out: Path, dtype: str = "auto") -> dict:
@@ -270,6 +258,9 @@ def run_eval(a, files: dict, adapters: dict[str, str]) -> dict:
 
 
 def worker(a) -> None:
+    """One run in a child process. Unlike the other benchmarks (_common.start_worker) nothing is
+    imported ahead of the run's own code and the libraries keep their progress output, as this
+    benchmark has always measured."""
     import torch
 
     torch.set_num_threads(a.threads)
@@ -279,17 +270,16 @@ def worker(a) -> None:
         from torch.profiler import ProfilerActivity, profile
 
         with profile(activities=[ProfilerActivity.CPU]) as prof:
-            result = run_worker(a, files, out)
+            result = run_side(a, files, out)
         table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=30)
         (out / "profile.txt").write_text(table)
     else:
-        result = run_worker(a, files, out)
-    result["max_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        result = run_side(a, files, out)
     result["torch_threads"] = torch.get_num_threads()
-    (out / "result.json").write_text(json.dumps(result, indent=2, default=str))
+    write_result(out, result)
 
 
-def run_worker(a, files: dict, out: Path) -> dict:
+def run_side(a, files: dict, out: Path) -> dict:
     if a.worker == "ours":
         return run_ours(a, files, out)
     if a.worker == "ours-bf16":
@@ -303,42 +293,16 @@ def run_worker(a, files: dict, out: Path) -> dict:
 # Driver.
 
 
-def child(a, name: str, files: dict, out: Path, adapters: dict | None = None) -> dict:
-    shutil.rmtree(out, ignore_errors=True)  # a fresh run dir: metrics.jsonl of an earlier run would be appended to
-    out.mkdir(parents=True)
-    env = dict(os.environ, OMP_NUM_THREADS=str(a.threads), MKL_NUM_THREADS=str(a.threads),
-               TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1",
-               PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    cmd = [sys.executable, __file__, "--worker", name, "--files", json.dumps(files), "--out", str(out),
-           "--steps", str(a.steps), "--lr", str(a.lr), "--threads", str(a.threads), "--timing-skip", str(a.timing_skip),
-           "--seed", str(a.seed),
-           "--adapters", json.dumps(adapters or {})] + (["--profile"] if a.profile else [])
-    print(f"[bench] running {name} ...", flush=True)
-    log = out / "log.txt"
-    with log.open("w") as f:
-        proc = subprocess.run(cmd, env=env, stdout=f, stderr=subprocess.STDOUT, cwd=str(ROOT))
-    if proc.returncode != 0:
-        sys.exit(f"[bench] {name} failed (exit {proc.returncode}); see {log}:\n" + "".join(log.read_text().splitlines(True)[-30:]))
-    return json.loads((out / "result.json").read_text())
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--size", choices=list(SIZES), default="full")
     p.add_argument("--steps", type=int, default=30, help="optimizer steps for every run")
     p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "1")),
-                   help="torch threads of every run")
     p.add_argument("--seed", type=int, default=0, help="seed of both sides (data order, adapter init)")
-    p.add_argument("--timing-skip", type=int, default=3, help="warm-up steps left out of tokens/s")
-    p.add_argument("--rounds", type=int, default=1, help="repeat the runs, alternating their order")
-    p.add_argument("--runs", default="ours,trl-defaults,trl-tuned", help="comma-separated; also: ours-bf16")
     p.add_argument("--profile", action="store_true",
                    help="run each training under torch.profiler; top ops in RUN_DIR/profile.txt (slows the runs)")
-    p.add_argument("--work", default=str(ROOT / "bench" / "_work" / "sft_vs_trl"))
-    p.add_argument("--worker", help=argparse.SUPPRESS)
-    p.add_argument("--files", help=argparse.SUPPRESS)
-    p.add_argument("--out", help=argparse.SUPPRESS)
+    add_harness_args(p, "sft_vs_trl", RUNS, default_sides=RUNS[:3], sides_flag="--runs", timing_skip=3,
+                     rounds_kept="each run's median reported")
     p.add_argument("--adapters", help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.worker:
@@ -349,14 +313,15 @@ def main() -> None:
     n_params = count_parameters(files["model"])
     print(f"[bench] model {files['model']}: {n_params / 1e6:.1f}M parameters; {a.steps} steps of {BATCH_SIZE}x{SEQ_LENGTH}; "
           f"lr {a.lr}; {a.threads} torch thread(s)", flush=True)
-    names = [n.strip() for n in a.runs.split(",") if n.strip()]
-    results: dict[str, list[dict]] = {n: [] for n in names}
-    for r in range(a.rounds):
-        order = names if r % 2 == 0 else names[::-1]
-        for name in order:
-            results[name].append(child(a, name, files, work / f"run-{a.size}" / f"{name}-{r}"))
+    names = chosen_sides(a.runs, RUNS)
+    # The children's environment keeps tqdm on, as this benchmark always has (progress bars inside the clocks).
+    env = {"TQDM_DISABLE": None}
+    child_args = ["--files", json.dumps(files), "--steps", str(a.steps), "--lr", str(a.lr),
+                  "--timing-skip", str(a.timing_skip), "--seed", str(a.seed)] + (["--profile"] if a.profile else [])
+    results = run_rounds(__file__, a, names, child_args + ["--adapters", "{}"], work / f"run-{a.size}", env=env)
     adapters = {name: runs[0]["adapter"] for name, runs in results.items()}
-    evals = child(a, "eval", files, work / f"run-{a.size}" / "eval", adapters)
+    evals = run_child(__file__, "eval", child_args + ["--adapters", json.dumps(adapters)], work / f"run-{a.size}" / "eval",
+                      a.threads, env=env)
 
     rows = []
     for name, runs in results.items():
@@ -384,15 +349,11 @@ def main() -> None:
               f"{r['eval_loss']:.3f} | {r['max_rss_mb']:.0f} |")
     print(f"\nheld-out loss of the bare base: {evals['eval_loss']['base (no adapter)']:.3f} "
           f"({evals['eval_tokens']} tokens)")
-    for r in rows:
-        if r["settings"]:
-            print(f"{r['run']} settings: {r['settings']}")
-    summary = {"size": a.size, "params": n_params, "steps": a.steps, "lr": a.lr, "threads": a.threads, "seed": a.seed,
-               "rounds": a.rounds, "rows": rows, "base_eval_loss": evals["eval_loss"]["base (no adapter)"],
-               "date": time.strftime("%Y-%m-%d %H:%M")}
-    path = work / (f"results-{a.size}.json" if a.seed == 0 else f"results-{a.size}-seed{a.seed}.json")
-    path.write_text(json.dumps(summary, indent=2, default=str))
-    print(f"\n[bench] results in {path}")
+    print_settings({r["run"]: r for r in rows})
+    save_summary(work / (f"results-{a.size}.json" if a.seed == 0 else f"results-{a.size}-seed{a.seed}.json"),
+                 {"size": a.size, "params": n_params, "steps": a.steps, "lr": a.lr, "threads": a.threads,
+                  "seed": a.seed, "rounds": a.rounds, "rows": rows,
+                  "base_eval_loss": evals["eval_loss"]["base (no adapter)"], "date": time.strftime("%Y-%m-%d %H:%M")})
 
 
 if __name__ == "__main__":
