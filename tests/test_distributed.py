@@ -51,7 +51,8 @@ def adapter(run_dir: Path) -> dict[str, torch.Tensor]:
     ("none", 1e-5),
     # LLM.int8 picks outlier columns per batch and 4-bit computes in bf16, so split batches round a
     # little differently, and Adam turns tiny gradient differences on near-zero coordinates into
-    # lr-sized steps (seen: up to 4e-4). A wrong global batch is off by ~5e-2 (batch 4 vs 8, 4-bit).
+    # lr-sized steps: a few coordinates move by up to ~1e-2 (seen: 0.2% of one tensor's past 2e-3,
+    # 0.7% relative norm). A wrong global batch (4 vs 8, 4-bit) moves 97% of them, 85% relative norm.
     pytest.param("8bit", 2e-3, marks=pytest.mark.slow),
     ("4bit", 2e-3),
 ])
@@ -71,7 +72,12 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path, ll
     a, b = adapter(tmp_path / "ddp"), adapter(tmp_path / "one")
     assert a.keys() == b.keys()
     for k in a:
-        assert (a[k] - b[k]).abs().max().item() < tolerance, k
+        diff = a[k] - b[k]
+        if quantization == "none":
+            assert diff.abs().max().item() < tolerance, k
+        else:
+            assert (diff.abs() > tolerance).float().mean().item() < 0.01, k
+            assert (diff.norm() / b[k].norm()).item() < 0.02, k
     # LoRA B starts at zero: the comparison means something only if training moved it far past the tolerance.
     assert max(t.abs().max().item() for k, t in b.items() if "lora_B" in k) > 5 * tolerance
     # Both processes evaluated their share of the held-out set; the reduced loss is the one-process loss.
