@@ -50,6 +50,21 @@ def metrics(run_dir, split="train"):
 # Never delete what pocketrlhf did not create.
 
 
+def test_data_stackexchange_overwrite_refuses_a_folder_it_did_not_make(tmp_path, capsys):
+    pairs = write_jsonl(tmp_path / "paired.jsonl", [{"qid": q, "question": f"q{q}", "response_j": "a", "response_k": "b"}
+                                                     for q in range(20)])
+    folder = user_folder(tmp_path / "work")
+    before = checksums(folder)
+    assert main(["data", "stackexchange", str(pairs), "--output-dir", str(folder), "--overwrite"]) == 2
+    assert f"{folder} holds .git, notes.txt but was not made by `pocketrlhf data stackexchange`" in one_line_error(capsys)
+    assert checksums(folder) == before
+    # Its own folder is replaced as asked.
+    out = tmp_path / "prepared"
+    assert main(["data", "stackexchange", str(pairs), "--output-dir", str(out)]) == 0
+    assert main(["data", "stackexchange", str(pairs), "--output-dir", str(out), "--overwrite"]) == 0
+    assert (out / "manifest.json").is_file() and common.is_own_folder(out, "data stackexchange")
+
+
 def test_demo_refuses_a_folder_it_did_not_make(tmp_path, capsys):
     folder = user_folder(tmp_path / "work")
     before = checksums(folder)

@@ -441,7 +441,7 @@ def test_save_to_disk_format(tmp_path, dump, built):
     for split in se.SPLITS:
         assert (tmp_path / "out" / split / "state.json").is_file()
         assert load_records(tmp_path / "out" / split).to_list() == pq.read_table(str(built[0] / split)).to_pylist()
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted([*se.SPLITS, "manifest.json"])
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted([*se.SPLITS, "manifest.json", ".pocketrlhf-run"])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -497,10 +497,11 @@ def test_files_that_are_not_a_posts_dump(tmp_path):
 
 def test_a_crash_while_writing_leaves_no_output_and_the_old_one_intact(tmp_path, dump, monkeypatch):
     out = tmp_path / "out"
+    se.run(config(dump, out))
     with pytest.raises(ConfigError, match="already exists; pass --overwrite"):
-        out.mkdir()
         se.run(config(dump, out))
-    (out / "old.txt").write_text("old")
+    (out / "manifest.json").write_text('{"splits": {}, "options": {}, "old": true}')
+    old = {p.name: p.read_bytes() for p in out.rglob("*") if p.is_file()}
 
     def crash(*args, **kwargs):
         raise KeyboardInterrupt
@@ -508,10 +509,11 @@ def test_a_crash_while_writing_leaves_no_output_and_the_old_one_intact(tmp_path,
     monkeypatch.setattr(se, "write_pair_rows", crash)
     with pytest.raises(KeyboardInterrupt):
         se.run(config(dump, out, overwrite=True))
-    assert [p.name for p in out.iterdir()] == ["old.txt"] and leftovers(tmp_path) == []
+    assert {p.name: p.read_bytes() for p in out.rglob("*") if p.is_file()} == old and leftovers(tmp_path) == []
     monkeypatch.undo()
     se.run(config(dump, out, overwrite=True))
-    assert sorted(p.name for p in out.iterdir()) == sorted([*se.SPLITS, "manifest.json"])
+    assert sorted(p.name for p in out.iterdir()) == sorted([*se.SPLITS, "manifest.json", ".pocketrlhf-run"])
+    assert "old" not in json.loads((out / "manifest.json").read_text())
     assert leftovers(tmp_path) == []
 
 

@@ -51,8 +51,10 @@ from xml.parsers import expat
 
 from pocketrlhf.config import option, to_dict
 from pocketrlhf.errors import ConfigError, DataError
+from pocketrlhf.folders import refuse_foreign, write_marker
 from pocketrlhf.paths import is_hub_dataset
 
+COMMAND = "data stackexchange"
 SPLITS = ("finetune", "reward", "rl", "evaluation")
 PAIRED_COLUMNS = ("question", "response_j", "response_k")
 DATASET_SUFFIXES = {".parquet", ".jsonl", ".json", ".csv", ".arrow"}
@@ -951,6 +953,15 @@ def publish(tmp: Path, out: Path) -> None:
             old.unlink()
 
 
+def _prepared_before_markers(out: Path) -> bool:
+    """A folder this command wrote before it left a marker: its manifest.json lists the splits."""
+    try:
+        manifest = json.loads((out / "manifest.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(manifest, dict) and "splits" in manifest and "options" in manifest
+
+
 def run(cfg: StackExchangeConfig) -> dict:
     """Build the splits and manifest.json in ``cfg.output_dir``; return the manifest."""
     if not cfg.input:
@@ -958,6 +969,8 @@ def run(cfg: StackExchangeConfig) -> dict:
     out = Path(cfg.output_dir).expanduser()
     if out.exists() and not cfg.overwrite:
         raise ConfigError(f"{out} already exists; pass --overwrite to replace it")
+    if out.exists() and not _prepared_before_markers(out):  # --overwrite replaces the whole folder
+        refuse_foreign(out, list(out.iterdir()) if out.is_dir() else [out], "replace it", command=COMMAND)
     dump, source = resolve_input(cfg.input)
     started = time.perf_counter()
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -975,6 +988,7 @@ def run(cfg: StackExchangeConfig) -> dict:
         manifest = {"source": str(cfg.input), **manifest, "format": cfg.output_format,
                     "seconds": round(time.perf_counter() - started, 2), "options": to_dict(cfg)}
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+        write_marker(tmp, COMMAND)
         publish(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -31,15 +31,14 @@ import torch
 
 import yaml
 
-from pocketrlhf import __version__
 from pocketrlhf.config import ConfigError, save_config, to_dict
 from pocketrlhf.errors import NonFiniteError
+from pocketrlhf.folders import MARKER, is_own_folder, refuse_foreign, write_marker  # noqa: F401
 
 log = logging.getLogger("pocketrlhf")
 
 CHECKPOINT_PREFIX = "checkpoint-"
 STATE_FILE = "trainer_state.json"
-MARKER = ".pocketrlhf-run"
 CONFIG_FILE = "config.yaml"
 # What a stage writes into its folder besides checkpoints; --overwrite removes these (and only in a
 # folder carrying MARKER).
@@ -105,34 +104,6 @@ def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def write_marker(folder: Path, command: str) -> None:
-    """Mark ``folder`` as made by pocketrlhf (kept as first written: it says who created the folder)."""
-    path = Path(folder) / MARKER
-    if not path.exists():
-        path.write_text(json.dumps({"created_by": "pocketrlhf", "version": __version__, "command": command,
-                                    "created": time.strftime("%Y-%m-%dT%H:%M:%S")}) + "\n")
-
-
-def is_own_folder(folder: Path, command: str | None = None) -> bool:
-    """Whether pocketrlhf created ``folder`` (by ``command``, when given): its marker is there. Only
-    such folders are ever cleared."""
-    try:
-        marker = json.loads((Path(folder) / MARKER).read_text())
-        return marker.get("created_by") == "pocketrlhf" and command in (None, marker.get("command"))
-    except (OSError, ValueError, AttributeError):
-        return False
-
-
-def refuse_foreign(folder: Path, found: list[Path], action: str, command: str | None = None) -> None:
-    """ConfigError unless ``folder`` is pocketrlhf's own (or ``found`` is empty): never delete or
-    overwrite what pocketrlhf did not create."""
-    if found and not is_own_folder(folder, command):
-        names = ", ".join(sorted(p.name for p in found)[:3]) + (", ..." if len(found) > 3 else "")
-        maker = f"`pocketrlhf {command}`" if command else "pocketrlhf"
-        raise ConfigError(f"{folder} holds {names} but was not made by {maker} (no {MARKER} file of it), so it will "
-                          f"not {action}; choose an empty or new --output-dir")
 
 
 def resume_command(command: str, argv: list[str], cfg: Any) -> str | None:

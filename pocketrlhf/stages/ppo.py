@@ -497,9 +497,10 @@ def evaluate(cfg: PPOConfig, roles: Roles, module, tokenizer, prompt_ids: list[l
     r = generate_rollouts(cfg, roles, tokenizer, prompt_ids, [row_seed(cfg.seed, -1, i) for i in range(len(prompt_ids))])
     old = old_policy_pass(cfg, roles, module, r)
     mask = r.response_mask.float()
+    kept = r.kept if r.kept is not None else torch.ones_like(r.has_eos)  # --skip-nonfinite drops unscored answers
     seq_kl = ((old["logprobs"] - old["ref_logprobs"]) * mask).sum(1)
-    metrics = {"score": r.raw_scores.mean().item(), "kl": seq_kl.mean().item(), "eos_fraction": r.has_eos.float().mean().item(),
-               "response_length": mask.sum(1).mean().item()}
+    metrics = {"score": r.raw_scores[kept].mean().item(), "kl": seq_kl[kept].mean().item(),
+               "eos_fraction": r.has_eos[kept].float().mean().item(), "response_length": mask.sum(1)[kept].mean().item()}
     samples = [{"prompt": p, "response": s, "score": float(x)}
                for p, s, x in zip(r.prompts, r.responses, r.raw_scores.tolist())][:cfg.samples_to_log]
     return metrics, samples
