@@ -56,7 +56,8 @@ def run_case(model_dir: Path, case: dict) -> tuple[dict, dict]:
     from pocketrlhf.models import forward
     from pocketrlhf.models.forward import LMWithHeads
     from pocketrlhf.models.heads import ScalarHead
-    from pocketrlhf.stages.sft import SFTConfig, build_policy
+    from pocketrlhf.models.policy import build_policy
+    from pocketrlhf.stages.sft import SFTConfig
 
     stage, B, T = case["stage"], case["batch"], case["seq"]
     forward._RECOMPUTE_LOGITS_ABOVE, forward._CHUNK_ROWS = (0, 64) if case.get("recompute") else (1 << 25, 2048)

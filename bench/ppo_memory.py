@@ -95,7 +95,7 @@ def write_reward_adapter(model: Path, reward: Path, lora_r: int, quantization: s
     from pocketrlhf.models.adapters import attach_adapter, make_peft_config, save_adapter, write_adapter_info
     from pocketrlhf.models.heads import ScalarHead
     from pocketrlhf.models.loading import load_base
-    from pocketrlhf.stages.rm import hidden_size
+    from pocketrlhf.models.policy import hidden_size
 
     base = load_base(str(model), quantization=quantization, device="cpu", training=True)
     peft_model = attach_adapter(base, make_peft_config("lora", lora_r, 2.0 * lora_r, 0.0, "all-linear"))
@@ -260,8 +260,8 @@ def run_naive(a, files: dict, out: Path, phases: Phases) -> dict:
     from pocketrlhf.models.loading import load_tokenizer
     from pocketrlhf.models.roles import read_at_last_token
     from pocketrlhf.stages import common, ppo
-    from pocketrlhf.stages.rm import hidden_size
-    from pocketrlhf.stages.sft import build_policy
+    from pocketrlhf.models.policy import hidden_size
+    from pocketrlhf.models.policy import build_policy
 
     from pocketrlhf.models import loading
 

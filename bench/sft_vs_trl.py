@@ -141,7 +141,7 @@ def steady_rate(ends: list[tuple[float, float]], step_tokens: list[int], skip: i
 
 
 def run_ours(a, files: dict, out: Path, dtype: str = "auto") -> dict:
-    from pocketrlhf.stages import sft
+    from pocketrlhf.stages import loop, sft
 
     cfg = sft.SFTConfig(
         model=files["model"], data=files["train"], output_dir=str(out), device="cpu", dtype=dtype, packing=True,
@@ -153,8 +153,8 @@ def run_ours(a, files: dict, out: Path, dtype: str = "auto") -> dict:
     from pocketrlhf.models.loading import load_tokenizer
 
     train_set, _, _ = sft.prepare_data(cfg, load_tokenizer(cfg.model))
-    steps_per_epoch, _ = sft.plan_steps(cfg, len(train_set), 1)
-    step_tokens = [sum(sum(train_set[i].loss_mask[1:]) for i in sft.step_indices(cfg, s, steps_per_epoch, len(train_set), 1))
+    steps_per_epoch, _ = loop.plan_steps(cfg, len(train_set), 1)
+    step_tokens = [sum(sum(train_set[i].loss_mask[1:]) for i in loop.step_indices(cfg, s, steps_per_epoch, len(train_set), 1))
                    for s in range(a.steps)]
     # A clock at every step end: the stage logs each train step (logging_steps=1) right after optimizer.step().
     from pocketrlhf.stages import common

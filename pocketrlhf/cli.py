@@ -9,8 +9,10 @@ import difflib
 import importlib
 import logging
 import os
+import shlex
 import sys
 from dataclasses import dataclass
+from typing import Any
 
 from pocketrlhf import __version__
 from pocketrlhf.config import help_text, parse_args
@@ -46,6 +48,31 @@ COMMANDS: dict[str, Command] = {
     "report": Command("pocketrlhf.report", "ReportConfig", "run", "plots and a markdown summary of a run", ("run_dir",)),
     "env": Command("pocketrlhf.env", "EnvConfig", "run", "versions, devices and bitsandbytes kernel check (for bug reports)"),
 }
+
+
+def resume_command(command: str, argv: list[str], cfg: Any) -> str | None:
+    """The command line that continues an interrupted ``command`` run, or None when it has no run
+    to continue (not a training command, or no output folder)."""
+    if command == "pipeline":
+        return shlex.join(["pocketrlhf", command, *argv])  # re-running resumes the pipeline
+    if command == "demo":
+        kept = [a for a in argv if a not in ("--resume", "--no-resume")]
+        return shlex.join(["pocketrlhf", command, *kept, "--resume"])
+    if not isinstance(getattr(cfg, "resume", None), str) or not getattr(cfg, "output_dir", ""):
+        return None
+    kept, i = [], 0
+    while i < len(argv):
+        key = argv[i].split("=", 1)[0].replace("_", "-")
+        if key == "--resume":
+            i += 1 if "=" in argv[i] else 2
+            continue
+        if key in ("--overwrite", "--no-overwrite"):
+            has_value = "=" not in argv[i] and i + 1 < len(argv) and not argv[i + 1].startswith("--")
+            i += 2 if has_value else 1
+            continue
+        kept.append(argv[i])
+        i += 1
+    return shlex.join(["pocketrlhf", command, *kept, "--resume", "auto"])
 
 
 def usage() -> str:
@@ -124,7 +151,6 @@ def _main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         hint = ""
         if name in ("sft", "rm", "ppo", "dpo", "pipeline", "demo"):  # the commands with a run to continue
-            from pocketrlhf.stages.common import resume_command
 
             try:
                 again = resume_command(name, rest, parse_args(config_cls, rest, cmd.positional))

@@ -20,8 +20,8 @@ from pocketrlhf.algorithms.stats import describe_accuracy
 from pocketrlhf.config import option
 from pocketrlhf.data import synthetic
 from pocketrlhf.errors import ConfigError
-from pocketrlhf.stages import common
-from pocketrlhf.stages.common import log
+from pocketrlhf.folders import refuse_foreign, write_marker
+from pocketrlhf.logs import log, setup_logging
 
 GROUND_TRUTH = "pocketrlhf.data.synthetic:sentiment_reward"
 # What the demo writes at the top of its folder: starting over removes these, and nothing else.
@@ -116,7 +116,7 @@ def prepare_folder(root: Path, resume: bool) -> None:
     if root.exists() and not root.is_dir():
         raise ConfigError(f"--output-dir {root} is a file, not a folder")
     entries = sorted(root.iterdir()) if root.is_dir() else []
-    common.refuse_foreign(root, entries, "write into it" if resume else "delete them", command="demo")
+    refuse_foreign(root, entries, "write into it" if resume else "delete them", command="demo")
     if not resume:
         for p in (root / name for name in OUTPUTS):
             if p.is_dir() and not p.is_symlink():
@@ -124,13 +124,13 @@ def prepare_folder(root: Path, resume: bool) -> None:
             elif p.exists() or p.is_symlink():
                 p.unlink()
     root.mkdir(parents=True, exist_ok=True)
-    common.write_marker(root, "demo")
+    write_marker(root, "demo")
 
 
 def run(cfg: DemoConfig) -> dict:
     from pocketrlhf.pipeline import Pipeline
 
-    common.setup_logging()
+    setup_logging()
     started = time.time()
     root = Path(cfg.output_dir)
     prepare_folder(root, cfg.resume)

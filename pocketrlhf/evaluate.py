@@ -14,13 +14,14 @@ from pathlib import Path
 
 import torch
 
+from pocketrlhf.algorithms.ppo import sequence_kl
 from pocketrlhf.algorithms.stats import pearson, wilson_interval
 from pocketrlhf.config import ModelOptions, option
 from pocketrlhf.data.templates import TemplateName
 from pocketrlhf.diagnostics import reward_hacking_warnings
 from pocketrlhf.errors import ConfigError
-from pocketrlhf.stages import common
-from pocketrlhf.stages.common import log
+from pocketrlhf.logs import log, setup_logging
+from pocketrlhf.models.spec import BaseSpec
 
 
 @dataclasses.dataclass
@@ -56,20 +57,19 @@ def _kl_to_reference(model, adapters, name, reference, ids, attn, mask, temperat
         own = response_logprobs(model, ids, attn, mask, temperature).logprobs
     with adapters.use(reference):
         ref = response_logprobs(model, ids, attn, mask, temperature).logprobs
-    return ((own - ref) * mask).sum(1)
+    return sequence_kl(own, ref, mask)
 
 
 def evaluate(cfg: EvaluationConfig) -> dict:
     from pocketrlhf.data.formats import prompts as prompt_rows
     from pocketrlhf.data.loading import load_records
     from pocketrlhf.data.tokenize import encode
-    from pocketrlhf.models.adapters import AdapterSet, load_adapter
+    from pocketrlhf.models.adapters import AdapterSet, load_adapter, spec_mismatch
     from pocketrlhf.models.generation import row_seed, sample
     from pocketrlhf.models.loading import load_base, load_tokenizer
-    from pocketrlhf.models.roles import load_reward_adapter
-    from pocketrlhf.stages.ppo import load_reward_function, rule_reward
+    from pocketrlhf.models.roles import load_reward_adapter, load_reward_function, rule_reward
 
-    common.setup_logging()
+    setup_logging()
     if not cfg.prompts or not cfg.sft_adapter:
         raise ConfigError("evaluation needs prompts and an SFT adapter")
     out_dir = Path(cfg.output_dir)
@@ -78,8 +78,12 @@ def evaluate(cfg: EvaluationConfig) -> dict:
     texts, _ = prompt_rows(load_records(cfg.prompts), cfg.prompts, cfg.template, tok)
     prompt_ids = [ids for ids in (encode(tok, t, special=True) for t in texts) if len(ids) <= cfg.max_prompt_length]
     prompt_ids = prompt_ids[:cfg.samples]
-    model = load_base(cfg.model, cfg.quantization, cfg.quant_type, cfg.double_quant, cfg.compute_dtype, cfg.dtype,
-                      cfg.device, cfg.trust_remote_code, training=False)
+    spec = BaseSpec.from_config(cfg)
+    for path in (cfg.sft_adapter, *cfg.policies.values(), cfg.reward_adapter):
+        mismatch = spec_mismatch(path, spec) if path else None
+        if mismatch:
+            log.warning("%s (--quantization, --quant-type, --double-quant)", mismatch)
+    model = load_base(spec, training=False)
     model = load_adapter(model, cfg.sft_adapter, name="sft")
     for name, path in cfg.policies.items():
         model = load_adapter(model, path, name=name)
@@ -202,7 +206,7 @@ def generate_answers(base: str | Path, adapter: str | Path | None, prompts: list
     model = load_base(str(base), quantization=quantization, device=device, training=False)
     if adapter is not None:
         model = load_adapter(model, adapter)
-    common.set_seed(seed)
+    torch.manual_seed(seed)  # sampling draws from torch's global generator only
     outs = sample(model, tok, [tok(p)["input_ids"] for p in prompts], max_new_tokens=max_new_tokens,
                   temperature=temperature, batch_size=batch_size)
     ended = [bool(o) and o[-1] == tok.eos_token_id for o in outs]

@@ -80,21 +80,10 @@ def read_adapter_config(path: str) -> dict:
     return cfg
 
 
-def looks_local(name: str) -> bool:
-    """A path rather than a hub id ("name" or "org/name")."""
-    return name.startswith((".", "/", "~")) or name.count("/") > 1 or Path(name).expanduser().exists()
+def resolve_base(cfg: MergeConfig) -> str:
+    from pocketrlhf.models.adapters import adapter_base
 
-
-def resolve_base(cfg: MergeConfig, adapter_cfg: dict) -> str:
-    if cfg.model:
-        base, source = cfg.model, "--model"
-    else:
-        base, source = adapter_cfg.get("base_model_name_or_path") or "", f"{Path(cfg.adapter) / ADAPTER_CONFIG}"
-        if not base:
-            raise ModelLoadError(f"{source} names no base model (base_model_name_or_path); pass --model DIR")
-    if looks_local(base) and not Path(base).expanduser().exists():
-        hint = "" if cfg.model else "; pass --model DIR to point at the base model"
-        raise ModelLoadError(f"base model {base} (from {source}) does not exist{hint}")
+    base = adapter_base(cfg.adapter, cfg.model, flag="--model")
     return str(Path(base).expanduser().resolve()) if Path(base).expanduser().exists() else base
 
 
@@ -264,17 +253,18 @@ def run(cfg: MergeConfig) -> dict:
     import torch
     from transformers import AutoConfig
 
-    from pocketrlhf.models.adapters import load_adapter, read_adapter_info, write_adapter_info
+    from pocketrlhf.logs import log, setup_logging
+    from pocketrlhf.models.adapters import load_adapter, read_adapter_info, recorded_spec, write_adapter_info
     from pocketrlhf.models.heads import HEAD_FILE
     from pocketrlhf.models.loading import load_base
+    from pocketrlhf.models.spec import BaseSpec
     from pocketrlhf.plan import parse_memory
-    from pocketrlhf.stages.common import log, setup_logging
 
     setup_logging()
     adapter_cfg = read_adapter_config(cfg.adapter)
     adapter = Path(cfg.adapter).expanduser().resolve()
     shard_bytes = parse_memory(cfg.max_shard_size, "--max-shard-size")
-    base = resolve_base(cfg, adapter_cfg)
+    base = resolve_base(cfg)
     out = check_output(cfg, base)
     info = read_adapter_info(adapter)
 
@@ -283,8 +273,12 @@ def run(cfg: MergeConfig) -> dict:
     except Exception as e:  # noqa: BLE001 - one clear message for every loading failure
         raise ModelLoadError(f"cannot read the base model's config from {base}: {str(e).splitlines()[0]}") from None
     stored_q = stored_quantization(base_config)
-    trained_q = info.get("quantization", "none")
     dtype = output_dtype(cfg.dtype, base_config)
+    # The base as the adapter was trained on it (quantization, 4-bit type, double quantization),
+    # here in the output dtype and on this machine.
+    trained = (recorded_spec(adapter) or BaseSpec(base)).replace(path=base, dtype=dtype, device=cfg.device,
+                                                                  trust_remote_code=cfg.trust_remote_code)
+    trained_q = trained.quantization
     if stored_q and not cfg.dequantize:
         raise ModelLoadError(
             f"base model {base} is stored quantized ({stored_q}); merging into quantized weights rounds the adapter "
@@ -296,12 +290,10 @@ def run(cfg: MergeConfig) -> dict:
     # repacked layout dequantize() would misread.
     if stored_q:
         log.info("loading %s (%s) and dequantizing it to %s", base, stored_q, dtype)
-        model = load_base(base, "none", dtype=dtype, device=cfg.device, trust_remote_code=cfg.trust_remote_code,
-                          training=True)
+        model = load_base(trained.replace(quantization="none"), training=True)
     elif cfg.dequantize and trained_q in ("4bit", "8bit"):
-        log.info("loading %s in %s as the adapter was trained, then dequantizing it to %s", base, trained_q, dtype)
-        model = load_base(base, trained_q, info.get("quant_type", "nf4"), info.get("double_quant", True),
-                          dtype=dtype, device=cfg.device, trust_remote_code=cfg.trust_remote_code, training=True)
+        log.info("loading %s in %s as the adapter was trained, then dequantizing it to %s", base, trained.describe(), dtype)
+        model = load_base(trained, training=True)
     else:
         if trained_q in ("4bit", "8bit"):
             log.info("the adapter was trained on a %s-quantized base; merging into the original %s weights "
@@ -309,8 +301,7 @@ def run(cfg: MergeConfig) -> dict:
         elif cfg.dequantize:
             log.info("--dequantize: neither the base nor the adapter's training was quantized; nothing to dequantize")
         log.info("loading %s in %s", base, dtype)
-        model = load_base(base, "none", dtype=dtype, device=cfg.device, trust_remote_code=cfg.trust_remote_code,
-                          training=False)
+        model = load_base(trained.replace(quantization="none"), training=False)
     if getattr(model, "hf_quantizer", None) is not None:
         try:
             model = model.dequantize(dtype=getattr(torch, dtype))
@@ -357,7 +348,9 @@ def run(cfg: MergeConfig) -> dict:
             # A reward/value adapter is "adapter + scalar head": the head stays next to the merged model.
             shutil.copy2(adapter / HEAD_FILE, tmp / HEAD_FILE)
             log.info("copied the scalar head (%s) next to the merged model", HEAD_FILE)
-        write_adapter_info(tmp, **{**info, "template": template, "merged_from": str(adapter), "base_model": base,
+        # The merged folder is a plain model: the base spec of the adapter's training stays behind.
+        kept = {k: v for k, v in info.items() if k != "base"}
+        write_adapter_info(tmp, **{**kept, "template": template, "merged_from": str(adapter), "base_model": base,
                                    "merged_dtype": dtype, "dequantized": bool(stored_q or (cfg.dequantize and trained_q != "none"))})
         _install(tmp, out)
     finally:

@@ -30,9 +30,8 @@ from pathlib import Path
 from pocketrlhf.config import ModelOptions, check_paths, from_dict, option, save_config
 from pocketrlhf.data.templates import TemplateName
 from pocketrlhf.errors import ConfigError
+from pocketrlhf.logs import log, setup_logging
 from pocketrlhf.paths import missing_model_message
-from pocketrlhf.stages import common
-from pocketrlhf.stages.common import log
 
 STAGES = ("data", "sft", "rm", "ppo", "dpo", "eval")
 SHARED = ("model", "quantization", "quant_type", "double_quant", "compute_dtype", "dtype", "device",
@@ -175,7 +174,7 @@ class Pipeline:
     def run(self) -> dict:
         from pocketrlhf.report import write_report
 
-        common.setup_logging()
+        setup_logging()
         self.root.mkdir(parents=True, exist_ok=True)
         save_config(self.cfg, self.root / "pipeline.yaml")
         results = {}

@@ -7,7 +7,7 @@ import torch
 
 from pocketrlhf.algorithms.ppo import (AdaptiveKLController, FixedKLController, explained_variance, gae,
                                        kl_per_token, masked_mean, masked_var, masked_whiten, penalized_rewards,
-                                       policy_loss, value_loss)
+                                       policy_loss, sequence_kl, value_loss)
 
 # Two rows; row 0 has a 1-token prompt then 3 response tokens, row 1 a 2-token prompt, 1 response token, 1 pad.
 MASK = torch.tensor([[0.0, 1.0, 1.0, 1.0], [0.0, 0.0, 1.0, 0.0]])
@@ -110,3 +110,11 @@ def test_kl_controllers():
     restored = AdaptiveKLController(1.0, 6.0, 10000)
     restored.load_state_dict(adaptive.state_dict())
     assert restored.value == adaptive.value
+
+
+def test_sequence_kl_sums_the_log_ratio_over_response_tokens_only():
+    logprobs = torch.tensor([[-1.0, -2.0, -0.5], [-0.1, -0.2, -0.3]])
+    reference = torch.tensor([[-1.5, -1.0, -9.0], [-0.1, -0.7, -0.3]])
+    mask = torch.tensor([[1.0, 1.0, 0.0], [0.0, 1.0, 1.0]])
+    # row 0: (-1 + 1.5) + (-2 + 1) = -0.5, the masked third token ignored; row 1: 0.5 + 0
+    torch.testing.assert_close(sequence_kl(logprobs, reference, mask), torch.tensor([-0.5, 0.5]))

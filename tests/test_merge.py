@@ -192,8 +192,9 @@ def test_missing_base_is_named_and_model_overrides_it(llama, tmp_path, capsys):
     config["base_model_name_or_path"] = str(tmp_path / "moved-away")
     (adapter / "adapter_config.json").write_text(json.dumps(config))
     assert main(["merge", "--adapter", str(adapter), "--out", str(tmp_path / "o")]) == 2
-    assert capsys.readouterr().err == (f"error: base model {tmp_path / 'moved-away'} (from {adapter / 'adapter_config.json'}) "
-                                       "does not exist; pass --model DIR to point at the base model\n")
+    # The same words as chat and serve (one function knows where an adapter's base is), with merge's flag.
+    assert capsys.readouterr().err == (f"error: adapter {adapter} was trained on {tmp_path / 'moved-away'}, which does "
+                                       "not exist here; pass --model DIR to use another copy of that base model\n")
     assert main(["merge", "--adapter", str(adapter), "--model", str(llama), "--out", str(tmp_path / "o"),
                  "--no-verify"]) == 0
 
@@ -259,6 +260,29 @@ def test_dequantize_merges_into_the_weights_a_qlora_adapter_saw(llama, tmp_path)
     original = tmp_path / "merged-original"
     assert main(["merge", "--adapter", str(adapter), "--out", str(original), "--no-verify"]) == 0
     assert (logits(load_merged(original), vocab) - logits(merged, vocab)).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("quant_type,double_quant", [("fp4", True), ("nf4", False)])
+def test_dequantize_uses_the_4bit_type_and_double_quantization_the_adapter_recorded(llama, tmp_path, quant_type,
+                                                                                    double_quant):
+    """The adapter's pocketrlhf_adapter.json holds its whole base spec: an FP4 or single-quantized
+    NF4 adapter is merged into the weights it saw, not into NF4 + double quantization ones."""
+    from pocketrlhf.models.adapters import write_adapter_info
+    from pocketrlhf.models.loading import load_base
+    from pocketrlhf.models.spec import BaseSpec
+
+    adapter = make_adapter(llama, tmp_path / "adapter")
+    spec = BaseSpec(str(llama), "4bit", quant_type, double_quant, "float32", device="cpu")
+    write_adapter_info(adapter, stage="sft", template="chatml", base=spec.record())
+    out = tmp_path / "merged"
+    assert main(["merge", "--adapter", str(adapter), "--out", str(out), "--dequantize", "--no-verify"]) == 0
+    merged = load_merged(out)
+    vocab = merged.get_output_embeddings().weight.shape[0]
+    saw = load_base(spec, training=True).dequantize(dtype=torch.float32)
+    torch.testing.assert_close(logits(merged, vocab), logits(base_plus_adapter_on(saw, adapter), vocab),
+                               atol=2e-4, rtol=1e-4)
+    default = load_base(spec.replace(quant_type="nf4", double_quant=True), training=True).dequantize(dtype=torch.float32)
+    assert (logits(base_plus_adapter_on(default, adapter), vocab) - logits(merged, vocab)).abs().max() > 1e-3
 
 
 def test_chat_and_serve_use_a_merged_models_trained_format(tmp_path, llama):

@@ -286,7 +286,8 @@ def test_sft_plan_matches_measured_memory(tiny_models, monkeypatch, arch, quanti
     """A real SFT training step (stages.sft.build_policy + models.forward.LMWithHeads) on CPU."""
     from pocketrlhf.models import forward
     from pocketrlhf.models.forward import LMWithHeads
-    from pocketrlhf.stages.sft import SFTConfig, build_policy
+    from pocketrlhf.models.policy import build_policy
+    from pocketrlhf.stages.sft import SFTConfig
 
     if recompute:  # exercise the chunked, recomputed log-prob path at tiny sizes
         monkeypatch.setattr(forward, "_RECOMPUTE_LOGITS_ABOVE", 0)
@@ -320,7 +321,8 @@ def test_rm_plan_matches_measured_memory(tiny_models):
     """Reward model step: adapter + scalar head on 2 x batch padded sequences (models.roles.ScoreModel)."""
     from pocketrlhf.models.heads import ScalarHead
     from pocketrlhf.models.roles import ScoreModel
-    from pocketrlhf.stages.sft import SFTConfig, build_policy
+    from pocketrlhf.models.policy import build_policy
+    from pocketrlhf.stages.sft import SFTConfig
 
     pairs, T = 3, 48
     model_dir = str(tiny_models["llama"])
@@ -349,7 +351,8 @@ def test_ppo_training_pass_matches_measured_memory(tiny_models):
     from pocketrlhf.models.heads import ScalarHead
     from pocketrlhf.models.loading import load_base
     from pocketrlhf.stages.ppo import ActorCritic
-    from pocketrlhf.stages.sft import SFTConfig, build_policy
+    from pocketrlhf.models.policy import build_policy
+    from pocketrlhf.stages.sft import SFTConfig
 
     B, T, new = 4, 64, 24
     model_dir = str(tiny_models["llama"])

@@ -10,15 +10,14 @@ import shutil
 
 import pytest
 import torch
+from conftest import write_jsonl
 from safetensors.torch import load_file
 
-from pocketrlhf.cli import main
+from pocketrlhf.cli import main, resume_command
 from pocketrlhf.data.synthetic import PROMPT, TITLES
 from pocketrlhf.errors import ConfigError, NonFiniteError, RewardFunctionError
+from pocketrlhf.models.roles import rule_reward
 from pocketrlhf.stages import common, sft
-from pocketrlhf.stages.ppo import rule_reward
-
-from conftest import write_jsonl
 
 
 def checksums(folder) -> dict[str, str]:
@@ -389,5 +388,5 @@ def test_interrupt_tells_the_command_that_continues(tmp_path, llama, sft_file, m
     err = capsys.readouterr().err.strip()
     again = " ".join(sft_args(llama, sft_file, f"'{out}'"))
     assert err == f"interrupted; continue with: pocketrlhf {again} --resume auto"
-    assert common.resume_command("demo", ["--quick"], None) == "pocketrlhf demo --quick --resume"
-    assert common.resume_command("chat", ["m"], object()) is None
+    assert resume_command("demo", ["--quick"], None) == "pocketrlhf demo --quick --resume"
+    assert resume_command("chat", ["m"], object()) is None

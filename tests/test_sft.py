@@ -172,7 +172,7 @@ def test_bf16_weights_and_fp4_quantization_train(tmp_path, llama, sft_file):
 def test_kbit_upcast_off_keeps_16bit_weights_16bit(tmp_path, llama, sft_file):
     import torch
 
-    from pocketrlhf.stages.sft import build_policy
+    from pocketrlhf.models.policy import build_policy
 
     for upcast, dtype in ((True, torch.float32), (False, torch.bfloat16)):
         cfg = config(llama, sft_file, tmp_path, quantization="4bit", dtype="bfloat16", kbit_upcast=upcast)

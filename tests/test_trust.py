@@ -12,7 +12,6 @@ import torch
 
 from pocketrlhf.algorithms.stats import describe_accuracy, pearson, wilson_interval
 from pocketrlhf.data import synthetic
-from pocketrlhf.data.formats import PreferencePair, TextPair
 from pocketrlhf.data.rows import group_ids, read_rows, split_holdout
 from pocketrlhf.diagnostics import reward_hacking_warnings, reward_model_warnings
 from pocketrlhf.stages import ppo, rm

@@ -47,9 +47,15 @@ def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, 
     return whitened * mask
 
 
+def sequence_kl(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """KL to the reference of each sampled response [N]: sum over its tokens of
+    log pi(y_t) - log pi_ref(y_t), an unbiased estimate of KL(pi || pi_ref) on pi's own samples."""
+    return ((logprobs - ref_logprobs) * mask).sum(1)
+
+
 def kl_per_token(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: str = "kl") -> torch.Tensor:
-    """Per-token KL estimate on the sampled tokens (spec 4.5): kl = d, abs = |d|, mse = d^2 / 2,
-    with d = log pi(y_t) - log pi_ref(y_t)."""
+    """Per-token KL estimate on the sampled tokens: kl = d, abs = |d|, mse = d^2 / 2, with
+    d = log pi(y_t) - log pi_ref(y_t) (trl's ``kl_penalty`` options)."""
     d = logprobs - ref_logprobs
     if estimator == "kl":
         return d
@@ -79,7 +85,7 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: 
 
     delta_t = r_t + gamma * V_{t+1} - V_t (V past the last response token is 0);
     A_t = delta_t + gamma * lam * A_{t+1}; returns R_t = A_t + V_t, computed BEFORE any
-    whitening of A (spec 4.3.9). Both come back zero outside the mask.
+    whitening of A ("The N+ Implementation Details of RLHF with PPO", Details 24-25). Both come back zero outside the mask.
     """
     values = values * mask
     rewards = rewards * mask

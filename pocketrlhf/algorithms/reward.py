@@ -1,4 +1,5 @@
-"""Reward modelling: the Bradley-Terry pairwise loss and its metrics (spec 3.2)."""
+"""Reward modelling: the Bradley-Terry pairwise loss and its metrics (Ouyang et al. 2022,
+arXiv:2203.02155, eq. 1; StackLLaMA's reward_modeling.py)."""
 
 from __future__ import annotations
 

@@ -18,6 +18,7 @@ from typing import Iterator
 import torch
 
 from pocketrlhf.errors import ModelLoadError
+from pocketrlhf.models.spec import BaseSpec
 
 log = logging.getLogger("pocketrlhf")
 
@@ -35,6 +36,26 @@ def adapter_base_path(path: str | Path) -> str:
         raise ModelLoadError(f"{path} is not an adapter directory (no {ADAPTER_CONFIG})")
     cfg = json.loads((Path(path) / ADAPTER_CONFIG).read_text())
     return cfg.get("base_model_name_or_path") or ""
+
+
+def adapter_base(adapter_dir: str | Path, override: str = "", flag: str = "--base") -> str:
+    """The base model to load an adapter on: ``override`` (the user's ``flag``), else the one it
+    was trained on, which must exist here when it is a local path (the hub is never asked)."""
+    from pocketrlhf.paths import missing_local
+
+    if override:
+        return override
+    try:
+        base = adapter_base_path(adapter_dir)
+    except (OSError, json.JSONDecodeError) as e:
+        raise ModelLoadError(f"cannot read {Path(adapter_dir) / ADAPTER_CONFIG}: {e}") from None
+    if not base:
+        raise ModelLoadError(f"{Path(adapter_dir) / ADAPTER_CONFIG} records no base model (base_model_name_or_path); "
+                             f"pass {flag} DIR")
+    if missing_local(base):
+        raise ModelLoadError(f"adapter {adapter_dir} was trained on {base}, which does not exist here; "
+                             f"pass {flag} DIR to use another copy of that base model")
+    return base
 
 
 def make_peft_config(
@@ -231,3 +252,21 @@ def write_adapter_info(directory: str | Path, **info) -> None:
 def read_adapter_info(directory: str | Path) -> dict:
     path = Path(directory) / ADAPTER_INFO
     return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def recorded_spec(directory: str | Path, **overrides) -> BaseSpec | None:
+    """How the base was loaded when this adapter was trained (None if it does not say)."""
+    return BaseSpec.from_record(read_adapter_info(directory), **overrides)
+
+
+def spec_mismatch(directory: str | Path, used: BaseSpec) -> str | None:
+    """A warning when ``used`` quantizes the base otherwise than the adapter's training did."""
+    recorded = recorded_spec(directory)
+    if recorded is None:
+        return None
+    fields = ("quantization",) + (("quant_type", "double_quant") if recorded.quantization == used.quantization == "4bit"
+                                  else ())
+    if all(getattr(recorded, f) == getattr(used, f) for f in fields):
+        return None
+    return (f"adapter {directory} was trained on a {recorded.describe()} base but is used on a {used.describe()} one: "
+            "its outputs may differ from training")

@@ -7,7 +7,8 @@ Every stage and role (SFT loss, reward, value, policy, reference, DPO) gets its 
   never shown to the model: their ids are replaced by 0 (the pad id may lie outside the
   embedding matrix) and their attention is masked.
 * ``position_ids = cumsum(mask) - 1``, so a left-padded row gets the same positions as unpadded
-  (matters for absolute-position models such as GPT-2; spec 1.1.5).
+  (matters for absolute-position models such as GPT-2; "The N Implementation Details of RLHF with
+  PPO", General 3).
 * Log-probs are aligned with tokens: ``logprobs[b, t] = log p(x_t | x_<t)`` computed from the
   hidden state at t-1, in fp32, with logits divided by the sampling temperature; 0 where the
   mask is 0 (and always at t = 0).
@@ -220,7 +221,8 @@ def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
 
 
 def disable_dropout(model: torch.nn.Module) -> None:
-    """Dropout off everywhere (spec 1.3): nn.Dropout modules and attention-probability dropout."""
+    """Dropout off everywhere ("The N Implementation Details of RLHF with PPO", Policy 4): nn.Dropout
+    modules and attention-probability dropout."""
     for module in model.modules():
         if isinstance(module, torch.nn.Dropout):
             module.p = 0.0

@@ -24,7 +24,8 @@ class ScalarHead(torch.nn.Module):
         self.linear = torch.nn.Linear(hidden_size, 1, dtype=torch.float32)
         with torch.no_grad():
             if init == "reward":
-                # Spec: std 1/sqrt(d_model + 1) (N+ Detail 11; Stiennon et al. printed the variance).
+                # std 1/sqrt(d_model + 1) ("The N+ Implementation Details of RLHF with PPO", Detail 11;
+                # Stiennon et al. 2020 printed it as the variance).
                 self.linear.weight.normal_(0.0, 1.0 / math.sqrt(hidden_size + 1))
             elif init == "zero":
                 self.linear.weight.zero_()

@@ -14,6 +14,7 @@ import torch
 
 from pocketrlhf.errors import ModelLoadError
 from pocketrlhf.models.quantization import bnb_config, guard_cpu_4bit
+from pocketrlhf.models.spec import BaseSpec
 from pocketrlhf.paths import missing_model_message
 
 log = logging.getLogger("pocketrlhf")
@@ -110,26 +111,19 @@ def load_tokenizer(path: str, trust_remote_code: bool = False, revision: str | N
     return tok
 
 
-def load_base(
-    model: str,
-    quantization: str = "none",
-    quant_type: str = "nf4",
-    double_quant: bool = True,
-    compute_dtype: str = "bfloat16",
-    dtype: str = "auto",
-    device: str = "auto",
-    trust_remote_code: bool = False,
-    training: bool = True,
-    revision: str | None = None,
-    max_memory: dict | None = None,
-) -> torch.nn.Module:
-    """The frozen base causal LM, on ``device``, with every parameter's requires_grad off.
+def load_base(spec: BaseSpec | str, *args: Any, training: bool = True, revision: str | None = None,
+              max_memory: dict | None = None, **fields: Any) -> torch.nn.Module:
+    """The frozen base causal LM that ``spec`` describes, on its device, with every parameter's
+    requires_grad off. A path with BaseSpec's fields (in BaseSpec's order, or by name) may stand
+    for the spec in short scripts: ``load_base("models/llama", "4bit", device="cpu")``.
 
     ``max_memory`` (accelerate's per-device caps, e.g. ``{0: "8GiB", "cpu": "30GiB"}``) spreads the
     weights with ``device_map="auto"`` instead; layers placed on the CPU stay unquantized there.
     """
     from transformers import AutoModelForCausalLM
 
+    spec = spec if isinstance(spec, BaseSpec) else BaseSpec(spec, *args, **fields)
+    model, quantization, dtype, device = spec.path, spec.quantization, spec.dtype, spec.device
     check_model(model)
     dev = resolve_device(device)
     stored = None
@@ -149,11 +143,11 @@ def load_base(
     kwargs: dict[str, Any] = dict(
         dtype=torch_dtype,
         use_safetensors=True,
-        trust_remote_code=trust_remote_code,
+        trust_remote_code=spec.trust_remote_code,
         device_map={"": dev},
         revision=revision,
     )
-    qcfg = None if stored else bnb_config(quantization, quant_type, double_quant, compute_dtype)
+    qcfg = None if stored else bnb_config(quantization, spec.quant_type, spec.double_quant, spec.compute_dtype)
     if max_memory is not None:
         kwargs.update(device_map="auto", max_memory=max_memory)
         if qcfg is not None and "cpu" in max_memory:
@@ -205,13 +199,6 @@ def follow_dtype(model: torch.nn.Module, dtype: torch.dtype) -> None:
         kept = any(k in name for k in keep_fp32)
         if type(p) is torch.nn.Parameter and p.is_floating_point() and p.dtype != dtype and not kept:
             p.data = p.data.to(dtype)
-
-
-def model_reference(path: str) -> str:
-    """A local model path made absolute (recorded in run outputs), or a hub id as given."""
-    check_model(path)
-    p = Path(path).expanduser()
-    return str(p.resolve()) if p.exists() else path
 
 
 def model_summary(model: torch.nn.Module) -> dict:

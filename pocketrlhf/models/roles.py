@@ -1,20 +1,29 @@
-"""Roles on ONE shared base: a reward (or value) model is an adapter plus a scalar head.
+"""Roles on ONE shared base: a reward (or value) model is an adapter plus a scalar head, or a
+rule-based reward function of the texts.
 
 The reward of a sequence is the head's output at its last real token, which is the EOS token
-of a finished answer (spec 3.2.3; pad is distinct from EOS, so padding is never read).
+of a finished answer (pad is distinct from EOS, so padding is never read; Ouyang et al. 2022 and
+the N+ implementation details of Huang et al. 2024, Detail 12, read it there too).
 """
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
+import inspect
+import numbers
+import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 
-from pocketrlhf.errors import ModelLoadError
-from pocketrlhf.models.adapters import AdapterSet, load_adapter, read_adapter_info
+from pocketrlhf.errors import ConfigError, ModelLoadError, RewardFunctionError
+from pocketrlhf.models.adapters import AdapterSet, read_adapter_info
 from pocketrlhf.models.forward import final_hidden_states, last_token_index, pair_hidden_states
 from pocketrlhf.models.heads import HEAD_FILE, ScalarHead
+from pocketrlhf.models.policy import add_frozen_adapter
 
 
 def read_at_last_token(head: torch.nn.Module, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -74,10 +83,87 @@ def load_reward_adapter(model: torch.nn.Module, directory: str | Path, name: str
     directory = Path(directory)
     if not (directory / HEAD_FILE).is_file():
         raise ModelLoadError(f"{directory} is not a reward adapter (no {HEAD_FILE}); train one with `pocketrlhf rm`")
-    model = load_adapter(model, directory, name=name, trainable=False)
+    model = add_frozen_adapter(model, directory, name)
     device = next(model.parameters()).device
     head = ScalarHead.load(directory, device=device)
     for p in head.parameters():
         p.requires_grad_(False)
     info = read_adapter_info(directory)
     return model, RewardAdapter(model, head, name, float(info.get("reward_mean", 0.0)), float(info.get("reward_std", 1.0)))
+
+
+# ---------------------------------------------------------------------------------------------
+# Rule-based rewards: a Python function of the texts.
+
+
+def load_reward_function(spec: str) -> Callable:
+    """``module:function`` or ``path/to/file.py:function``."""
+    target, _, name = spec.rpartition(":")
+    if not target or not name:
+        raise ConfigError(f"--reward-function {spec}: expected module:function or file.py:function")
+    try:
+        if target.endswith(".py"):
+            path = Path(target)
+            if not path.is_file():
+                raise ConfigError(f"--reward-function: no such file {target}")
+            module_spec = importlib.util.spec_from_file_location(path.stem, path)
+            module = importlib.util.module_from_spec(module_spec)
+            module_spec.loader.exec_module(module)
+        else:
+            if "" not in sys.path:
+                sys.path.insert(0, "")
+            module = importlib.import_module(target)
+    except ImportError as e:
+        raise ConfigError(f"--reward-function {spec}: cannot import {target} ({e})") from None
+    fn = getattr(module, name, None)
+    if not callable(fn):
+        raise ConfigError(f"--reward-function {spec}: {target} has no function {name}")
+    return fn
+
+
+def rule_reward(fn: Callable, spec: str | None = None) -> Callable:
+    """Adapt a user function of (responses) or (prompts, responses) to the reward interface. What
+    it raises, and anything but one number per response, is a RewardFunctionError naming ``spec``
+    (module:function) and the first bad value."""
+    wants_prompts = len(inspect.signature(fn).parameters) >= 2
+    name = spec or f"{getattr(fn, '__module__', '?')}:{getattr(fn, '__qualname__', fn)}"
+
+    def reward(input_ids, attention_mask, prompts: list[str], responses: list[str]) -> torch.Tensor:
+        try:
+            scores = fn(prompts, responses) if wants_prompts else fn(responses)
+        except Exception as e:  # noqa: BLE001 - the user's code: any failure becomes one line naming it
+            detail = str(e).splitlines()[0] if str(e) else ""
+            raise RewardFunctionError(f"reward function {name} raised {type(e).__name__}"
+                                      f"{': ' + detail if detail else ''} (on {len(responses)} responses)") from e
+        return torch.tensor(check_scores(scores, len(responses), f"reward function {name}"), dtype=torch.float32,
+                            device=input_ids.device)
+
+    return reward
+
+
+def check_scores(scores, n: int, source: str) -> list[float]:
+    """``scores`` as n floats, or a RewardFunctionError naming ``source`` and the first bad value."""
+    if isinstance(scores, torch.Tensor):
+        scores = scores.detach().cpu().reshape(-1).tolist() if scores.dim() <= 1 else scores
+    if isinstance(scores, (str, bytes, dict)) or not hasattr(scores, "__len__"):
+        raise RewardFunctionError(f"{source} returned {type(scores).__name__} {short_repr(scores)}; it must return a list "
+                                  f"of {n} numbers, one per response")
+    if len(scores) != n:
+        raise RewardFunctionError(f"{source} returned {len(scores)} scores for {n} responses")
+    out = []
+    for i, s in enumerate(scores):
+        if isinstance(s, torch.Tensor) and s.numel() == 1:
+            s = s.item()
+        if isinstance(s, (str, bytes)) or not isinstance(s, numbers.Real):
+            error = RewardFunctionError(f"{source} returned {type(s).__name__} {short_repr(s)} as a score; it must "
+                                        "return numbers")
+            error.index = i  # lets the caller name the prompt
+            raise error
+        out.append(float(s))
+    return out
+
+
+def short_repr(value, limit: int = 60) -> str:
+    """``repr(value)`` on one line, cut to ``limit`` characters (for error messages)."""
+    text = repr(value).replace("\n", " ")
+    return text if len(text) <= limit else text[:limit - 3] + "..."

@@ -216,6 +216,34 @@ def _chunker(kind: str, rid: str, created: int, model: str, include_usage: bool)
     return chunk
 
 
+@dataclasses.dataclass(frozen=True)
+class ChoiceShape:
+    """How one route writes a choice: whole (non-streamed), or as stream events (an optional
+    opening event, one per text delta, a closing one with the finish reason)."""
+
+    kind: str  # "object" of the whole response
+    chunk_kind: str  # "object" of each streamed event
+    whole: Callable[[int, str, str], dict]
+    delta: Callable[[int, str], dict]
+    closing: Callable[[int, str], dict]
+    opening: Callable[[int], dict] | None = None
+
+
+CHAT_CHOICES = ChoiceShape(
+    "chat.completion", "chat.completion.chunk",
+    whole=lambda i, text, reason: {"index": i, "message": {"role": "assistant", "content": text}, "logprobs": None,
+                                   "finish_reason": reason},
+    delta=lambda i, text: {"index": i, "delta": {"content": text}, "logprobs": None, "finish_reason": None},
+    closing=lambda i, reason: {"index": i, "delta": {}, "logprobs": None, "finish_reason": reason},
+    opening=lambda i: {"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                       "finish_reason": None})
+TEXT_CHOICES = ChoiceShape(
+    "text_completion", "text_completion",
+    whole=lambda i, text, reason: {"index": i, "text": text, "logprobs": None, "finish_reason": reason},
+    delta=lambda i, text: {"index": i, "text": text, "logprobs": None, "finish_reason": None},
+    closing=lambda i, reason: {"index": i, "text": "", "logprobs": None, "finish_reason": reason})
+
+
 def create_app(load: Callable[[], Any], cfg: ServeConfig, api_key: str = ""):
     """The FastAPI app. ``load`` builds the Engine; it runs on a thread once the server is up."""
     from contextlib import asynccontextmanager
@@ -397,6 +425,50 @@ def create_app(load: Callable[[], Any], cfg: ServeConfig, api_key: str = ""):
         ignored_fields(body, known_fields, route)
         return body, engine, name
 
+    async def respond(request: Request, engine, name: str, shape: ChoiceShape, jobs: list[tuple], stops,
+                      stream_mode: bool, include_usage: bool, prompt_tokens: int, rid: str):
+        """Run ``jobs`` ((choice index, prompt, sampling params), in order) and answer with their
+        choices, whole or streamed. A streamed failure comes as an error event, then the end."""
+        loop = asyncio.get_running_loop()
+        created = int(time.time())
+        if not stream_mode:
+            choices, completion_tokens = [], 0
+            for index, prompt, params in jobs:
+                s = engine.submit(name, prompt, params, stops, loop)
+                text = await collect(request, s)
+                completion_tokens += s.completion_tokens
+                choices.append(shape.whole(index, text, finish(s.finish_reason)))
+            return {"id": rid, "object": shape.kind, "created": created, "model": name, "choices": choices,
+                    "usage": usage(prompt_tokens, completion_tokens)}
+
+        chunk = _chunker(shape.chunk_kind, rid, created, name, include_usage)
+
+        async def events():
+            current, completion_tokens = None, 0
+            try:
+                for index, prompt, params in jobs:
+                    current = engine.submit(name, prompt, params, stops, loop)
+                    if shape.opening is not None:
+                        yield chunk([shape.opening(index)])
+                    try:
+                        async for delta in current:
+                            yield chunk([shape.delta(index, delta)])
+                    except Exception as e:  # noqa: BLE001 - headers are sent: report in the stream
+                        yield _sse(_generation_failed(e).body())
+                        yield "data: [DONE]\n\n"
+                        return
+                    completion_tokens += current.completion_tokens
+                    yield chunk([shape.closing(index, finish(current.finish_reason))])
+                if include_usage:
+                    yield chunk([], usage(prompt_tokens, completion_tokens))
+                yield "data: [DONE]\n\n"
+            finally:
+                if current is not None and not current.done:
+                    current.cancel()
+
+        return StreamingResponse(events(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         body, engine, name = await open_request(request, CHAT_FIELDS, "/v1/chat/completions")
@@ -409,48 +481,9 @@ def create_app(load: Callable[[], Any], cfg: ServeConfig, api_key: str = ""):
             raise _bad(f"cannot format these messages with {engine.served(name).template}: {e}", param="messages") from None
         params = fit(engine, len(prompt), max_tokens, params, "messages")
         admit(engine, 1)
-        stops = engine.stop_strings(name)
-        loop = asyncio.get_running_loop()
-        rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
-
-        if not stream_mode:
-            choices, completion_tokens = [], 0
-            for i in range(n):
-                s = engine.submit(name, prompt, _seeded(params, i), stops, loop)
-                text = await collect(request, s)
-                completion_tokens += s.completion_tokens
-                choices.append({"index": i, "message": {"role": "assistant", "content": text},
-                                "logprobs": None, "finish_reason": finish(s.finish_reason)})
-            return {"id": rid, "object": "chat.completion", "created": created, "model": name,
-                    "choices": choices, "usage": usage(len(prompt), completion_tokens)}
-
-        chunk = _chunker("chat.completion.chunk", rid, created, name, include_usage)
-
-        async def events():
-            current, completion_tokens = None, 0
-            try:
-                for i in range(n):
-                    current = engine.submit(name, prompt, _seeded(params, i), stops, loop)
-                    yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                                  "finish_reason": None}])
-                    try:
-                        async for delta in current:
-                            yield chunk([{"index": i, "delta": {"content": delta}, "logprobs": None,
-                                          "finish_reason": None}])
-                    except Exception as e:  # noqa: BLE001 - headers are sent: report in the stream
-                        yield _sse(_generation_failed(e).body())
-                        break
-                    completion_tokens += current.completion_tokens
-                    yield chunk([{"index": i, "delta": {}, "logprobs": None, "finish_reason": finish(current.finish_reason)}])
-                if include_usage:
-                    yield chunk([], usage(len(prompt), completion_tokens))
-                yield "data: [DONE]\n\n"
-            finally:
-                if current is not None and not current.done:
-                    current.cancel()
-
-        return StreamingResponse(events(), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        jobs = [(i, prompt, _seeded(params, i)) for i in range(n)]
+        return await respond(request, engine, name, CHAT_CHOICES, jobs, engine.stop_strings(name), stream_mode,
+                             include_usage, len(prompt), f"chatcmpl-{uuid.uuid4().hex}")
 
     @app.post("/v1/completions")
     async def completions(request: Request):
@@ -465,52 +498,11 @@ def create_app(load: Callable[[], Any], cfg: ServeConfig, api_key: str = ""):
                 raise _bad(f"'prompt' has token ids outside the vocabulary (0..{vocab - 1})", param="prompt")
             if not ids:
                 raise _bad("'prompt' is empty", param="prompt")
-        jobs = [(p, ids, fit(engine, len(ids), max_tokens, params, "prompt")) for p, ids in enumerate(encoded)]
+        fitted = [fit(engine, len(ids), max_tokens, params, "prompt") for ids in encoded]
         admit(engine, 1)
-        loop = asyncio.get_running_loop()
-        rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
-        prompt_tokens = sum(len(ids) for ids in encoded)
-
-        if not stream_mode:
-            choices, completion_tokens = [], 0
-            for p, ids, prm in jobs:
-                for j in range(n):
-                    s = engine.submit(name, ids, _seeded(prm, j), (), loop)
-                    text = await collect(request, s)
-                    completion_tokens += s.completion_tokens
-                    choices.append({"index": p * n + j, "text": text, "logprobs": None,
-                                    "finish_reason": finish(s.finish_reason)})
-            return {"id": rid, "object": "text_completion", "created": created, "model": name, "choices": choices,
-                    "usage": usage(prompt_tokens, completion_tokens)}
-
-        chunk = _chunker("text_completion", rid, created, name, include_usage)
-
-        async def events():
-            current, completion_tokens = None, 0
-            try:
-                for p, ids, prm in jobs:
-                    for j in range(n):
-                        index = p * n + j
-                        current = engine.submit(name, ids, _seeded(prm, j), (), loop)
-                        try:
-                            async for delta in current:
-                                yield chunk([{"index": index, "text": delta, "logprobs": None, "finish_reason": None}])
-                        except Exception as e:  # noqa: BLE001
-                            yield _sse(_generation_failed(e).body())
-                            yield "data: [DONE]\n\n"
-                            return
-                        completion_tokens += current.completion_tokens
-                        yield chunk([{"index": index, "text": "", "logprobs": None,
-                                      "finish_reason": finish(current.finish_reason)}])
-                if include_usage:
-                    yield chunk([], usage(prompt_tokens, completion_tokens))
-                yield "data: [DONE]\n\n"
-            finally:
-                if current is not None and not current.done:
-                    current.cancel()
-
-        return StreamingResponse(events(), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        jobs = [(p * n + j, ids, _seeded(prm, j)) for p, (ids, prm) in enumerate(zip(encoded, fitted)) for j in range(n)]
+        return await respond(request, engine, name, TEXT_CHOICES, jobs, (), stream_mode, include_usage,
+                             sum(len(ids) for ids in encoded), f"cmpl-{uuid.uuid4().hex}")
 
     return app
 
@@ -577,9 +569,9 @@ def run(cfg: ServeConfig) -> None:
         raise ConfigError(f"pocketrlhf serve needs fastapi and uvicorn ({e}): pip install 'pocketrlhf[serve]'") from None
 
     from pocketrlhf.errors import ModelLoadError
+    from pocketrlhf.logs import setup_logging
     from pocketrlhf.models.loading import resolve_device
     from pocketrlhf.serve.engine import Engine, max_memory_map, parse_adapters, plan_models
-    from pocketrlhf.stages.common import setup_logging
 
     setup_logging(getattr(logging, cfg.log_level.upper()))
     if cfg.load_8bit and cfg.load_4bit:

@@ -408,8 +408,8 @@ def sampling_params(cfg: ChatConfig) -> SamplingParams:
 
 
 def run(cfg: ChatConfig) -> None:
+    from pocketrlhf.logs import setup_logging
     from pocketrlhf.serve.engine import Engine
-    from pocketrlhf.stages.common import setup_logging
 
     setup_logging()
     params = sampling_params(cfg)

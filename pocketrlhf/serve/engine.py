@@ -29,6 +29,7 @@ from typing import Any, Iterator, Literal
 
 from pocketrlhf.config import option
 from pocketrlhf.errors import ConfigError, ModelLoadError
+from pocketrlhf.models.spec import BaseSpec
 from pocketrlhf.paths import missing_local
 
 log = logging.getLogger("pocketrlhf")
@@ -45,6 +46,7 @@ class ServingOptions:
     load_8bit: bool = option(False, "load the base with LLM.int8 weights (about half the memory of 16-bit)")
     load_4bit: bool = option(False, "load the base with 4-bit weights (NF4 by default)")
     quant_type: Literal["nf4", "fp4"] = option("nf4", "4-bit data type")
+    double_quant: bool = option(True, "4-bit: quantize the quantization constants too (QLoRA double quantization)")
     compute_dtype: Literal["bfloat16", "float16", "float32"] = option("bfloat16", "4-bit: dtype of the matmuls")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = option(
         "auto", "dtype of the non-quantized weights (auto: bf16/fp16 on GPU, fp32 on CPU)")
@@ -55,6 +57,14 @@ class ServingOptions:
         "default", "prompt format; default: the one the adapter was trained with (pocketrlhf_adapter.json), "
         "else auto (the tokenizer's chat template, ChatML without one)")
     trust_remote_code: bool = option(False, "run Python code shipped with the model (off: safer)")
+
+    def base_spec(self, path: str) -> BaseSpec:
+        """The base as ``--load-4bit``/``--load-8bit`` and the other options describe it."""
+        if self.load_8bit and self.load_4bit:
+            raise ConfigError("--load-8bit and --load-4bit are exclusive: pick one")
+        quantization = "8bit" if self.load_8bit else "4bit" if self.load_4bit else "none"
+        return BaseSpec(path, quantization, self.quant_type, self.double_quant, self.compute_dtype, self.dtype,
+                        self.device, self.trust_remote_code)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -86,25 +96,6 @@ _HAS_TOKENIZER = ("tokenizer_config.json", "tokenizer.json")
 
 def _has_tokenizer(path: Path) -> bool:
     return any((path / f).is_file() for f in _HAS_TOKENIZER)
-
-
-def adapter_base(adapter_dir: Path, override: str = "") -> str:
-    """The base model of an adapter directory: ``override``, else adapter_config.json's record."""
-    from pocketrlhf.models.adapters import adapter_base_path
-
-    if override:
-        return override
-    try:
-        base = adapter_base_path(adapter_dir)
-    except (OSError, json.JSONDecodeError) as e:
-        raise ModelLoadError(f"cannot read {adapter_dir / 'adapter_config.json'}: {e}") from None
-    if not base:
-        raise ModelLoadError(f"{adapter_dir / 'adapter_config.json'} records no base model "
-                             "(base_model_name_or_path); pass --base DIR")
-    if missing_local(base):
-        raise ModelLoadError(f"adapter {adapter_dir} was trained on {base}, which does not exist here; "
-                             "pass --base DIR to use another copy of that base model")
-    return base
 
 
 def adapter_template(adapter_dir: Path) -> str:
@@ -153,7 +144,7 @@ def plan_models(opts: ServingOptions, adapters: dict[str, str] | None = None, na
     """Which base to load and which model ids to serve, checked before any weights are read."""
     if not opts.model:
         raise ConfigError("no model given: pass a base model directory or an adapter directory")
-    from pocketrlhf.models.adapters import is_adapter_dir
+    from pocketrlhf.models.adapters import adapter_base, is_adapter_dir
 
     primary = Path(opts.model).expanduser()
     models: dict[str, ServedModel] = {}
@@ -479,20 +470,18 @@ class Engine:
     def load(cls, opts: ServingOptions, adapters: dict[str, str] | None = None, name: str = "",
              plan: LoadPlan | None = None) -> "Engine":
         """Load the base once and every adapter onto it."""
-        from pocketrlhf.models.adapters import load_adapter
+        from pocketrlhf.models.adapters import load_adapter, spec_mismatch
         from pocketrlhf.models.forward import disable_dropout
         from pocketrlhf.models.generation import folder_generation_settings
         from pocketrlhf.models.loading import load_base, load_tokenizer, resolve_device
 
-        if opts.load_8bit and opts.load_4bit:
-            raise ConfigError("--load-8bit and --load-4bit are exclusive: pick one")
+        spec = opts.base_spec("")
         plan = plan or plan_models(opts, adapters, name)
+        spec = spec.replace(path=plan.base)
         device = resolve_device(opts.device)
         max_memory = max_memory_map(device, opts.cpu_offloading, opts.max_gpu_memory)
-        quantization = "8bit" if opts.load_8bit else "4bit" if opts.load_4bit else "none"
-        log.info("loading %s%s on %s", plan.base, f" ({quantization})" if quantization != "none" else "", device)
-        model = load_base(plan.base, quantization, opts.quant_type, True, opts.compute_dtype, opts.dtype, opts.device,
-                          opts.trust_remote_code, training=False, max_memory=max_memory)
+        log.info("loading %s%s on %s", plan.base, f" ({spec.describe()})" if spec.quantization != "none" else "", device)
+        model = load_base(spec, training=False, max_memory=max_memory)
         disable_dropout(model)
         ignored = folder_generation_settings(model)
         if ignored:
@@ -514,6 +503,9 @@ class Engine:
                 raise ModelLoadError(f"adapters of different kinds cannot share one base: '{kinds[first]}' is {first}, "
                                      f"'{served.name}' is {kind}; serve them separately")
             log.info("adapter %s <- %s", served.name, served.source)
+            mismatch = spec_mismatch(served.source, spec)
+            if mismatch:
+                log.warning("%s (chat/serve: --load-4bit, --load-8bit, --quant-type, --double-quant)", mismatch)
             model = load_adapter(model, served.source, name=served.adapter)
         model.eval()
         return cls(model, plan, device)

@@ -20,7 +20,6 @@ import math
 import os
 import random
 import shutil
-import sys
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -28,14 +27,12 @@ from typing import Any, Callable, Iterable
 
 import numpy as np
 import torch
-
 import yaml
 
 from pocketrlhf.config import ConfigError, save_config, to_dict
 from pocketrlhf.errors import NonFiniteError
 from pocketrlhf.folders import MARKER, is_own_folder, refuse_foreign, write_marker  # noqa: F401
-
-log = logging.getLogger("pocketrlhf")
+from pocketrlhf.logs import log, setup_logging  # noqa: F401  (the stages log through common)
 
 CHECKPOINT_PREFIX = "checkpoint-"
 STATE_FILE = "trainer_state.json"
@@ -51,38 +48,6 @@ RUN_OUTPUTS = ("metrics.jsonl", "summary.json", "adapter", "report.md", "plots",
 RESUME_SAFE = frozenset({"output_dir", "resume", "overwrite", "resume_ignore_config", "progress", "logging_steps",
                          "save_steps", "save_total_limit", "report_to", "max_steps", "epochs", "device",
                          "skip_nonfinite", "samples_to_log"})
-
-
-class _StderrHandler(logging.StreamHandler):
-    """Writes to whatever sys.stderr is now (not the one at setup: tests and tools swap it)."""
-
-    @property
-    def stream(self):
-        return sys.stderr
-
-    @stream.setter
-    def stream(self, _value) -> None:
-        pass
-
-
-def setup_logging(level: int = logging.INFO) -> None:
-    if not log.handlers:
-        handler = _StderrHandler()
-        handler.setFormatter(logging.Formatter("[pocketrlhf] %(message)s"))
-        log.addHandler(handler)
-    log.setLevel(level)
-    log.propagate = False
-    # bitsandbytes logs a warning on import when an optional CPU kernel package is absent.
-    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
-    for noisy in ("transformers", "datasets", "peft", "accelerate"):
-        logging.getLogger(noisy).setLevel(logging.ERROR)
-    try:
-        import transformers
-
-        transformers.logging.set_verbosity_error()
-        transformers.logging.disable_progress_bar()
-    except ImportError:  # pragma: no cover
-        pass
 
 
 def set_seed(seed: int) -> None:
@@ -104,33 +69,6 @@ def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def resume_command(command: str, argv: list[str], cfg: Any) -> str | None:
-    """The command line that continues an interrupted ``command`` run, or None when it has no run
-    to continue (not a training command, or no output folder)."""
-    import shlex
-
-    if command == "pipeline":
-        return shlex.join(["pocketrlhf", command, *argv])  # re-running resumes the pipeline
-    if command == "demo":
-        kept = [a for a in argv if a not in ("--resume", "--no-resume")]
-        return shlex.join(["pocketrlhf", command, *kept, "--resume"])
-    if not isinstance(getattr(cfg, "resume", None), str) or not getattr(cfg, "output_dir", ""):
-        return None
-    kept, i = [], 0
-    while i < len(argv):
-        key = argv[i].split("=", 1)[0].replace("_", "-")
-        if key == "--resume":
-            i += 1 if "=" in argv[i] else 2
-            continue
-        if key in ("--overwrite", "--no-overwrite"):
-            has_value = "=" not in argv[i] and i + 1 < len(argv) and not argv[i + 1].startswith("--")
-            i += 2 if has_value else 1
-            continue
-        kept.append(argv[i])
-        i += 1
-    return shlex.join(["pocketrlhf", command, *kept, "--resume", "auto"])
 
 
 def _normalized(cfg: Any) -> dict:
@@ -359,6 +297,21 @@ def load_torch_state(path: Path, optimizer, scheduler) -> dict:
     extra = torch.load(path / "rng_state.pt", weights_only=False)
     set_rng_state(extra.pop("rng"))
     return extra
+
+
+def resume(run: "Run", optimizer, scheduler, load_weights: Callable[[Path], None]) -> tuple[int, dict, dict]:
+    """Restore weights, optimizer, schedule and RNG from the checkpoint ``cfg.resume`` names and
+    forget the metrics logged past it: (step, trainer_state.json, the extra torch state saved with
+    it). Step 0 and empty dicts when there is nothing to resume. Every stage resumes through here."""
+    checkpoint = run.resume_from()
+    if checkpoint is None:
+        return 0, {}, {}
+    load_weights(checkpoint)
+    extra = load_torch_state(checkpoint, optimizer, scheduler)
+    state = read_state(checkpoint)
+    run.truncate_metrics(state["step"])
+    log.info("resuming from %s (step %d)", checkpoint, state["step"])
+    return state["step"], state, extra
 
 
 def _keep_hyperparameters(optimizer, scheduler, built: list[dict]) -> None:

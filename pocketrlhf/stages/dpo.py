@@ -1,5 +1,5 @@
 """Direct Preference Optimization: an adapter learns from (prompt, chosen, rejected) pairs directly,
-with no reward model and no sampling (spec 6).
+with no reward model and no sampling (Rafailov et al. 2023, arXiv:2305.18290).
 
 The reference is the SFT model, reached by switching adapters on the one frozen base:
 
@@ -36,6 +36,7 @@ from pocketrlhf.data.rows import read_rows
 from pocketrlhf.data.templates import TemplateName
 from pocketrlhf.data.tokenize import PreferenceExample, collate_preferences, collate_shared_prompt, tokenize_preferences
 from pocketrlhf.errors import ConfigError, DataError
+from pocketrlhf.models.spec import BaseSpec
 from pocketrlhf.stages import common
 from pocketrlhf.stages.common import log
 from pocketrlhf.stages.loop import Loop, plan_steps, sequences_per_step
@@ -173,11 +174,8 @@ class DPOLoss:
 
 def cache_key(sets: dict[str, list[DPOExample]], cfg: DPOConfig) -> str:
     """Names the data (token ids) and the reference model that cached numbers belong to."""
-    from pocketrlhf.models.loading import model_reference
-
     h = hashlib.sha256()
-    ref = {k: getattr(cfg, k) for k in ("quantization", "quant_type", "double_quant", "compute_dtype", "dtype")}
-    h.update(json.dumps({**ref, "model": model_reference(cfg.model)}, sort_keys=True).encode())
+    h.update(json.dumps(BaseSpec.from_config(cfg).record(), sort_keys=True).encode())
     if cfg.sft_adapter:
         h.update((Path(cfg.sft_adapter) / "adapter_model.safetensors").read_bytes())
     for split, examples in sets.items():
@@ -242,9 +240,9 @@ def build_model(cfg: DPOConfig, total_steps: int, template: str | None = None):
     """(model, AdapterSet, reference adapter name or None): the trainable policy adapter
     ("default") on the frozen base, plus a frozen copy of the SFT adapter when there is one.
     ``template``: the prompt format the data is rendered with (checked against the SFT adapter's)."""
-    from pocketrlhf.models.adapters import AdapterSet, load_adapter, read_adapter_info
+    from pocketrlhf.models.adapters import AdapterSet, read_adapter_info
     from pocketrlhf.models.forward import disable_dropout
-    from pocketrlhf.stages.sft import build_policy
+    from pocketrlhf.models.policy import add_frozen_adapter, build_policy
 
     model = build_policy(cfg, total_steps=total_steps, init_adapter=cfg.sft_adapter)
     reference = None
@@ -254,22 +252,16 @@ def build_model(cfg: DPOConfig, total_steps: int, template: str | None = None):
         if sft_template and sft_template != template:
             log.warning("the SFT adapter was trained with --template %s but this run uses %s: prompts will look unlike "
                         "those seen in SFT", sft_template, template)
-        flags = [(p, p.requires_grad) for p in model.parameters()]
-        model = load_adapter(model, cfg.sft_adapter, name=REFERENCE_ADAPTER, trainable=False)
-        for p, flag in flags:  # loading another adapter must not change what trains
-            p.requires_grad_(flag)
+        model = add_frozen_adapter(model, cfg.sft_adapter, REFERENCE_ADAPTER)
         reference = REFERENCE_ADAPTER
-    disable_dropout(model)  # the adapters' dropout too: log-probs must be exact (spec 1.3)
-    # Loading a frozen adapter puts the whole model in eval mode, which would silently switch
-    # gradient checkpointing off (transformers checkpoints only in training mode).
-    model.train()
+    disable_dropout(model)  # the adapters' dropout too: log-probs must be exact, as the reference's are
     return model, AdapterSet(model), reference
 
 
 def train(cfg: DPOConfig) -> dict:
     from pocketrlhf.models.adapters import load_adapter_weights, save_adapter, write_adapter_info
     from pocketrlhf.models.forward import supports_attention_bias
-    from pocketrlhf.models.loading import load_tokenizer, model_reference
+    from pocketrlhf.models.loading import load_tokenizer
 
     common.setup_logging()
     check_config(cfg)
@@ -316,8 +308,8 @@ def train(cfg: DPOConfig) -> dict:
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         out = save_adapter(model, run.dir / "adapter", tokenizer=tokenizer)
-        write_adapter_info(out, stage="dpo", template=data_report["template"], base_model=model_reference(cfg.model),
-                           quantization=cfg.quantization, reference=cfg.sft_adapter or "base", loss_type=cfg.loss_type,
+        write_adapter_info(out, stage="dpo", template=data_report["template"], base=BaseSpec.from_config(cfg).record(),
+                           reference=cfg.sft_adapter or "base", loss_type=cfg.loss_type,
                            beta=cfg.beta, eval_accuracy=summary.get("eval_accuracy"),
                            eval_accuracy_n=summary.get("eval_accuracy_n"))
         summary["adapter"] = str(out)

@@ -179,14 +179,6 @@ class Loop:
 
     def resume(self, load_weights: Callable[[Path], None]) -> int:
         """Restore weights, optimizer, schedule and RNG from the checkpoint cfg.resume names; the step."""
-        checkpoint = self.run.resume_from()
-        if checkpoint is None:
-            return 0
-        load_weights(checkpoint)
-        common.load_torch_state(checkpoint, self.optimizer, self.scheduler)
-        state = common.read_state(checkpoint)
-        step = state["step"]
+        step, state, _ = common.resume(self.run, self.optimizer, self.scheduler, load_weights)
         self.nonfinite_skipped = state.get("nonfinite_skipped", 0)
-        self.run.truncate_metrics(step)
-        common.log.info("resuming from %s (step %d)", checkpoint, step)
         return step

@@ -6,21 +6,38 @@
                --value-model adapter a separate trainable "value" adapter + head (init: the RM)
     reward     frozen adapter "reward" + head from `pocketrlhf rm`, or a Python function
 
-One PPO step (spec 4.3): sample responses at temperature T (pure sampling) -> score them -> one
-no-grad pass for old log-probs, values and reference log-probs (logits / T, dropout off) ->
-per-token rewards -beta * KL plus the score on the last token -> GAE (returns before whitening)
--> whiten advantages over the batch -> ppo_epochs of clipped policy and value updates.
+One step of ``train``, each detail with the function that does it:
+
+ 1. prompts of the step: a function of (seed, step) alone, reshuffled every epoch    step_prompts
+ 2. sample at temperature T from the full distribution, one counter-based random
+    stream per rollout (N processes reproduce one), cut after the first EOS          generate_rollouts
+ 3. score with the reward adapter (normalised with the RM's saved mean/std) or the
+    rule; minus the baseline, clipped, minus a penalty when no EOS came [N+] D23      generate_rollouts
+ 4. one no-grad pass, dropout off [N] Policy 4, logits / T [N] Policy 1: old
+    log-probs, values, entropy, and reference log-probs (adapter switch)             old_policy_pass
+ 5. per-token rewards -beta * KL, the score added on the last token [N] Policy 8     penalized_rewards
+ 6. optional reward whitening without shifting the mean [N] Policy 9                 masked_whiten
+ 7. GAE with gamma 1 [N] Policy 6, returns taken BEFORE advantages are whitened       gae
+ 8. advantages whitened over the whole batch (all processes) [N+] D25                masked_whiten
+ 9. ppo_epochs over shuffled minibatches, micro-batches weighted by their tokens:
+    clipped policy loss + vf_coef * clipped value loss [N] Policy 10                  ppo_update
+10. beta adapted towards kl_target (Ziegler et al. 2019) or fixed                    AdaptiveKLController
+11. the value head starts at zero [N] Policy 2; a value adapter starts as the RM
+    [N+] D22; a different seed per process [N] General 6                             build_roles, train
+
+References a newcomer can open:
+    [N]  Huang, Liu, von Werra et al., "The N Implementation Details of RLHF with PPO",
+         Hugging Face blog / ICLR blog track 2024 (details named by section and number).
+    [N+] Huang, Noukhovitch, Hosseini et al., "The N+ Implementation Details of RLHF with PPO:
+         A Case Study on TL;DR Summarization", COLM 2024, arXiv:2403.17031 (Detail N).
+    Ziegler et al., "Fine-Tuning Language Models from Human Preferences", arXiv:1909.08593.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import importlib
-import inspect
 import json
 import math
-import numbers
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +47,7 @@ import torch
 
 from pocketrlhf.algorithms.ppo import (AdaptiveKLController, FixedKLController, explained_variance, gae,
                                        kl_per_token, masked_mean, masked_whiten, penalized_rewards, policy_loss,
-                                       value_loss)
+                                       sequence_kl, value_loss)
 from pocketrlhf.config import AdapterOptions, ModelOptions, TrainOptions, option
 from pocketrlhf.data.formats import prompts as prompt_rows
 from pocketrlhf.data.rows import read_rows
@@ -39,6 +56,9 @@ from pocketrlhf.data.tokenize import TokenExample, collate, encode
 from pocketrlhf.diagnostics import reward_model_warnings
 from pocketrlhf.errors import ConfigError, DataError, NonFiniteError, RewardFunctionError
 from pocketrlhf.models.generation import row_seed
+from pocketrlhf.models.policy import add_frozen_adapter, build_policy, hidden_size, set_trainable
+from pocketrlhf.models.roles import load_reward_adapter, load_reward_function, rule_reward, short_repr
+from pocketrlhf.models.spec import BaseSpec
 from pocketrlhf.stages import common
 from pocketrlhf.stages.common import log
 
@@ -102,103 +122,17 @@ class Roles:
     trainable: list[torch.nn.Parameter]
 
 
-def load_reward_function(spec: str) -> Callable:
-    """``module:function`` or ``path/to/file.py:function``."""
-    target, _, name = spec.rpartition(":")
-    if not target or not name:
-        raise ConfigError(f"--reward-function {spec}: expected module:function or file.py:function")
-    try:
-        if target.endswith(".py"):
-            path = Path(target)
-            if not path.is_file():
-                raise ConfigError(f"--reward-function: no such file {target}")
-            module_spec = importlib.util.spec_from_file_location(path.stem, path)
-            module = importlib.util.module_from_spec(module_spec)
-            module_spec.loader.exec_module(module)
-        else:
-            if "" not in sys.path:
-                sys.path.insert(0, "")
-            module = importlib.import_module(target)
-    except ImportError as e:
-        raise ConfigError(f"--reward-function {spec}: cannot import {target} ({e})") from None
-    fn = getattr(module, name, None)
-    if not callable(fn):
-        raise ConfigError(f"--reward-function {spec}: {target} has no function {name}")
-    return fn
-
-
-def rule_reward(fn: Callable, spec: str | None = None) -> Callable:
-    """Adapt a user function of (responses) or (prompts, responses) to the reward interface. What
-    it raises, and anything but one number per response, is a RewardFunctionError naming ``spec``
-    (module:function) and the first bad value."""
-    wants_prompts = len(inspect.signature(fn).parameters) >= 2
-    name = spec or f"{getattr(fn, '__module__', '?')}:{getattr(fn, '__qualname__', fn)}"
-
-    def reward(input_ids, attention_mask, prompts: list[str], responses: list[str]) -> torch.Tensor:
-        try:
-            scores = fn(prompts, responses) if wants_prompts else fn(responses)
-        except Exception as e:  # noqa: BLE001 - the user's code: any failure becomes one line naming it
-            detail = str(e).splitlines()[0] if str(e) else ""
-            raise RewardFunctionError(f"reward function {name} raised {type(e).__name__}"
-                                      f"{': ' + detail if detail else ''} (on {len(responses)} responses)") from e
-        return torch.tensor(check_scores(scores, len(responses), f"reward function {name}"), dtype=torch.float32,
-                            device=input_ids.device)
-
-    return reward
-
-
-def check_scores(scores, n: int, source: str) -> list[float]:
-    """``scores`` as n floats, or a RewardFunctionError naming ``source`` and the first bad value."""
-    if isinstance(scores, torch.Tensor):
-        scores = scores.detach().cpu().reshape(-1).tolist() if scores.dim() <= 1 else scores
-    if isinstance(scores, (str, bytes, dict)) or not hasattr(scores, "__len__"):
-        raise RewardFunctionError(f"{source} returned {type(scores).__name__} {_short(scores)}; it must return a list "
-                                  f"of {n} numbers, one per response")
-    if len(scores) != n:
-        raise RewardFunctionError(f"{source} returned {len(scores)} scores for {n} responses")
-    out = []
-    for i, s in enumerate(scores):
-        if isinstance(s, torch.Tensor) and s.numel() == 1:
-            s = s.item()
-        if isinstance(s, (str, bytes)) or not isinstance(s, numbers.Real):
-            error = RewardFunctionError(f"{source} returned {type(s).__name__} {_short(s)} as a score; it must "
-                                        "return numbers")
-            error.index = i  # lets the caller name the prompt
-            raise error
-        out.append(float(s))
-    return out
-
-
-def _short(value, limit: int = 60) -> str:
-    text = repr(value).replace("\n", " ")
-    return text if len(text) <= limit else text[:limit - 3] + "..."
-
-
-def set_trainable(model: torch.nn.Module, adapters: set[str]) -> list[torch.nn.Parameter]:
-    """requires_grad on exactly the parameters of ``adapters`` (peft would keep only one)."""
-    trainable = []
-    for name, p in model.named_parameters():
-        mine = any(f".{a}." in name for a in adapters)
-        p.requires_grad_(mine)
-        if mine:
-            trainable.append(p)
-    return trainable
-
-
 def build_roles(cfg: PPOConfig, total_steps: int) -> Roles:
-    from pocketrlhf.models.adapters import AdapterSet, load_adapter
+    from pocketrlhf.models.adapters import AdapterSet, load_adapter, make_peft_config
     from pocketrlhf.models.forward import disable_dropout
     from pocketrlhf.models.heads import ScalarHead
-    from pocketrlhf.models.roles import load_reward_adapter
-    from pocketrlhf.stages.rm import hidden_size
-    from pocketrlhf.stages.sft import build_policy
 
     if bool(cfg.reward_adapter) == bool(cfg.reward_function):
         raise ConfigError("ppo needs exactly one of --reward-adapter DIR or --reward-function module:function")
     model = build_policy(cfg, total_steps=total_steps, adapter_name=POLICY, init_adapter=cfg.sft_adapter)
     reference = None
     if cfg.reference == "sft" and cfg.sft_adapter:
-        model = load_adapter(model, cfg.sft_adapter, name=REFERENCE, trainable=False)
+        model = add_frozen_adapter(model, cfg.sft_adapter, REFERENCE)
         reference = REFERENCE
     device = next(p for p in model.parameters() if p.requires_grad).device
     if cfg.reward_adapter:
@@ -211,23 +145,17 @@ def build_roles(cfg: PPOConfig, total_steps: int) -> Roles:
     value_adapter = None
     if cfg.value_model == "adapter":
         value_adapter = VALUE
-        if cfg.reward_adapter:  # N+ Detail 22: the critic starts as the reward model
+        if cfg.reward_adapter:  # [N+] Detail 22: the critic starts as the reward model
             model = load_adapter(model, cfg.reward_adapter, name=VALUE, trainable=True)
             value_head = ScalarHead.load(cfg.reward_adapter, device=device)
         else:
-            from pocketrlhf.models.adapters import make_peft_config
-
             model.add_adapter(VALUE, make_peft_config(cfg.adapter, cfg.lora_r, cfg.lora_alpha, 0.0, cfg.target_modules,
                                                       cfg.num_virtual_tokens, total_steps))
             value_head = ScalarHead(hidden_size(model), init="zero").to(device)
     else:
-        value_head = ScalarHead(hidden_size(model), init="zero").to(device)  # OAI: zero init
+        value_head = ScalarHead(hidden_size(model), init="zero").to(device)  # [N] Policy 2: zero init
     model.set_adapter(POLICY)
-    disable_dropout(model)  # adapters' dropout too: ratio must be exactly 1 before the first update
-    # peft's load_adapter(is_trainable=False) (reference, reward) puts the WHOLE model in eval mode,
-    # which silently turns gradient checkpointing off (transformers checkpoints only in training
-    # mode). Dropout is 0 everywhere, so training mode changes nothing else.
-    model.train()
+    disable_dropout(model)  # [N] Policy 4, adapters' dropout too: the ratio is exactly 1 before the first update
     trainable = set_trainable(model, {POLICY} | ({VALUE} if value_adapter else set()))
     value_head.requires_grad_(True)
     return Roles(model, AdapterSet(model), value_head, value_adapter, reference, reward,
@@ -307,7 +235,7 @@ def generate_rollouts(cfg: PPOConfig, roles: Roles, tokenizer, prompt_ids: list[
                                       prompt_texts[i:i + cfg.batch_size], response_texts[i:i + cfg.batch_size]))
         except RewardFunctionError as e:
             bad = getattr(e, "index", None)
-            where = (f"the answer to prompt {index[i + bad]}, {_short(prompt_texts[i + bad])}" if bad is not None else
+            where = (f"the answer to prompt {index[i + bad]}, {short_repr(prompt_texts[i + bad])}" if bad is not None else
                      f"prompts {index[i]}..{index[min(i + cfg.batch_size, len(index)) - 1]}")
             raise RewardFunctionError(f"{e} ({where})") from e.__cause__
     raw = torch.cat(parts).float()
@@ -316,7 +244,7 @@ def generate_rollouts(cfg: PPOConfig, roles: Roles, tokenizer, prompt_ids: list[
         bad = int((~kept).nonzero()[0])
         if not cfg.skip_nonfinite:
             raise NonFiniteError(f"{source} returned {raw[bad].item()} for the answer to prompt {index[bad]}, "
-                                 f"{_short(prompt_texts[bad])} ({int((~kept).sum())} of {len(raw)} scores non-finite)")
+                                 f"{short_repr(prompt_texts[bad])} ({int((~kept).sum())} of {len(raw)} scores non-finite)")
         resp = resp * kept[:, None].to(resp.dtype)
     scores = torch.where(kept, raw, 0.0) - cfg.reward_baseline
     if cfg.reward_clip > 0:
@@ -498,7 +426,7 @@ def evaluate(cfg: PPOConfig, roles: Roles, module, tokenizer, prompt_ids: list[l
     old = old_policy_pass(cfg, roles, module, r)
     mask = r.response_mask.float()
     kept = r.kept if r.kept is not None else torch.ones_like(r.has_eos)  # --skip-nonfinite drops unscored answers
-    seq_kl = ((old["logprobs"] - old["ref_logprobs"]) * mask).sum(1)
+    seq_kl = sequence_kl(old["logprobs"], old["ref_logprobs"], mask)
     metrics = {"score": r.raw_scores[kept].mean().item(), "kl": seq_kl[kept].mean().item(),
                "eos_fraction": r.has_eos[kept].float().mean().item(), "response_length": mask.sum(1)[kept].mean().item()}
     samples = [{"prompt": p, "response": s, "score": float(x)}
@@ -512,7 +440,7 @@ def evaluate(cfg: PPOConfig, roles: Roles, module, tokenizer, prompt_ids: list[l
 def train(cfg: PPOConfig) -> dict:
     from pocketrlhf.models.adapters import load_adapter_weights, save_adapter, write_adapter_info
     from pocketrlhf.models.heads import ScalarHead
-    from pocketrlhf.models.loading import load_tokenizer, model_reference
+    from pocketrlhf.models.loading import load_tokenizer
 
     common.setup_logging()
     accelerator = common.make_accelerator(cfg.device)
@@ -522,7 +450,7 @@ def train(cfg: PPOConfig) -> dict:
     run = common.Run(cfg, "ppo", accelerator.is_main_process)
     if run.finished is not None:  # --resume auto on a finished run: never trained again
         return run.finished
-    common.set_seed(cfg.seed + rank * 100003)  # each process samples its own rollouts (spec 4.10.6)
+    common.set_seed(cfg.seed + rank * 100003)  # each process samples its own rollouts ([N] General 6)
     tokenizer = load_tokenizer(cfg.model, cfg.trust_remote_code)
     train_prompts, eval_prompts, data_report = prepare_prompts(cfg, tokenizer)
     data_report["warnings"] = reward_adapter_warnings(cfg.reward_adapter) if cfg.reward_adapter else []
@@ -546,19 +474,16 @@ def train(cfg: PPOConfig) -> dict:
             save_adapter(roles.model, path / "value", name=VALUE)
         roles.value_head.save(path / "value")
 
-    start_step, nonfinite_skipped = 0, 0  # rollouts, micro-batches and updates dropped (skip_nonfinite)
-    checkpoint = run.resume_from()
-    if checkpoint is not None:
-        load_adapter_weights(roles.model, checkpoint / "adapter", name=POLICY)
+    def load_weights(path: Path) -> None:
+        load_adapter_weights(roles.model, path / "adapter", name=POLICY)
         if roles.value_adapter:
-            load_adapter_weights(roles.model, checkpoint / "value", name=VALUE)
-        roles.value_head.load_state_dict(ScalarHead.load(checkpoint / "value", device=device).state_dict())
-        extra = common.load_torch_state(checkpoint, optimizer, scheduler)
+            load_adapter_weights(roles.model, path / "value", name=VALUE)
+        roles.value_head.load_state_dict(ScalarHead.load(path / "value", device=device).state_dict())
+
+    start_step, state, extra = common.resume(run, optimizer, scheduler, load_weights)
+    if extra:
         kl_ctl.load_state_dict(extra["kl_controller"])
-        state = common.read_state(checkpoint)
-        start_step, nonfinite_skipped = state["step"], state.get("nonfinite_skipped", 0)
-        run.truncate_metrics(start_step)
-        log.info("resuming from %s (step %d of %d)", checkpoint, start_step, total_steps)
+    nonfinite_skipped = state.get("nonfinite_skipped", 0)  # rollouts, micro-batches, updates dropped (skip_nonfinite)
 
     reduce = (lambda x: accelerator.reduce(x, "sum")) if world > 1 else (lambda x: x)
     log.info("ppo: %d prompts, %d steps of %d rollouts, %d epochs; reference: %s; value: %s; reward: %s",
@@ -597,7 +522,7 @@ def train(cfg: PPOConfig) -> dict:
         gather = accelerator.gather if world > 1 else (lambda x: x)
         kept = gather(r.kept)
         scores = gather(r.raw_scores)[kept]
-        seq_kl = gather(((old["logprobs"] - old["ref_logprobs"]) * mask).sum(1))[kept]
+        seq_kl = gather(sequence_kl(old["logprobs"], old["ref_logprobs"], mask))[kept]
         metrics = {
             "score": scores.mean().item(), "score_std": scores.std().item() if len(scores) > 1 else 0.0,
             "kl": seq_kl.mean().item(), "kl_coef": kl_ctl.value,
@@ -633,8 +558,8 @@ def train(cfg: PPOConfig) -> dict:
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         save_weights(run.dir, tokenizer)
-        write_adapter_info(run.dir / "adapter", stage="ppo", template=data_report["template"], base_model=model_reference(cfg.model),
-                           quantization=cfg.quantization, sft_adapter=cfg.sft_adapter, reward_adapter=cfg.reward_adapter)
+        write_adapter_info(run.dir / "adapter", stage="ppo", template=data_report["template"], base=BaseSpec.from_config(cfg).record(),
+                           sft_adapter=cfg.sft_adapter, reward_adapter=cfg.reward_adapter)
         summary["adapter"] = str(run.dir / "adapter")
     run.write_summary(summary)
     run.close()

@@ -1,9 +1,10 @@
 """Reward modelling: an adapter + scalar head on the frozen base learns to rank answers.
 
 loss = mean over pairs of -log sigmoid(r(x, y_chosen) - r(x, y_rejected) - margin), where r is
-the head's output at the EOS token closing each answer (spec 3.2). Chosen and rejected run in one
-batch. The result is saved as a peft adapter + ``head.safetensors``, so PPO and ``score`` load it
-as one more adapter on the SAME base in memory.
+the head's output at the EOS token closing each answer ("The N+ Implementation Details of RLHF
+with PPO", Detail 12). Chosen and rejected run in one batch. The result is saved as a peft
+adapter + ``head.safetensors``, so PPO and ``score`` load it as one more adapter on the SAME base
+in memory.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from pocketrlhf.data.tokenize import (PreferenceExample, collate_preferences, co
                                      tokenize_preferences)
 from pocketrlhf.diagnostics import reward_model_warnings
 from pocketrlhf.errors import ConfigError
+from pocketrlhf.models.spec import BaseSpec
 from pocketrlhf.stages import common
 from pocketrlhf.stages.common import log
 from pocketrlhf.stages.loop import Loop, plan_steps
@@ -44,12 +46,6 @@ class RMConfig(ModelOptions, AdapterOptions, TrainOptions):
     learning_rate: float = option(1e-4, "peak learning rate")
     stats_pairs: int = option(256, "pairs whose answers set the saved reward mean/std (for PPO normalisation)")
     share_prompt: bool = option(True, "compute each pair's prompt once for both answers (same scores, fewer tokens)")
-
-
-def hidden_size(model: torch.nn.Module) -> int:
-    from pocketrlhf.models.forward import unwrap
-
-    return unwrap(model)[1].get_output_embeddings().weight.shape[1]
 
 
 class RewardLoss:
@@ -103,9 +99,9 @@ def train(cfg: RMConfig) -> dict:
     from pocketrlhf.models.adapters import load_adapter_weights, save_adapter, write_adapter_info
     from pocketrlhf.models.forward import disable_dropout, supports_attention_bias
     from pocketrlhf.models.heads import ScalarHead
-    from pocketrlhf.models.loading import load_tokenizer, model_reference
+    from pocketrlhf.models.loading import load_tokenizer
+    from pocketrlhf.models.policy import build_policy, hidden_size
     from pocketrlhf.models.roles import PairScoreModel
-    from pocketrlhf.stages.sft import build_policy
 
     common.setup_logging()
     accelerator = common.make_accelerator(cfg.device)
@@ -163,8 +159,8 @@ def train(cfg: RMConfig) -> dict:
     if accelerator.is_main_process:
         out = save_adapter(model, run.dir / "adapter", tokenizer=tokenizer)
         head.save(out, metadata=stats)
-        write_adapter_info(out, stage="rm", template=data_report["template"], base_model=model_reference(cfg.model),
-                           quantization=cfg.quantization, eval_accuracy=summary.get("eval_accuracy"),
+        write_adapter_info(out, stage="rm", template=data_report["template"], base=BaseSpec.from_config(cfg).record(),
+                           eval_accuracy=summary.get("eval_accuracy"),
                            eval_accuracy_n=summary.get("eval_accuracy_n"), eval_accuracy_ci95=summary.get("eval_accuracy_ci95"),
                            train_seen_accuracy=summary.get("train_seen_accuracy"), **stats)
         summary["adapter"] = str(out)
@@ -205,19 +201,21 @@ def _score_tokens(scorer, pad_id: int, token_rows: list[list[int]], cfg: "ScoreC
 
 def score(cfg: ScoreConfig) -> dict:
     """Score every row of ``cfg.input``; rows that cannot be scored get null scores and are counted."""
-    from pocketrlhf.models.adapters import adapter_base_path, read_adapter_info
+    from pocketrlhf.models.adapters import adapter_base, read_adapter_info, spec_mismatch
     from pocketrlhf.models.loading import load_base, load_tokenizer
     from pocketrlhf.models.roles import load_reward_adapter
 
     common.setup_logging()
     if not cfg.reward_adapter or not cfg.input:
         raise ConfigError("score needs --reward-adapter DIR and --input FILE")
-    base = cfg.base or cfg.model or adapter_base_path(cfg.reward_adapter)
+    spec = BaseSpec.from_config(cfg, path=adapter_base(cfg.reward_adapter, cfg.base or cfg.model, flag="--model"))
     template = cfg.template or read_adapter_info(cfg.reward_adapter).get("template", "plain")
     has_tokenizer = Path(cfg.reward_adapter, "tokenizer_config.json").is_file()
-    tokenizer = load_tokenizer(cfg.reward_adapter if has_tokenizer else base, cfg.trust_remote_code)
-    model = load_base(base, cfg.quantization, cfg.quant_type, cfg.double_quant, cfg.compute_dtype, cfg.dtype,
-                      cfg.device, cfg.trust_remote_code, training=False)
+    tokenizer = load_tokenizer(cfg.reward_adapter if has_tokenizer else spec.path, cfg.trust_remote_code)
+    mismatch = spec_mismatch(cfg.reward_adapter, spec)
+    if mismatch:
+        log.warning("%s (--quantization, --quant-type, --double-quant)", mismatch)
+    model = load_base(spec, training=False)
     model, scorer = load_reward_adapter(model, cfg.reward_adapter)
     model.eval()
     device = next(model.parameters()).device

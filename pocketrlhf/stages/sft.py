@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import warnings
 
 import torch
 
@@ -18,10 +17,11 @@ from pocketrlhf.data.formats import sft_pairs
 from pocketrlhf.data.rows import read_rows
 from pocketrlhf.data.templates import TemplateName
 from pocketrlhf.data.tokenize import TokenExample, collate, pack, tokenize_sft
+from pocketrlhf.models.policy import build_policy
+from pocketrlhf.models.spec import BaseSpec
 from pocketrlhf.stages import common
 from pocketrlhf.stages.common import log
 from pocketrlhf.stages.loop import Loop, plan_steps, sequences_per_step
-from pocketrlhf.stages.loop import micro_batches, step_indices  # noqa: F401  (re-exported for other stages)
 
 
 @dataclasses.dataclass
@@ -59,39 +59,6 @@ def prepare_data(cfg: SFTConfig, tokenizer) -> tuple[list[TokenExample], list[To
     return train, evals, report
 
 
-def build_policy(cfg, tokenizer=None, total_steps: int = 1000, adapter_name: str = "default",
-                 init_adapter: str | None = None):
-    """Frozen base (quantized as asked) + one trainable adapter (fresh, or a copy of
-    ``init_adapter``, default ``cfg.init_adapter``); dropout off in the base."""
-    from peft import prepare_model_for_kbit_training
-
-    from pocketrlhf.models.adapters import attach_adapter, load_adapter, make_peft_config
-    from pocketrlhf.models.forward import disable_dropout
-    from pocketrlhf.models.loading import load_base
-
-    base = load_base(cfg.model, cfg.quantization, cfg.quant_type, cfg.double_quant, cfg.compute_dtype, cfg.dtype,
-                     cfg.device, cfg.trust_remote_code, training=True)
-    disable_dropout(base)
-    gc_kwargs = {"use_reentrant": False}
-    if cfg.quantization != "none" and cfg.kbit_upcast:
-        with warnings.catch_warnings():
-            # peft calls transformers' deprecated gradient_checkpointing_enable: a notice no user can act on.
-            warnings.simplefilter("ignore", FutureWarning)
-            base = prepare_model_for_kbit_training(base, use_gradient_checkpointing=cfg.gradient_checkpointing,
-                                                   gradient_checkpointing_kwargs=gc_kwargs)
-    elif cfg.gradient_checkpointing:
-        base.activation_checkpointing_enable(activation_checkpointing_kwargs=gc_kwargs)
-    init = getattr(cfg, "init_adapter", "") if init_adapter is None else init_adapter
-    if init:
-        model = load_adapter(base, init, name=adapter_name, trainable=True)
-    else:
-        peft_cfg = make_peft_config(cfg.adapter, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.target_modules,
-                                    cfg.num_virtual_tokens, total_steps)
-        model = attach_adapter(base, peft_cfg, adapter_name)
-    model.train()
-    return model
-
-
 class SFTLoss:
     """Summed -log p over trained tokens; the loop divides by the global token count."""
 
@@ -113,7 +80,7 @@ class SFTLoss:
 def train(cfg: SFTConfig) -> dict:
     from pocketrlhf.models.adapters import load_adapter_weights, save_adapter, write_adapter_info
     from pocketrlhf.models.forward import LMWithHeads
-    from pocketrlhf.models.loading import load_tokenizer, model_reference
+    from pocketrlhf.models.loading import load_tokenizer
 
     common.setup_logging()
     accelerator = common.make_accelerator(cfg.device)
@@ -148,8 +115,7 @@ def train(cfg: SFTConfig) -> dict:
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         out = save_adapter(model, run.dir / "adapter", tokenizer=tokenizer)
-        write_adapter_info(out, stage="sft", template=data_report["template"], base_model=model_reference(cfg.model),
-                           quantization=cfg.quantization)
+        write_adapter_info(out, stage="sft", template=data_report["template"], base=BaseSpec.from_config(cfg).record())
         summary["adapter"] = str(out)
     run.write_summary(summary)
     run.close()

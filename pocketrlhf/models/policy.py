@@ -1,0 +1,85 @@
+"""The trainable side of the shared base: the frozen base with one trainable adapter (every
+training stage starts here), frozen adapters added beside it without touching what trains, and
+exactly which adapters train.
+
+peft's ``load_adapter(is_trainable=False)`` and ``set_adapter`` both rewrite ``requires_grad``
+(and the former puts the whole model in eval mode, which turns gradient checkpointing off), so
+adding a role goes through ``add_frozen_adapter`` and choosing what trains through
+``set_trainable``.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pocketrlhf.models.spec import BaseSpec
+
+
+def hidden_size(model: torch.nn.Module) -> int:
+    """Width of the hidden states that the scalar heads read."""
+    from pocketrlhf.models.forward import unwrap
+
+    return unwrap(model)[1].get_output_embeddings().weight.shape[1]
+
+
+def build_policy(cfg: Any, tokenizer=None, total_steps: int = 1000, adapter_name: str = "default",
+                 init_adapter: str | None = None) -> torch.nn.Module:
+    """Frozen base (as ``cfg``'s model options describe it) + one trainable adapter: fresh from
+    ``cfg``'s adapter options, or a copy of ``init_adapter`` (default ``cfg.init_adapter``);
+    dropout off in the base."""
+    from peft import prepare_model_for_kbit_training
+
+    from pocketrlhf.models.adapters import attach_adapter, load_adapter, make_peft_config
+    from pocketrlhf.models.forward import disable_dropout
+    from pocketrlhf.models.loading import load_base
+
+    spec = BaseSpec.from_config(cfg)
+    base = load_base(spec, training=True)
+    disable_dropout(base)
+    gc_kwargs = {"use_reentrant": False}
+    if spec.quantization != "none" and cfg.kbit_upcast:
+        with warnings.catch_warnings():
+            # peft calls transformers' deprecated gradient_checkpointing_enable: a notice no user can act on.
+            warnings.simplefilter("ignore", FutureWarning)
+            base = prepare_model_for_kbit_training(base, use_gradient_checkpointing=cfg.gradient_checkpointing,
+                                                   gradient_checkpointing_kwargs=gc_kwargs)
+    elif cfg.gradient_checkpointing:
+        base.activation_checkpointing_enable(activation_checkpointing_kwargs=gc_kwargs)
+    init = getattr(cfg, "init_adapter", "") if init_adapter is None else init_adapter
+    if init:
+        model = load_adapter(base, init, name=adapter_name, trainable=True)
+    else:
+        peft_cfg = make_peft_config(cfg.adapter, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.target_modules,
+                                    cfg.num_virtual_tokens, total_steps)
+        model = attach_adapter(base, peft_cfg, adapter_name)
+    model.train()
+    return model
+
+
+def add_frozen_adapter(model: torch.nn.Module, path: str | Path, name: str) -> torch.nn.Module:
+    """Load a saved adapter as a frozen role (reference, reward) on the same base; what trained
+    before still trains, and the model stays in training mode."""
+    from pocketrlhf.models.adapters import load_adapter
+
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    was_training = model.training
+    model = load_adapter(model, path, name=name, trainable=False)
+    for p, flag in flags:
+        p.requires_grad_(flag)
+    model.train(was_training)
+    return model
+
+
+def set_trainable(model: torch.nn.Module, adapters: set[str]) -> list[torch.nn.Parameter]:
+    """requires_grad on exactly the parameters of ``adapters`` (peft would keep only one)."""
+    trainable = []
+    for name, p in model.named_parameters():
+        mine = any(f".{a}." in name for a in adapters)
+        p.requires_grad_(mine)
+        if mine:
+            trainable.append(p)
+    return trainable
