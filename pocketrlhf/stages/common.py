@@ -419,6 +419,17 @@ def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
     return torch.randperm(n, generator=g).tolist()
 
 
+def open_run(cfg: Any, stage: str) -> tuple[Any, "Run"]:
+    """The opening of an offline stage: logging, the accelerator, the run folder (checked against
+    what is in it, marked as ours), the seed. ``run.finished`` holds the summary of a finished run
+    that ``--resume auto`` must not train again."""
+    setup_logging()
+    accelerator = make_accelerator(cfg.device)
+    run = Run(cfg, stage, accelerator.is_main_process)
+    set_seed(cfg.seed)
+    return accelerator, run
+
+
 def make_accelerator(device: str):
     """accelerate's Accelerator for ``--device``. Launched as several processes on a machine
     without a GPU, accelerate joins them (gloo) only when told the run is on the CPU, so ``auto``

@@ -263,13 +263,10 @@ def train(cfg: DPOConfig) -> dict:
     from pocketrlhf.models.forward import supports_attention_bias
     from pocketrlhf.models.loading import load_tokenizer
 
-    common.setup_logging()
     check_config(cfg)
-    accelerator = common.make_accelerator(cfg.device)
-    run = common.Run(cfg, "dpo", accelerator.is_main_process)
+    accelerator, run = common.open_run(cfg, "dpo")
     if run.finished is not None:  # --resume auto on a finished run: never trained again
         return run.finished
-    common.set_seed(cfg.seed)
     tokenizer = load_tokenizer(cfg.model, cfg.trust_remote_code)
     train_set, eval_set, data_report = prepare_data(cfg, tokenizer)
     steps_per_epoch, total_steps = plan_steps(cfg, len(train_set), accelerator.num_processes)

@@ -103,12 +103,9 @@ def train(cfg: RMConfig) -> dict:
     from pocketrlhf.models.policy import build_policy, hidden_size
     from pocketrlhf.models.roles import PairScoreModel
 
-    common.setup_logging()
-    accelerator = common.make_accelerator(cfg.device)
-    run = common.Run(cfg, "rm", accelerator.is_main_process)
+    accelerator, run = common.open_run(cfg, "rm")
     if run.finished is not None:  # --resume auto on a finished run: never trained again
         return run.finished
-    common.set_seed(cfg.seed)
     tokenizer = load_tokenizer(cfg.model, cfg.trust_remote_code)
     train_set, eval_set, data_report = prepare_pairs(cfg, tokenizer)
     steps_per_epoch, total_steps = plan_steps(cfg, len(train_set), accelerator.num_processes)
