@@ -132,6 +132,11 @@ class Pipeline:
         # Held-out numbers of every stage come from the prepared evaluation split: questions that no
         # training split holds (a random share of a stage's own rows would share questions with it).
         held_out = self.prepared("evaluation")
+        manifest = self.root / "data" / "manifest.json"
+        no_split = self.cfg.data.get("evaluation_fraction") == 0 or (
+            manifest.is_file() and not json.loads(manifest.read_text()).get("splits", {}).get("evaluation"))
+        if held_out and no_split:  # an empty split: each stage holds out eval_fraction of its own prompts
+            held_out = ""
         if stage == "data":
             from pocketrlhf.data import stackexchange
 

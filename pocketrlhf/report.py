@@ -90,7 +90,7 @@ def trust_lines(summary: dict) -> list[str]:
         lines.append(f"accuracy on as many training pairs: "
                      f"{describe_accuracy(summary['train_seen_accuracy'], summary['train_seen_accuracy_n'])}")
     split = summary.get("held_out") or {}
-    if split.get("held_out_from"):
+    if split.get("held_out_rows"):
         lines.append(f"held-out rows: {split.get('held_out_rows', 0)} ({split.get('held_out_prompts', 0)} prompts) "
                      f"from {split['held_out_from']}")
     lines += [f"\n**warning**: {w}" for w in summary.get("warnings") or []]

@@ -253,3 +253,10 @@ def test_rollouts_ignore_the_model_folders_generation_config(tmp_path, llama):
             outs.append(sample(model, tok, prompts, max_new_tokens=20, **kwargs))
         assert outs[0] == outs[1]
     assert with_file.generation_config.min_new_tokens == 12  # the folder's settings are restored afterwards
+
+
+def test_a_prompt_holding_most_rows_never_becomes_most_of_the_hold_out():
+    groups = [0] * 95 + [1] * 5
+    for seed in range(6):
+        train, held = split_holdout(list(range(100)), 0.05, seed=seed, groups=groups)
+        assert len(held) <= 10 and len(train) >= 90

@@ -83,8 +83,8 @@ def split_holdout(items: list, fraction: float, seed: int, groups: Sequence[int]
     count = 0
     for g in order[:-1]:  # at least one group stays for training
         size = len(members[g])
-        if count and abs(count + size - target) >= abs(count - target):
-            break
+        if count + size > 2 * target:
+            continue  # one prompt holding most of the rows must not become most of the hold-out
         held.update(members[g])
         count += size
         if count >= target:
