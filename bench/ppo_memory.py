@@ -269,7 +269,7 @@ def run_naive(a, files: dict, out: Path, phases: Phases) -> dict:
     common.set_seed(cfg.seed)
     tok = load_tokenizer(cfg.model)
     train_prompts, _, _ = ppo.prepare_prompts(cfg, tok)
-    prompt_ids = [train_prompts[i] for i in ppo.step_prompts(cfg, 0, len(train_prompts), 0, 1)]
+    prompt_ids = [train_prompts.ids[i] for i in ppo.step_prompts(cfg, 0, len(train_prompts), 0, 1, cfg.rollouts_per_step)]
 
     def frozen_base():
         # Loaded for training like the others: on the CPU, 4-bit eval-mode repacking is a bitsandbytes

@@ -33,6 +33,8 @@ COMMANDS: dict[str, Command] = {
     "sft": Command("pocketrlhf.stages.sft", "SFTConfig", "train", "supervised fine-tuning of an adapter on a frozen base"),
     "rm": Command("pocketrlhf.stages.rm", "RMConfig", "train", "reward model: adapter + scalar head trained on ranked pairs"),
     "ppo": Command("pocketrlhf.stages.ppo", "PPOConfig", "train", "PPO with a KL penalty; policy, reference, value and reward share one base"),
+    "grpo": Command("pocketrlhf.stages.grpo", "GRPOConfig", "train",
+                    "critic-free online RL (GRPO, RLOO, REINFORCE++) with rule rewards and/or a reward adapter"),
     "dpo": Command("pocketrlhf.stages.dpo", "DPOConfig", "train", "DPO (sigmoid/cDPO, robust, hinge, IPO) on preference pairs; the reference is an adapter switch"),
     "score": Command("pocketrlhf.stages.rm", "ScoreConfig", "score", "score texts or pairs with a reward adapter"),
     "chat": Command("pocketrlhf.serve.chat", "ChatConfig", "run", "chat in the terminal with a base model or an adapter (streamed)", ("model",)),

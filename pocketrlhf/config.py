@@ -427,7 +427,10 @@ def parse_args(cls: type, argv: list[str], positional: tuple[str, ...] = ()) -> 
                 raise ConfigError(f"--{key} needs a value")
             raw = argv[i + 1]
             i += 2
-        flags[name] = coerce(fields_[name].type, raw, f"--{key}")
+        value = coerce(fields_[name].type, raw, f"--{key}")
+        if get_origin(tp) is list and isinstance(flags.get(name), list):
+            value = flags[name] + value  # a list option given twice (--reward-function a --reward-function b)
+        flags[name] = value
     if len(positionals) > len(positional):
         extra = positionals[len(positional)]
         raise ConfigError(f"unexpected argument '{extra}'")

@@ -103,3 +103,41 @@ def pretraining_texts(n: int = 400, seed: int = 3) -> list[str]:
     one short review (EOS only ends a long document)."""
     rng = random.Random(seed)
     return [" ".join(review(rng, rng.random()) for _ in range(rng.randint(6, 10))) for _ in range(n)]
+
+
+# ---------------------------------------------------------------------------------------------
+# A verifiable task for critic-free RL (grpo): name the first of three digits, checked exactly.
+
+
+def digits_prompt(digits: tuple[int, ...]) -> str:
+    return " ".join(map(str, digits)) + " :"
+
+
+def digits_rows(triples: list[tuple[int, int, int]]) -> list[dict]:
+    """Prompts with an ``answer`` column (reward functions receive it as a keyword argument)."""
+    return [{"prompt": digits_prompt(t), "answer": str(t[0])} for t in triples]
+
+
+def digits_split(seed: int = 0, train: int = 400, held_out: int = 100) -> tuple[list, list]:
+    """Distinct digit triples, shuffled: ``train`` for training, ``held_out`` never trained on."""
+    triples = [(a, b, c) for a in range(10) for b in range(10) for c in range(10)]
+    random.Random(seed).shuffle(triples)
+    return triples[:train], triples[train:train + held_out]
+
+
+def digits_pretraining_texts(n: int = 3000, correct: float = 0.4, seed: int = 4) -> list[str]:
+    """``a b c : d`` lines where d is the first digit with probability ``correct`` (else a random
+    digit): a base that knows the format and answers right about half the time, for RL to improve."""
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        t = tuple(rng.randrange(10) for _ in range(3))
+        d = t[0] if rng.random() < correct else rng.randrange(10)
+        out.append(f"{digits_prompt(t)} {d}")
+    return out
+
+
+def exact_match(completions: list[str], answer: list[str]) -> list[float]:
+    """1 when the completion is exactly the answer (spaces around it ignored), else 0
+    (``--reward-function pocketrlhf.data.synthetic:exact_match``; ``answer`` is a data column)."""
+    return [float(c.strip() == str(a).strip()) for c, a in zip(completions, answer)]

@@ -133,6 +133,49 @@ def pair_hidden_states(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -
     return shared.flatten(0, 1)[batch["shared_index"]]  # back to the two-row layout
 
 
+def group_hidden_states(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                        prompt_lengths: torch.Tensor, group_size: int) -> torch.Tensor:
+    """Hidden states [N, T, d] of right-padded prompt + response rows where each run of
+    ``group_size`` rows answers one prompt (GRPO's G completions), computed with the prompt once
+    per group: one row holds the prompt and then every response, a response attending to the
+    prompt and to itself only, positions continuing from the prompt. The same numbers as
+    ``final_hidden_states`` on the rows (up to float rounding), with fewer tokens."""
+    n, width = input_ids.shape
+    if n % group_size:
+        raise ValueError(f"{n} rows do not split into groups of {group_size}")
+    lengths = attention_mask.long().sum(1).tolist()
+    starts = prompt_lengths.tolist()
+    groups = n // group_size
+    spans = [starts[g * group_size] + sum(lengths[g * group_size + k] - starts[g * group_size + k]
+                                          for k in range(group_size)) for g in range(groups)]
+    length = max(spans)
+    device = input_ids.device
+    ids = torch.zeros((groups, length), dtype=torch.long, device=device)
+    segments = torch.full((groups, length), -1, dtype=torch.long, device=device)
+    positions = torch.zeros((groups, length), dtype=torch.long, device=device)
+    index = torch.zeros((n, width), dtype=torch.long, device=device)
+    for g in range(groups):
+        first = g * group_size
+        p = starts[first]
+        ids[g, :p] = input_ids[first, :p]
+        segments[g, :p] = 0
+        positions[g, :p] = torch.arange(p, device=device)
+        offset = p
+        for k in range(group_size):
+            row, r = first + k, lengths[first + k] - starts[first + k]
+            ids[g, offset:offset + r] = input_ids[row, p:p + r]
+            segments[g, offset:offset + r] = k + 1
+            positions[g, offset:offset + r] = torch.arange(p, p + r, device=device)
+            index[row, :p] = g * length + torch.arange(p, device=device)
+            index[row, p:p + r] = g * length + offset + torch.arange(r, device=device)
+            offset += r
+    query, key = segments.unsqueeze(2), segments.unsqueeze(1)
+    causal = torch.ones(length, length, dtype=torch.bool, device=device).tril()
+    allowed = causal & ((key == 0) | (key == query))  # a response never sees its siblings
+    shared = biased_hidden_states(model, ids, positions, allowed)
+    return shared.flatten(0, 1)[index]
+
+
 def output_logits(model: torch.nn.Module, hidden: torch.Tensor) -> torch.Tensor:
     """Vocabulary logits from final hidden states, with the family's output scaling."""
     _, lm = unwrap(model)

@@ -21,7 +21,8 @@ import torch
 
 from pocketrlhf.errors import ConfigError, ModelLoadError, RewardFunctionError
 from pocketrlhf.models.adapters import AdapterSet, read_adapter_info
-from pocketrlhf.models.forward import final_hidden_states, last_token_index, pair_hidden_states
+from pocketrlhf.models.forward import (final_hidden_states, group_hidden_states, last_token_index, pair_hidden_states,
+                                       supports_attention_bias)
 from pocketrlhf.models.heads import HEAD_FILE, ScalarHead
 from pocketrlhf.models.policy import add_frozen_adapter
 
@@ -68,9 +69,15 @@ class RewardAdapter:
     std: float = 1.0
 
     @torch.no_grad()
-    def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, normalize: bool = False) -> torch.Tensor:
+    def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, normalize: bool = False,
+                 group_size: int = 1, prompt_lengths: torch.Tensor | None = None) -> torch.Tensor:
+        """Scores [B]; rows in groups of ``group_size`` answering one prompt of ``prompt_lengths``
+        tokens run that prompt once (see ``forward.group_hidden_states``)."""
         with AdapterSet(self.model).use(self.adapter):
-            hidden = final_hidden_states(self.model, input_ids, attention_mask)
+            if group_size > 1 and prompt_lengths is not None and supports_attention_bias(self.model):
+                hidden = group_hidden_states(self.model, input_ids, attention_mask, prompt_lengths, group_size)
+            else:
+                hidden = final_hidden_states(self.model, input_ids, attention_mask)
         scores = read_at_last_token(self.head, hidden, attention_mask)
         return (scores - self.mean) / max(self.std, 1e-6) if normalize else scores
 
@@ -121,16 +128,38 @@ def load_reward_function(spec: str) -> Callable:
     return fn
 
 
+TEXT_PARAMETERS = ("prompts", "completions", "responses")
+
+
 def rule_reward(fn: Callable, spec: str | None = None) -> Callable:
-    """Adapt a user function of (responses) or (prompts, responses) to the reward interface. What
-    it raises, and anything but one number per response, is a RewardFunctionError naming ``spec``
-    (module:function) and the first bad value."""
-    wants_prompts = len(inspect.signature(fn).parameters) >= 2
+    """Adapt a user function to the reward interface. A function whose parameters are named
+    ``prompts``/``completions`` (or ``responses``) gets them by name, and every other parameter,
+    or ``**kwargs``, from the dataset's other columns (``answer=[...]``, one value per response);
+    otherwise it is called as ``fn(responses)`` or ``fn(prompts, responses)``. What it raises, and
+    anything but one number per response, is a RewardFunctionError naming ``spec`` and the first
+    bad value. ``reward.needs`` lists the columns it cannot run without."""
+    params = list(inspect.signature(fn).parameters.values())
+    named = any(p.name in TEXT_PARAMETERS for p in params)
+    takes_all = any(p.kind == p.VAR_KEYWORD for p in params)
+    wanted = [p.name for p in params if p.name not in TEXT_PARAMETERS
+              and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    wants_prompts = len(params) >= 2
     name = spec or f"{getattr(fn, '__module__', '?')}:{getattr(fn, '__qualname__', fn)}"
 
-    def reward(input_ids, attention_mask, prompts: list[str], responses: list[str]) -> torch.Tensor:
+    def reward(input_ids, attention_mask, prompts: list[str], responses: list[str],
+               columns: dict[str, list] | None = None) -> torch.Tensor:
+        columns = columns or {}
         try:
-            scores = fn(prompts, responses) if wants_prompts else fn(responses)
+            if named:
+                kwargs = dict(columns) if takes_all else {k: columns[k] for k in wanted if k in columns}
+                for p in params:
+                    if p.name == "prompts":
+                        kwargs["prompts"] = prompts
+                    elif p.name in ("completions", "responses"):
+                        kwargs[p.name] = responses
+                scores = fn(**kwargs)
+            else:
+                scores = fn(prompts, responses) if wants_prompts else fn(responses)
         except Exception as e:  # noqa: BLE001 - the user's code: any failure becomes one line naming it
             detail = str(e).splitlines()[0] if str(e) else ""
             raise RewardFunctionError(f"reward function {name} raised {type(e).__name__}"
@@ -138,6 +167,7 @@ def rule_reward(fn: Callable, spec: str | None = None) -> Callable:
         return torch.tensor(check_scores(scores, len(responses), f"reward function {name}"), dtype=torch.float32,
                             device=input_ids.device)
 
+    reward.needs = tuple(p.name for p in params if named and p.name in wanted and p.default is p.empty)
     return reward
 
 

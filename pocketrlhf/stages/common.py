@@ -47,7 +47,7 @@ RUN_OUTPUTS = ("metrics.jsonl", "summary.json", "adapter", "report.md", "plots",
 # non-finite value, which the steps so far never met (it is what one adds after such an error).
 RESUME_SAFE = frozenset({"output_dir", "resume", "overwrite", "resume_ignore_config", "progress", "logging_steps",
                          "save_steps", "save_total_limit", "report_to", "max_steps", "epochs", "device",
-                         "skip_nonfinite", "samples_to_log"})
+                         "skip_nonfinite", "samples_to_log", "eval_at_start"})
 
 
 def set_seed(seed: int) -> None:
