@@ -61,7 +61,7 @@ def _kl_to_reference(model, adapters, name, reference, ids, attn, mask, temperat
 
 
 def evaluate(cfg: EvaluationConfig) -> dict:
-    from pocketrlhf.data.formats import prompts as prompt_rows
+    from pocketrlhf.data.formats import prompt_rows
     from pocketrlhf.data.loading import load_records
     from pocketrlhf.data.tokenize import encode
     from pocketrlhf.models.adapters import AdapterSet, load_adapter, spec_mismatch
@@ -75,9 +75,12 @@ def evaluate(cfg: EvaluationConfig) -> dict:
     out_dir = Path(cfg.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     tok = load_tokenizer(cfg.model, cfg.trust_remote_code)
-    texts, _ = prompt_rows(load_records(cfg.prompts), cfg.prompts, cfg.template, tok)
-    prompt_ids = [ids for ids in (encode(tok, t, special=True) for t in texts) if len(ids) <= cfg.max_prompt_length]
-    prompt_ids = prompt_ids[:cfg.samples]
+    rows, _ = prompt_rows(load_records(cfg.prompts), cfg.prompts, cfg.template, tok)
+    encoded = [(encode(tok, r.prompt, special=True), r.columns) for r in rows]
+    encoded = [(ids, columns) for ids, columns in encoded if len(ids) <= cfg.max_prompt_length][:cfg.samples]
+    prompt_ids = [ids for ids, _ in encoded]
+    # the data's other columns (an `answer`...) reach the ground-truth function as keyword arguments
+    columns = {k: [c[k] for _, c in encoded] for k in (encoded[0][1] if encoded else {})}
     spec = BaseSpec.from_config(cfg)
     for path in (cfg.sft_adapter, *cfg.policies.values(), cfg.reward_adapter):
         mismatch = spec_mismatch(path, spec) if path else None
@@ -90,7 +93,11 @@ def evaluate(cfg: EvaluationConfig) -> dict:
     reward = None
     if cfg.reward_adapter:
         model, reward = load_reward_adapter(model, cfg.reward_adapter, name="reward")
-    truth = rule_reward(load_reward_function(cfg.reward_function)) if cfg.reward_function else None
+    truth = rule_reward(load_reward_function(cfg.reward_function), cfg.reward_function) if cfg.reward_function else None
+    missing = [c for c in getattr(truth, "needs", ()) if c not in columns]
+    if missing:
+        raise ConfigError(f"reward function {cfg.reward_function} needs the column {', '.join(missing)}, which "
+                          f"{cfg.prompts} does not have")
     model.eval()
     adapters = AdapterSet(model)
     device = next(model.parameters()).device
@@ -121,7 +128,7 @@ def evaluate(cfg: EvaluationConfig) -> dict:
                                          for i in range(0, len(answers), cfg.batch_size)])
             row["reward_model_score"] = rm_scores[name].mean().item()
         if truth is not None:
-            row["ground_truth"] = truth(ids, attn, prompts_text, answers_text[name]).mean().item()
+            row["ground_truth"] = truth(ids, attn, prompts_text, answers_text[name], columns=columns).mean().item()
         results[name] = row
     if reward is not None:
         for name in results:

@@ -1,5 +1,5 @@
-"""``pocketrlhf pipeline run.yaml``: data preparation -> SFT -> reward model -> PPO and/or DPO ->
-evaluation, in one run directory, every stage on the same frozen base (never merged, never
+"""``pocketrlhf pipeline run.yaml``: data preparation -> SFT -> reward model -> PPO, GRPO and/or
+DPO -> evaluation, in one run directory, every stage on the same frozen base (never merged, never
 copied: each stage loads it as given and trains adapters on it).
 
 Re-running the same command skips finished stages (those with a summary.json) and resumes an
@@ -33,11 +33,12 @@ from pocketrlhf.errors import ConfigError
 from pocketrlhf.logs import log, setup_logging
 from pocketrlhf.paths import missing_model_message
 
-STAGES = ("data", "sft", "rm", "ppo", "dpo", "eval")
+STAGES = ("data", "sft", "rm", "ppo", "grpo", "dpo", "eval")
+POLICY_STAGES = ("ppo", "grpo", "dpo")  # the policies the evaluation compares
 SHARED = ("model", "quantization", "quant_type", "double_quant", "compute_dtype", "dtype", "device",
           "trust_remote_code", "template", "seed", "progress")
 # Checkpoint cadence when a stage section sets none, so an interrupted pipeline can resume.
-DEFAULT_SAVE_STEPS = {"sft": 100, "rm": 100, "dpo": 100, "ppo": 10}
+DEFAULT_SAVE_STEPS = {"sft": 100, "rm": 100, "dpo": 100, "ppo": 10, "grpo": 10}
 
 
 @dataclasses.dataclass
@@ -52,6 +53,8 @@ class PipelineConfig(ModelOptions):
     sft: dict = option({}, "options of `pocketrlhf sft` (data, max_steps, ...)")
     rm: dict = option({}, "options of `pocketrlhf rm`")
     ppo: dict = option({}, "options of `pocketrlhf ppo`")
+    grpo: dict = option({}, "options of `pocketrlhf grpo` (reward_function: rule rewards; without one, the rm stage's "
+                            "reward adapter)")
     dpo: dict = option({}, "options of `pocketrlhf dpo`")
     evaluation: dict = option({}, "evaluation options: prompts, samples, max_new_tokens, reward_function, ...")
 
@@ -126,7 +129,7 @@ class Pipeline:
     def stage_config(self, stage: str):
         """The typed config of ``stage``, wired to the outputs of the stages before it."""
         from pocketrlhf.evaluate import EvaluationConfig
-        from pocketrlhf.stages import dpo, ppo, rm, sft
+        from pocketrlhf.stages import dpo, grpo, ppo, rm, sft
 
         sft_adapter = self.adapter("sft")
         # Held-out numbers of every stage come from the prepared evaluation split: questions that no
@@ -153,12 +156,17 @@ class Pipeline:
             if "reward_function" not in self.cfg.ppo:
                 wiring["reward_adapter"] = self.adapter("rm")
             return self._training_stage("ppo", ppo.PPOConfig, wiring)
+        if stage == "grpo":
+            wiring = {"prompts": self.prepared("rl"), "eval_prompts": held_out, "sft_adapter": sft_adapter}
+            if not self.cfg.grpo.get("reward_function") and "rm" in self.cfg.stages:
+                wiring["reward_adapter"] = self.adapter("rm")
+            return self._training_stage("grpo", grpo.GRPOConfig, wiring)
         if stage == "dpo":
             data = self.cfg.rm.get("data", "") or self.prepared("reward")
             eval_data = self.cfg.rm.get("eval_data", "") or held_out
             return self._training_stage("dpo", dpo.DPOConfig, {"data": data, "eval_data": eval_data,
                                                               "sft_adapter": sft_adapter})
-        policies = {s: self.adapter(s) for s in ("ppo", "dpo") if s in self.cfg.stages}
+        policies = {s: self.adapter(s) for s in POLICY_STAGES if s in self.cfg.stages}
         wiring = {"output_dir": str(self.dir("eval")), "sft_adapter": sft_adapter, "policies": policies,
                   "reward_adapter": self.adapter("rm"),
                   "prompts": self.prepared("evaluation") or self.cfg.ppo.get("prompts", "")}
@@ -167,10 +175,10 @@ class Pipeline:
     def run_stage(self, stage: str) -> dict:
         from pocketrlhf.data import stackexchange
         from pocketrlhf.evaluate import evaluate
-        from pocketrlhf.stages import dpo, ppo, rm, sft
+        from pocketrlhf.stages import dpo, grpo, ppo, rm, sft
 
-        run = {"data": stackexchange.run, "sft": sft.train, "rm": rm.train, "ppo": ppo.train, "dpo": dpo.train,
-               "eval": evaluate}[stage]
+        run = {"data": stackexchange.run, "sft": sft.train, "rm": rm.train, "ppo": ppo.train, "grpo": grpo.train,
+               "dpo": dpo.train, "eval": evaluate}[stage]
         result = run(self.stage_config(stage))
         if stage == "eval":
             (self.dir("eval") / "summary.json").write_text(json.dumps(result, indent=2))

@@ -26,6 +26,9 @@ PLOTS = {
     "ppo": [("score", "score"), ("kl", "KL to reference (nats/sequence)"), ("entropy", "entropy"),
             ("pg_clipfrac", "policy clip fraction"), ("vf_loss", "value loss"), ("kl_coef", "KL coefficient"),
             ("response_length", "response length")],
+    "grpo": [("score", "score"), ("kl", "KL to reference (nats/sequence)"), ("zero_variance_groups",
+             "groups with equal rewards (no signal)"), ("clipfrac", "ratio clip fraction"), ("loss", "loss"),
+             ("response_length", "response length")],
 }
 
 
@@ -110,6 +113,9 @@ def stage_summary(run_dir: Path, records: list[dict], plots: list[Path]) -> str:
         lines.append(f"\n{len(train)} logged steps, last step {last['step']}.")
     if evals:
         final = evals[-1]
+        if evals[0].get("step") == 0 and len(evals) > 1:  # eval_at_start: the held-out numbers before training
+            lines.append("\nheld-out before training: " + ", ".join(
+                f"{k} {_fmt(v)}" for k, v in evals[0].items() if k not in ("stage", "split", "step", "time")))
         lines.append("\nheld-out: " + ", ".join(f"{k} {_fmt(v)}" for k, v in final.items()
                                                  if k not in ("stage", "split", "step", "time")))
     summary = run_dir / "summary.json"

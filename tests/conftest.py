@@ -102,3 +102,17 @@ def teach_adapter(base: Path, out: Path, template: str, pairs: list[tuple[str, s
     return out
 
 
+
+
+@pytest.fixture(scope="session")
+def digits(tmp_path_factory) -> dict[str, Path]:
+    """A tiny base that names the first of three digits right about half the time (pretrained on
+    noisy lines), training and held-out prompts with an ``answer`` column (grpo's verifiable task)."""
+    from pocketrlhf.models.tiny import pretrain_tiny_model
+
+    root = tmp_path_factory.mktemp("digits")
+    model = build_tiny_model(root / "model", "llama", texts=synthetic.digits_pretraining_texts(500), vocab_size=300)
+    pretrain_tiny_model(model, synthetic.digits_pretraining_texts(3000), steps=300)
+    train, held_out = synthetic.digits_split()
+    return {"model": model, "prompts": write_jsonl(root / "train.jsonl", synthetic.digits_rows(train)),
+            "held_out": write_jsonl(root / "held_out.jsonl", synthetic.digits_rows(held_out))}

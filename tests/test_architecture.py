@@ -5,7 +5,7 @@ import ast
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "pocketrlhf"
-STAGES = {"sft", "rm", "dpo", "ppo"}
+STAGES = {"sft", "rm", "dpo", "ppo", "grpo"}  # online.py and loop.py are shared loops, not stages
 
 
 def imports(path: Path) -> set[str]:

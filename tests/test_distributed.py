@@ -175,3 +175,32 @@ def test_preference_stages_on_two_processes_match_one_process(tmp_path, llama, c
         head_a = load_file(str(tmp_path / "ddp" / "adapter" / "head.safetensors"))
         head_b = load_file(str(tmp_path / "one" / "adapter" / "head.safetensors"))
         assert (head_a["linear.weight"] - head_b["linear.weight"]).abs().max().item() < 1e-4
+
+
+def test_grpo_on_two_processes_matches_one_process(tmp_path, digits):
+    """grpo on 2 processes: each samples the groups of half the step's prompts (every completion
+    from its own seeded stream), group advantages need no other process, and the token-mean loss
+    is normalised by the global token count: the adapter equals one process's."""
+    from pocketrlhf.stages import grpo
+
+    common = dict(reward_function="pocketrlhf.data.synthetic:exact_match", max_steps=2, num_generations=4,
+                  prompts_per_step=4, max_new_tokens=4, learning_rate=1e-3, eval_fraction=0, seed=0, progress=False,
+                  lr_scheduler="constant", lora_r=8)
+    proc = launch_two_processes(digits["model"], digits["prompts"], tmp_path / "ddp", "cpu", command="grpo",
+                                data_flag="--prompts", gradient_accumulation_steps=2, **common)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    one = dict(common, reward_function=[common["reward_function"]])
+    grpo.train(grpo.GRPOConfig(model=str(digits["model"]), prompts=str(digits["prompts"]),
+                               output_dir=str(tmp_path / "one"), device="cpu", batch_size=4,
+                               gradient_accumulation_steps=4, **one))
+    rows = {name: [json.loads(x) for x in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+            for name in ("ddp", "one")}
+    assert len(rows["ddp"]) == len(rows["one"]) == 2
+    for a, b in zip(rows["ddp"], rows["one"]):
+        for key in ("score", "kl", "response_length", "zero_variance_groups"):
+            assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), key
+    a, b = adapter(tmp_path / "ddp"), adapter(tmp_path / "one")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert (a[k] - b[k]).abs().max().item() < 1e-4, k
+    assert max(t.abs().max().item() for t in b.values()) > 1e-3  # training moved the weights

@@ -13,21 +13,9 @@ import torch
 from pocketrlhf.data import synthetic
 from pocketrlhf.errors import ConfigError, RewardFunctionError
 from pocketrlhf.stages import grpo, online
-from tests.conftest import write_jsonl
+from conftest import write_jsonl
 
 EXACT = "pocketrlhf.data.synthetic:exact_match"
-
-
-@pytest.fixture(scope="session")
-def digits(tmp_path_factory) -> dict[str, Path]:
-    from pocketrlhf.models.tiny import build_tiny_model, pretrain_tiny_model
-
-    root = tmp_path_factory.mktemp("digits")
-    model = build_tiny_model(root / "model", "llama", texts=synthetic.digits_pretraining_texts(500), vocab_size=300)
-    pretrain_tiny_model(model, synthetic.digits_pretraining_texts(3000), steps=300)
-    train, held_out = synthetic.digits_split()
-    return {"model": model, "prompts": write_jsonl(root / "train.jsonl", synthetic.digits_rows(train)),
-            "held_out": write_jsonl(root / "held_out.jsonl", synthetic.digits_rows(held_out))}
 
 
 def config(digits, out: Path, **overrides) -> grpo.GRPOConfig:
@@ -138,3 +126,28 @@ def test_cli_accepts_repeated_reward_functions():
     cfg = parse_args(grpo.GRPOConfig, ["--reward-function", "a.py:f", "--reward-function", "b.py:g",
                                        "--reward-weights", "1,0.5"])
     assert cfg.reward_function == ["a.py:f", "b.py:g"] and cfg.reward_weights == [1.0, 0.5]
+
+
+def test_reward_adapter_mixed_with_a_rule_and_prompt_sharing_changes_no_number(tmp_path, digits):
+    """A reward adapter from `rm` beside the exact-match rule: each logged on its own, and scoring
+    the G completions with the prompt computed once per group gives the same rewards, log-probs
+    and update as G separate rows."""
+    from pocketrlhf.stages import rm
+
+    train, _ = synthetic.digits_split()
+    pairs = write_jsonl(tmp_path / "pairs.jsonl", [{"prompt": synthetic.digits_prompt(t), "chosen": f" {t[0]}",
+                                                    "rejected": f" {(t[0] + 1) % 10}"} for t in train[:64]])
+    rm.train(rm.RMConfig(model=str(digits["model"]), data=str(pairs), output_dir=str(tmp_path / "rm"), device="cpu",
+                         batch_size=16, max_steps=3, eval_fraction=0, progress=False))
+    reward_adapter = str(tmp_path / "rm" / "adapter")
+    rows = {}
+    for share in (True, False):
+        grpo.train(config(digits, tmp_path / f"share_{share}", reward_adapter=reward_adapter, reward_weights=[1.0, 0.5],
+                          share_prompt=share, max_steps=2, eval_at_start=False, eval_prompts="", eval_fraction=0,
+                          batch_size=16, gradient_accumulation_steps=4))
+        rows[share] = metrics(tmp_path / f"share_{share}")
+    for a, b in zip(rows[True], rows[False]):
+        assert a[f"reward/{reward_adapter}"] == pytest.approx(b[f"reward/{reward_adapter}"], abs=1e-5)
+        assert a[f"reward/{EXACT}"] == b[f"reward/{EXACT}"]
+        for key in ("score", "kl", "loss"):
+            assert a[key] == pytest.approx(b[key], abs=1e-5), key

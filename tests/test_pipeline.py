@@ -126,3 +126,19 @@ def test_report_command(tmp_path, llama, sft_file, capsys):
     assert (tmp_path / "run" / "plots" / "loss.png").read_bytes()[:4] == b"\x89PNG"
     assert main(["report", str(tmp_path / "missing")]) == 2
     assert "no such run directory" in capsys.readouterr().err
+
+
+def test_pipeline_grpo_stage_is_wired_and_evaluated(tmp_path, pretrained_llama, data):
+    out = tmp_path / "run"
+    cfg = tiny_pipeline(pretrained_llama, data, out, stages=["sft", "rm", "grpo", "eval"],
+                        grpo={"prompts": data["prompts"], "max_steps": 2, "prompts_per_step": 2, "num_generations": 4,
+                              "max_new_tokens": 8, "eval_fraction": 0, "reward_function": [GROUND_TRUTH],
+                              "progress": False})
+    Pipeline(PipelineConfig(**cfg)).run()
+    grpo_cfg = yaml.safe_load((out / "grpo" / "config.yaml").read_text())
+    assert grpo_cfg["sft_adapter"] == str(out / "sft" / "adapter")
+    assert grpo_cfg["reward_adapter"] == ""  # a rule reward was given: the rm stage's adapter is not mixed in
+    results = json.loads((out / "evaluation" / "results.json").read_text())
+    assert set(results) == {"base", "sft", "grpo"}
+    assert results["grpo"]["kl_to_sft"] != 0.0  # trained away from the SFT copy (8 samples: the estimate may be < 0)
+    assert "## grpo" in (out / "report.md").read_text()

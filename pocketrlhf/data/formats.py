@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 from collections import Counter
 from dataclasses import dataclass, field
+from typing import Any
 
 from pocketrlhf.data.loading import DataError, require_string
 from pocketrlhf.data.templates import completion_text, prompt_text, render
@@ -241,3 +242,24 @@ def prompts(ds, source: str, template: str = "plain", tokenizer=None,
     if not any(out):
         raise DataError(f"{source}: no usable prompts ({skipped.describe()} skipped)")
     return out, skipped
+
+
+PROMPT_COLUMNS = ("prompt", "question", "messages")
+
+
+@dataclass
+class PromptRow:
+    """A formatted prompt and the row's other columns (an ``answer`` for exact-match rewards...)."""
+
+    prompt: str
+    columns: dict[str, Any]
+
+
+def prompt_rows(ds, source: str, template: str = "plain", tokenizer=None,
+                placeholders: bool = False) -> tuple[list[PromptRow | None], Skipped]:
+    """``prompts`` with every non-prompt column kept beside its prompt (reward functions get them)."""
+    texts, skipped = prompts(ds, source, template, tokenizer, placeholders=True)
+    other = [c for c in ds.column_names if c not in PROMPT_COLUMNS]
+    values = {c: ds[c] for c in other}
+    rows = [PromptRow(t, {c: values[c][i] for c in other}) if t is not None else None for i, t in enumerate(texts)]
+    return (rows if placeholders else [r for r in rows if r is not None]), skipped

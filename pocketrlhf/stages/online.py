@@ -28,7 +28,7 @@ import torch
 
 from pocketrlhf.algorithms.ppo import sequence_kl
 from pocketrlhf.config import option
-from pocketrlhf.data.formats import prompts as prompt_texts_of
+from pocketrlhf.data.formats import PromptRow, prompt_rows
 from pocketrlhf.data.rows import read_rows
 from pocketrlhf.data.templates import TemplateName
 from pocketrlhf.data.tokenize import TokenExample, collate, encode
@@ -42,7 +42,6 @@ from pocketrlhf.stages import common
 from pocketrlhf.stages.common import log
 
 POLICY, REFERENCE, REWARD = "policy", "reference", "reward"
-PROMPT_COLUMNS = ("prompt", "question", "messages")
 
 
 @dataclasses.dataclass
@@ -71,24 +70,6 @@ class OnlineOptions:
 
 # ---------------------------------------------------------------------------------------------
 # Prompts
-
-
-@dataclass
-class PromptRow:
-    """A formatted prompt and the row's other columns (an ``answer`` for exact-match rewards...)."""
-
-    prompt: str
-    columns: dict[str, Any]
-
-
-def prompt_rows(ds, source: str, template: str = "plain", tokenizer=None,
-                placeholders: bool = False) -> tuple[list[PromptRow | None], Any]:
-    """``formats.prompts`` with every non-prompt column kept beside its prompt."""
-    texts, skipped = prompt_texts_of(ds, source, template, tokenizer, placeholders=True)
-    other = [c for c in ds.column_names if c not in PROMPT_COLUMNS]
-    values = {c: ds[c] for c in other}
-    rows = [PromptRow(t, {c: values[c][i] for c in other}) if t is not None else None for i, t in enumerate(texts)]
-    return (rows if placeholders else [r for r in rows if r is not None]), skipped
 
 
 @dataclass
