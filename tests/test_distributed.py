@@ -204,3 +204,17 @@ def test_grpo_on_two_processes_matches_one_process(tmp_path, digits):
     for k in a:
         assert (a[k] - b[k]).abs().max().item() < 1e-4, k
     assert max(t.abs().max().item() for t in b.values()) > 1e-3  # training moved the weights
+
+
+def test_a_failure_on_one_process_stops_every_process(tmp_path, digits):
+    """A reward that fails on process 1 only: process 0 must not wait forever for it."""
+    reward = tmp_path / "rank_reward.py"
+    reward.write_text("import os\n\ndef f(completions, answer):\n"
+                      "    bad = os.environ.get('RANK') == '1'\n"
+                      "    return [float('nan') if bad else 1.0 for _ in completions]\n")
+    proc = launch_two_processes(digits["model"], digits["prompts"], tmp_path / "ddp", "cpu", command="grpo",
+                                data_flag="--prompts", reward_function=f"{reward}:f", max_steps=2, num_generations=2,
+                                prompts_per_step=2, max_new_tokens=2, eval_fraction=0, progress=False)
+    assert proc.returncode != 0
+    assert "returned nan" in proc.stderr and "another process stopped" in proc.stderr
+    assert not (tmp_path / "ddp" / "adapter").exists()

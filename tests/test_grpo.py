@@ -151,3 +151,29 @@ def test_reward_adapter_mixed_with_a_rule_and_prompt_sharing_changes_no_number(t
         assert a[f"reward/{EXACT}"] == b[f"reward/{EXACT}"]
         for key in ("score", "kl", "loss"):
             assert a[key] == pytest.approx(b[key], abs=1e-5), key
+
+
+def test_a_failing_final_evaluation_keeps_the_trained_adapter(tmp_path, digits):
+    """A reward that turns NaN on the held-out prompts only: training ends, the adapter is saved,
+    and the summary says what failed (nothing of the run is lost to the evaluation)."""
+    rows = synthetic.digits_rows(synthetic.digits_split()[0])
+    train = write_jsonl(tmp_path / "train.jsonl", [dict(r, poison=0) for r in rows])
+    held = write_jsonl(tmp_path / "held.jsonl", [dict(r, poison=1) for r in rows[:8]])
+    reward = tmp_path / "poisoned.py"
+    reward.write_text("def f(completions, answer, poison):\n"
+                      "    return [float('nan') if p else float(c.strip() == a) for c, a, p in zip(completions, answer, poison)]\n")
+    summary = grpo.train(config(digits, tmp_path / "run", prompts=str(train), eval_prompts=str(held), max_steps=1,
+                                reward_function=[f"{reward}:f"], eval_at_start=False))
+    assert "eval_error" in summary and "returned nan" in summary["eval_error"]
+    assert (tmp_path / "run" / "adapter" / "adapter_model.safetensors").is_file()
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["eval_error"] == summary["eval_error"]
+
+
+def test_repeated_held_out_prompts_are_evaluated_once(tmp_path, digits):
+    from pocketrlhf.models.loading import load_tokenizer
+
+    rows = synthetic.digits_rows(synthetic.digits_split()[1][:5])
+    held = write_jsonl(tmp_path / "held.jsonl", rows * 3)  # pair data repeats a question once per pair
+    cfg = config(digits, tmp_path / "run", eval_prompts=str(held))
+    _, evals, report = online.prepare_prompts(cfg, load_tokenizer(str(digits["model"])))
+    assert len(evals) == 5 and report["skipped"]["eval prompts repeated (evaluated once)"] == 10

@@ -272,3 +272,17 @@ def test_random_checkpoint_refuses_an_unknown_quantization(tmp_path):
 
     with pytest.raises(ValueError, match="unknown quantization '8bit' \\(none or 4bit\\)"):
         write_random_checkpoint(tiny_config("llama", vocab_size=64), tmp_path / "m", quantization="8bit")
+
+
+def test_an_encoder_decoder_base_is_a_clear_error(tmp_path):
+    """A T5-family base (as flan-t5: gated-gelu) fails in one line that says why, before loading."""
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    from pocketrlhf.errors import ModelLoadError
+    from pocketrlhf.models.loading import load_base
+
+    cfg = T5Config(vocab_size=64, d_model=32, d_kv=8, d_ff=64, num_layers=1, num_heads=2,
+                   feed_forward_proj="gated-gelu", decoder_start_token_id=0)
+    T5ForConditionalGeneration(cfg).save_pretrained(tmp_path / "t5", safe_serialization=True)
+    with pytest.raises(ModelLoadError, match=r"encoder-decoder model \(t5\).*not supported yet"):
+        load_base(str(tmp_path / "t5"), device="cpu")

@@ -103,9 +103,9 @@ def test_pipeline_cli_and_config_errors(tmp_path, pretrained_llama, data, capsys
                                         "sft": {"data": data["sft"], "lerning_rate": 1e-3}}))
     assert main(["pipeline", str(run_yaml), "--output-dir", str(tmp_path / "out")]) == 2
     assert "run.yaml: sft: unknown key 'lerning_rate' (did you mean 'learning_rate'?)" in capsys.readouterr().err
-    run_yaml.write_text(yaml.safe_dump({"model": str(pretrained_llama), "stages": ["sft", "grpo"]}))
+    run_yaml.write_text(yaml.safe_dump({"model": str(pretrained_llama), "stages": ["sft", "kto"]}))
     assert main(["pipeline", str(run_yaml)]) == 2
-    assert "unknown stage 'grpo'" in capsys.readouterr().err
+    assert "unknown stage 'kto'" in capsys.readouterr().err
     run_yaml.write_text(yaml.safe_dump({"stages": ["sft"]}))
     assert main(["pipeline", str(run_yaml)]) == 2
     assert "`model:` (the base model directory) is required" in capsys.readouterr().err

@@ -367,11 +367,21 @@ def test_resume_auto_never_retrains_a_finished_run(tmp_path, llama, sft_file, ca
     before = checksums(out)
     summary = json.loads((out / "summary.json").read_text())
     capsys.readouterr()
-    assert sft.train(sft_config(llama, sft_file, out, max_steps=2, batch_size=4, gradient_accumulation_steps=1,
-                                resume="auto")) == summary
     assert main(sft_args(llama, sft_file, out, "--resume", "auto")) == 0
     assert "holds a finished run (summary.json, adapter): nothing to resume" in capsys.readouterr().err
     assert checksums(out) == before
+    # Other settings: the finished run's results would be passed off as theirs.
+    with pytest.raises(ConfigError, match=r"finished run trained with other settings \(learning_rate: "):
+        sft.train(sft_config(llama, sft_file, out, max_steps=2, batch_size=4, gradient_accumulation_steps=1,
+                             resume="auto"))
+    assert sft.train(sft_config(llama, sft_file, out, max_steps=2, batch_size=4, gradient_accumulation_steps=1,
+                                resume="auto", resume_ignore_config=True)) == summary
+    assert checksums(out) == before
+    # --overwrite beside --resume auto: trained again, from scratch.
+    written = (out / "metrics.jsonl").stat().st_mtime_ns
+    assert main(sft_args(llama, sft_file, out, "--resume", "auto", "--overwrite")) == 0
+    assert (out / "metrics.jsonl").stat().st_mtime_ns > written
+    assert json.loads((out / "summary.json").read_text())["steps"] == summary["steps"]
 
 
 # ---------------------------------------------------------------------------------------------

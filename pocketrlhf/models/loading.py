@@ -131,6 +131,7 @@ def load_base(spec: BaseSpec | str, *args: Any, training: bool = True, revision:
         check_safetensors(model)
         # Absolute, so that adapter_config.json's base_model_name_or_path works from any folder.
         model = str(Path(model).expanduser().resolve())
+        check_decoder_only(model)
         stored = checkpoint_quantization(model)
         if stored:  # transformers loads a pre-quantized checkpoint as it is stored, whatever else is asked
             if quantization != stored:
@@ -171,6 +172,20 @@ def load_base(spec: BaseSpec | str, *args: Any, training: bool = True, revision:
         guard_cpu_4bit(lm, training=training)
     lm.config.use_cache = not training
     return lm
+
+
+def check_decoder_only(path: str) -> None:
+    """A one-line error for an encoder-decoder base (T5, BART...): every stage here runs causal
+    LMs, and transformers' own message ("Unrecognized configuration class") does not say why."""
+    import json
+
+    try:
+        config = json.loads((Path(path) / "config.json").read_text())
+    except (OSError, ValueError):
+        return
+    if config.get("is_encoder_decoder"):
+        raise ModelLoadError(f"{path} is an encoder-decoder model ({config.get('model_type', '?')}): pocketrlhf trains "
+                             "decoder-only (causal) language models so far; encoder-decoder bases are not supported yet")
 
 
 def checkpoint_quantization(path: str) -> str | None:

@@ -130,15 +130,23 @@ class Run:
                 self._tb = SummaryWriter(str(self.dir / "tensorboard"))
 
     def _finished_summary(self) -> dict | None:
-        if getattr(self.cfg, "resume", "") != "auto":
-            return None
+        if getattr(self.cfg, "resume", "") != "auto" or getattr(self.cfg, "overwrite", False):
+            return None  # --overwrite: the user asked to train again
         summary = self.dir / "summary.json"
         if not (summary.is_file() and (self.dir / "adapter").is_dir()):
             return None
         try:
-            return json.loads(summary.read_text())
+            finished = json.loads(summary.read_text())
         except ValueError:
             return None  # a damaged summary: not a finished run
+        recorded = self.dir / CONFIG_FILE
+        differences = config_differences(yaml.safe_load(recorded.read_text()) or {}, self.cfg) if recorded.is_file() else []
+        if differences and not getattr(self.cfg, "resume_ignore_config", False):
+            # Its results answer another question: returning them would pass them off as this config's.
+            raise ConfigError(f"{self.dir} holds a finished run trained with other settings ({'; '.join(differences)}): "
+                              "pass --overwrite to train with the new ones (or --output-dir elsewhere), or "
+                              "--resume-ignore-config to keep the finished run's results")
+        return finished
 
     def _start_fresh_or_resume(self) -> None:
         """Never mix two runs' outputs: a fresh run into a folder holding a previous one needs

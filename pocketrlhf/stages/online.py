@@ -100,7 +100,11 @@ def prepare_prompts(cfg, tokenizer) -> tuple[Prompts, Prompts, dict]:
             out.columns.append(row.columns)
         return out
 
-    train, evals = tokenize(rows.train, ""), tokenize(rows.held_out, "eval ")
+    seen: set[str] = set()
+    unique = [r for r in rows.held_out if not (r.prompt in seen or seen.add(r.prompt))]
+    if len(unique) < len(rows.held_out):  # pair data holds a question once per pair: evaluate each once
+        skipped.counts["eval prompts repeated (evaluated once)"] += len(rows.held_out) - len(unique)
+    train, evals = tokenize(rows.train, ""), tokenize(unique, "eval ")
     if not train:
         raise DataError(f"{cfg.prompts}: no prompt fits max_prompt_length={cfg.max_prompt_length}")
     if skipped.total:
@@ -463,8 +467,13 @@ def train(cfg, algorithm: OnlineAlgorithm) -> dict:
         chosen = step_prompts(cfg, step, len(train_prompts), rank, world, per_step)
         first = rank * len(chosen) * G  # global position of this process's first rollout in the step
         try:
-            r = generate_rollouts(cfg, roles, tokenizer, train_prompts.take(chosen),
-                                  [row_seed(cfg.seed, step, first + i) for i in range(len(chosen) * G)], chosen, G)
+            failure = None
+            try:
+                r = generate_rollouts(cfg, roles, tokenizer, train_prompts.take(chosen),
+                                      [row_seed(cfg.seed, step, first + i) for i in range(len(chosen) * G)], chosen, G)
+            except (NonFiniteError, RewardFunctionError) as e:
+                failure = e
+            stop_together(accelerator, failure)
         except NonFiniteError as e:
             raise run.nonfinite(str(e), step + 1, "pass --skip-nonfinite to drop such rollouts") from None
         except RewardFunctionError as e:
@@ -506,21 +515,36 @@ def train(cfg, algorithm: OnlineAlgorithm) -> dict:
 
     summary = {"steps": total_steps, "final_score": last.get("score"), "final_kl": last.get("kl"), **data_report,
                **before}
-    if len(eval_prompts):
-        summary.update({f"eval_{k}": v for k, v in _log_eval(cfg, run, roles, tokenizer, eval_prompts,
-                                                              total_steps).items()})
     accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
+    if accelerator.is_main_process:  # saved before the final evaluation: a failing reward there loses no training
         save_weights(run.dir, tokenizer)
         write_adapter_info(run.dir / "adapter", stage=stage, template=data_report["template"],
                            base=BaseSpec.from_config(cfg).record(), sft_adapter=cfg.sft_adapter,
                            reward_adapter=cfg.reward_adapter)
         summary["adapter"] = str(run.dir / "adapter")
+    if len(eval_prompts):
+        try:
+            summary.update({f"eval_{k}": v for k, v in _log_eval(cfg, run, roles, tokenizer, eval_prompts,
+                                                                  total_steps).items()})
+        except (NonFiniteError, RewardFunctionError) as e:
+            log.warning("the final held-out evaluation failed, the trained adapter is saved: %s", e)
+            summary["eval_error"] = str(e)
     run.write_summary(summary)
     run.close()
     log.info("%s done: score %.3f, KL %.3f; policy adapter in %s", stage, summary["final_score"],
              summary["final_kl"] or 0.0, run.dir / "adapter")
     return summary
+
+
+def stop_together(accelerator, failure: Exception | None) -> None:
+    """Raise ``failure`` on every process when any process has one: a process that stopped alone
+    would leave the others waiting forever in their next collective."""
+    if accelerator.num_processes > 1:
+        flag = torch.tensor([0.0 if failure is None else 1.0], device=accelerator.device)
+        if accelerator.reduce(flag, "sum").item() > 0 and failure is None:
+            failure = NonFiniteError("another process stopped at this step (its message names the cause)")
+    if failure is not None:
+        raise failure
 
 
 def _log_eval(cfg, run, roles, tokenizer, eval_prompts, step) -> dict:

@@ -150,7 +150,9 @@ def train(cfg: RMConfig) -> dict:
                                                 summary.get("train_seen_accuracy"))
     for warning in summary["warnings"]:
         log.warning("%s", warning)
-    stats = reward_statistics(pair_scores, stage, train_set[:cfg.stats_pairs], cfg.batch_size, device)
+    # A seeded sample of the training pairs, not the file's first rows (often one topic or one source).
+    sample = [train_set[i] for i in sorted(common.epoch_order(len(train_set), cfg.seed, -2)[:cfg.stats_pairs])]
+    stats = reward_statistics(pair_scores, stage, sample, cfg.batch_size, device)
     summary.update(stats)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
