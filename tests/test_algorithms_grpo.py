@@ -114,3 +114,33 @@ def test_loss_aggregations_match_trl_and_add_up_over_micro_batches():
         assert torch.allclose(parts, expected, atol=1e-6), how
     with pytest.raises(ValueError, match="aggregation"):
         aggregate(per_token, mask, "median", 6, 1.0, 1)
+
+
+def test_unscored_completions_are_left_out_of_their_group():
+    """A NaN reward (dropped for --skip-nonfinite) neither moves its group's baseline nor gets an
+    advantage: a group [1, NaN, 1, 1] carries no signal (trl uses NaN-aware statistics too)."""
+    nan = float("nan")
+    rewards = torch.tensor([1.0, nan, 1.0, 1.0, 0.0, 1.0, nan, 1.0])
+    for scale in ("group", "batch", "none"):
+        adv = group_advantages(rewards, 4, scale)
+        assert adv[:4].abs().max() == 0 and adv[6] == 0, scale
+        assert torch.isfinite(adv).all()
+    loo = rloo_advantages(rewards, 4)
+    assert loo[:4].abs().max() == 0 and loo[6] == 0
+    assert loo[4] == pytest.approx(0.0 - 1.0) and loo[5] == pytest.approx(1.0 - 0.5)
+    assert zero_variance_groups(rewards, 4).tolist() == [True] * 4 + [False] * 4
+
+
+def test_sequence_surrogate_matches_trl_rloo_loss():
+    """trl 1.16 RLOOTrainer._compute_loss: ratio of the summed log-probs, clipped, mean over answers."""
+    from pocketrlhf.algorithms.grpo import sequence_surrogate
+
+    torch.manual_seed(2)
+    logprobs, old = -torch.rand(4, 6), -torch.rand(4, 6)
+    mask = (torch.rand(4, 6) > 0.2).float()
+    adv = torch.randn(4)
+    coef_1 = torch.exp((logprobs * mask).sum(1) - (old * mask).sum(1))
+    coef_2 = torch.clamp(coef_1, 1 - 0.2, 1 + 0.3)
+    trl = (-torch.min(coef_1 * adv, coef_2 * adv)).mean()
+    ours, _ = sequence_surrogate(logprobs, old, adv, mask, 0.2, 0.3)
+    assert torch.allclose(ours.mean(), trl)

@@ -177,3 +177,36 @@ def test_repeated_held_out_prompts_are_evaluated_once(tmp_path, digits):
     cfg = config(digits, tmp_path / "run", eval_prompts=str(held))
     _, evals, report = online.prepare_prompts(cfg, load_tokenizer(str(digits["model"])))
     assert len(evals) == 5 and report["skipped"]["eval prompts repeated (evaluated once)"] == 10
+
+
+def test_kl_in_the_reward_moves_grpo_advantages():
+    """--kl-in reward with grpo: beta x the sequence KL comes off each score before the group
+    statistics (it used to be ignored)."""
+    cfg = grpo.GRPOConfig(num_generations=2, beta=0.5, kl_in="reward", scale_rewards="none")
+    scores = torch.tensor([1.0, 1.0])
+    mask = torch.ones(2, 3)
+    kl = torch.tensor([[0.0, 0.0, 0.0], [1.0, 1.0, 0.0]])
+    assert grpo.advantages_of(cfg, scores, mask, None, lambda x: x).tolist() == [0.0, 0.0]
+    assert grpo.advantages_of(cfg, scores, mask, kl, lambda x: x).tolist() == [0.5, -0.5]
+
+
+def test_sharing_the_prompt_only_where_it_pays():
+    attn = torch.ones(4, 12)
+    assert online.sharing_pays(attn, torch.tensor([10] * 4), 4)  # long prompt, short answers: one row
+    assert not online.sharing_pays(attn, torch.tensor([2] * 4), 4)  # short prompt, long answers: separate rows
+
+
+def test_sft_start_with_a_real_sampling_pass_has_ratio_one_and_kl_zero(tmp_path, digits):
+    """Policy = copy of an SFT adapter, reference = its frozen copy, two iterations (so the
+    no-grad pass of the sampling policy runs): before the first update the ratio is 1 and the
+    KL to the reference 0, measured, not by construction."""
+    from conftest import teach_adapter
+
+    sft_dir = teach_adapter(digits["model"], tmp_path / "sft", "plain", [("1 2 3 :", " 1"), ("4 5 6 :", " 4")],
+                            steps=5)
+    grpo.train(config(digits, tmp_path / "run", sft_adapter=str(sft_dir), num_iterations=2, max_steps=1,
+                      eval_at_start=False, batch_size=16, gradient_accumulation_steps=2))
+    row = metrics(tmp_path / "run")[0]
+    assert row["first_ratio"] == pytest.approx(1.0, abs=1e-5)
+    assert row["kl"] == pytest.approx(0.0, abs=1e-5)
+    assert row["ratio"] != 1.0  # later minibatches moved away from the sampling policy

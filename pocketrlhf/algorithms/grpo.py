@@ -23,37 +23,53 @@ def _grouped(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
     return rewards.view(-1, group_size)
 
 
+def _nanstd(x: torch.Tensor, dim: int | None = None) -> torch.Tensor:
+    """Unbiased std over the non-NaN entries (NaN where fewer than two)."""
+    keep = dim is not None
+    mean = torch.nanmean(x, dim=dim, keepdim=True) if keep else torch.nanmean(x)
+    count = (~torch.isnan(x)).sum(dim=dim, keepdim=True) if keep else (~torch.isnan(x)).sum()
+    var = torch.nansum((x - mean) ** 2, dim=dim, keepdim=True) if keep else torch.nansum((x - mean) ** 2)
+    return (var / (count - 1)).sqrt()
+
+
 def group_advantages(rewards: torch.Tensor, group_size: int, scale: ScaleRewards = "group") -> torch.Tensor:
     """GRPO: A_i = (r_i - mean of its group) / (std + 1e-4), std of the group ("group"), of the
     whole batch ("batch"), or no scaling ("none", Dr. GRPO: the std divides easy and hard
-    prompts unequally). Standard deviations are unbiased (Bessel), as torch.std and trl."""
+    prompts unequally). Standard deviations are unbiased (Bessel), as torch.std and trl. A NaN
+    reward (a completion that could not be scored) is left out of its group's statistics and gets
+    advantage 0."""
     grouped = _grouped(rewards, group_size)
-    centred = (grouped - grouped.mean(1, keepdim=True)).reshape(-1)
+    centred = (grouped - torch.nanmean(grouped, 1, keepdim=True)).reshape(-1)
     if scale == "none":
-        return centred
+        return centred.nan_to_num(0.0)
     if scale == "group":
-        std = grouped.std(1, keepdim=True).expand_as(grouped).reshape(-1) if group_size > 1 else torch.zeros_like(rewards)
+        std = _nanstd(grouped, 1).expand_as(grouped).reshape(-1)
     elif scale == "batch":
-        std = rewards.std().expand_as(rewards) if rewards.numel() > 1 else torch.zeros_like(rewards)
+        std = _nanstd(rewards).expand_as(rewards)
     else:
         raise ValueError(f"unknown reward scaling '{scale}' (group, batch or none)")
-    return centred / (std + EPS)
+    return (centred / (std.nan_to_num(0.0) + EPS)).nan_to_num(0.0)
 
 
 def rloo_advantages(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
-    """RLOO: A_i = r_i - mean of the OTHER completions of its prompt (leave-one-out baseline)."""
+    """RLOO: A_i = r_i - mean of the OTHER completions of its prompt (leave-one-out baseline),
+    over the scored ones: a NaN reward is left out and gets advantage 0, as does a completion
+    with no scored sibling."""
     if group_size < 2:
         raise ValueError("the leave-one-out baseline needs at least 2 completions per prompt")
     grouped = _grouped(rewards, group_size)
-    baseline = (grouped.sum(1, keepdim=True) - grouped) / (group_size - 1)
-    return (grouped - baseline).reshape(-1)
+    scored = (~torch.isnan(grouped)).sum(1, keepdim=True)
+    baseline = (torch.nansum(grouped, 1, keepdim=True) - grouped) / (scored - 1)
+    return (grouped - baseline).reshape(-1).nan_to_num(0.0, posinf=0.0, neginf=0.0)
 
 
 def zero_variance_groups(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
-    """[N] bool: the completion's group got the same reward everywhere, so it carries no signal
-    (DAPO's dynamic sampling drops such groups)."""
+    """[N] bool: the completion's group got the same reward everywhere (NaN, unscored, left
+    out), so it carries no signal (DAPO's dynamic sampling drops such groups)."""
     grouped = _grouped(rewards, group_size)
-    same = (grouped == grouped[:, :1]).all(1, keepdim=True)
+    low = torch.where(torch.isnan(grouped), torch.inf, grouped).min(1, keepdim=True).values
+    high = torch.where(torch.isnan(grouped), -torch.inf, grouped).max(1, keepdim=True).values
+    same = (high <= low) | torch.isinf(low)
     return same.expand_as(grouped).reshape(-1)
 
 
@@ -84,6 +100,16 @@ def clipped_surrogate(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advant
     if advantages.dim() == 1:
         advantages = advantages.unsqueeze(1)
     ratio = torch.exp(logprobs - old_logprobs)
+    unclipped = ratio * advantages
+    clipped = torch.clamp(ratio, 1 - epsilon_low, 1 + epsilon_high) * advantages
+    return -torch.min(unclipped, clipped), clipped < unclipped
+
+
+def sequence_surrogate(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
+                       mask: torch.Tensor, epsilon_low: float, epsilon_high: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """RLOO as published (and trl's RLOOTrainer): one ratio per answer, of its summed log-probs,
+    clipped; loss -min(ratio * A, clip(ratio) * A) per answer [N] and whether it clipped [N]."""
+    ratio = torch.exp(((logprobs - old_logprobs) * mask).sum(1))
     unclipped = ratio * advantages
     clipped = torch.clamp(ratio, 1 - epsilon_low, 1 + epsilon_high) * advantages
     return -torch.min(unclipped, clipped), clipped < unclipped

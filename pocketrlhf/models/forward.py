@@ -97,7 +97,10 @@ def supports_attention_bias(model: torch.nn.Module) -> bool:
     peft_model, lm = unwrap(model)
     if peft_model is not None and any(c.is_prompt_learning for c in peft_model.peft_config.values()):
         return False
-    return lm.config._attn_implementation in ("sdpa", "eager") and _accepts_position_ids(lm.base_model)
+    cfg = lm.config
+    if getattr(cfg, "sliding_window", None) and getattr(cfg, "use_sliding_window", True) is not False:
+        return False  # a 4D mask is used as given: the window would not be applied
+    return cfg._attn_implementation in ("sdpa", "eager") and _accepts_position_ids(lm.base_model)
 
 
 def biased_hidden_states(model: torch.nn.Module, input_ids: torch.Tensor, position_ids: torch.Tensor,

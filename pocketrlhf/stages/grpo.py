@@ -37,7 +37,7 @@ from typing import Literal
 import torch
 
 from pocketrlhf.algorithms.grpo import (aggregate, clipped_surrogate, group_advantages, k3_kl, reinforce_pp_advantages,
-                                        rloo_advantages, zero_variance_groups)
+                                        rloo_advantages, sequence_surrogate, zero_variance_groups)
 from pocketrlhf.algorithms.ppo import kl_per_token, masked_mean, penalized_rewards, sequence_kl
 from pocketrlhf.config import AdapterOptions, ModelOptions, TrainOptions, option
 from pocketrlhf.errors import ConfigError, NonFiniteError
@@ -57,9 +57,10 @@ class GRPOConfig(ModelOptions, AdapterOptions, TrainOptions, online.OnlineOption
     prompts_per_step: int = option(8, "prompts per step, all processes together (rollouts = this x G)")
     scale_rewards: Literal["group", "batch", "none"] = option(
         "group", "grpo: divide by the std of the group, of the batch, or not at all (Dr. GRPO)")
-    loss_aggregation: Literal["sequence", "token", "constant"] = option(
-        "token", "sequence: mean of per-answer token means (GRPO paper); token: token mean over the minibatch (DAPO); "
-                 "constant: sum / (answers x max_new_tokens) (Dr. GRPO)")
+    loss_aggregation: Literal["auto", "sequence", "token", "constant", "answer"] = option(
+        "auto", "sequence: mean of per-answer token means (GRPO paper); token: token mean over the minibatch (DAPO); "
+                "constant: sum / (answers x max_new_tokens) (Dr. GRPO); answer: one ratio per answer of its summed "
+                "log-probs, mean over answers (RLOO as published); auto: answer for rloo, token otherwise")
     beta: float = option(0.04, "KL coefficient (0: no reference pass at all)")
     kl_in: Literal["auto", "loss", "reward"] = option(
         "auto", "where the KL goes: a k3 loss term (auto for grpo) or the reward (auto for rloo, reinforce_pp)")
@@ -108,17 +109,26 @@ class PolicyLogprobs(torch.nn.Module):
 def advantages_of(cfg: GRPOConfig, scores: torch.Tensor, mask: torch.Tensor, kl: torch.Tensor | None,
                   reduce) -> torch.Tensor:
     """[N] or [N, T] advantages of one process's rollouts. ``scores`` are the GLOBAL batch's
-    scores when the estimator needs the batch (grpo with batch scaling), else this process's;
-    ``kl`` is the per-token KL (k1) when it goes into the reward."""
+    scores when the estimator needs the batch (grpo with batch scaling), else this process's; NaN
+    marks a completion that could not be scored (left out, advantage 0). ``kl`` is the per-token
+    KL (k1, masked) when it goes into the reward: grpo and rloo subtract beta x the sequence KL
+    from the score, reinforce_pp puts it on every token."""
     G = cfg.num_generations
-    if cfg.advantage == "grpo":
-        return group_advantages(scores, G, cfg.scale_rewards)
+    if cfg.advantage == "reinforce_pp":
+        token_kl = kl if kl is not None else torch.zeros_like(mask)
+        return reinforce_pp_advantages(penalized_rewards(scores.nan_to_num(0.0), token_kl, mask, cfg.beta), mask,
+                                       reduce)
+    if kl is not None:
+        scores = scores - cfg.beta * kl.sum(1)
     if cfg.advantage == "rloo":
-        if kl is not None:
-            scores = scores - cfg.beta * (kl * mask).sum(1)
         return rloo_advantages(scores, G)
-    token_kl = kl if kl is not None else torch.zeros_like(mask)
-    return reinforce_pp_advantages(penalized_rewards(scores, token_kl, mask, cfg.beta), mask, reduce)
+    return group_advantages(scores, G, cfg.scale_rewards)
+
+
+def loss_kind(cfg: GRPOConfig) -> str:
+    if cfg.loss_aggregation != "auto":
+        return cfg.loss_aggregation
+    return "answer" if cfg.advantage == "rloo" else "token"
 
 
 class GRPO:
@@ -136,7 +146,10 @@ class GRPO:
         c = self.cfg
         kl = f"beta {c.beta:g} in the {kl_placement(c)}" if c.beta > 0 else "no KL term (beta 0: no reference pass)"
         return (f"advantage: {c.advantage}" + (f" (scale: {c.scale_rewards})" if c.advantage == "grpo" else "")
-                + f"; {kl}; loss: {c.loss_aggregation}; {c.num_iterations} iteration(s)")
+                + f"; {kl}; loss: {loss_kind(c)}; {c.num_iterations} iteration(s)")
+
+    def reward_functions(self, cfg: GRPOConfig) -> list[str]:
+        return cfg.reward_function
 
     def build_roles(self, cfg: GRPOConfig, total_steps: int) -> Roles:
         roles = online.build_shared_roles(cfg, total_steps, cfg.reward_function, cfg.reward_weights)
@@ -147,41 +160,41 @@ class GRPO:
 
     def learn(self, step: int, r: Rollout, ctx: online.StepContext) -> dict[str, float]:
         cfg, roles = self.cfg, ctx.roles
-        world = ctx.accelerator.num_processes
+        world, rank = ctx.accelerator.num_processes, ctx.accelerator.process_index
         n, G = r.input_ids.shape[0], r.group_size
         minibatch = max(1, cfg.batch_size * cfg.gradient_accumulation_steps // G) * G
-        updates_per_pass = math.ceil(n / minibatch)
         kl_where = kl_placement(cfg)
         need_reference = cfg.beta > 0
         # The batch's own log-probs are needed when the policy moves before the batch is used up,
         # or when the KL goes into the rewards (computed before any update).
-        need_old = cfg.num_iterations > 1 or updates_per_pass > 1 or (need_reference and kl_where == "reward")
+        need_old = (cfg.num_iterations > 1 or math.ceil(n / minibatch) > 1
+                    or (need_reference and kl_where == "reward"))
         old = self._policy_pass(r, ctx) if need_old else None
         reference = online.reference_logprobs(cfg, roles, r) if need_reference else None
         mask = r.response_mask.float()
-        token_kl = None
-        if need_reference and kl_where == "reward":
-            token_kl = kl_per_token(old, reference, "kl") * mask
-        rank = ctx.accelerator.process_index
+        token_kl = kl_per_token(old, reference, "kl") * mask if need_reference and kl_where == "reward" else None
+        kept = r.kept if r.kept is not None else torch.ones_like(r.has_eos)
+        scores = torch.where(kept, r.scores, torch.nan)  # dropped (--skip-nonfinite): out of the group statistics
         if cfg.advantage == "grpo" and cfg.scale_rewards == "batch" and world > 1:
-            advantages = advantages_of(cfg, ctx.gather(r.scores), mask, token_kl, ctx.reduce)[rank * n:(rank + 1) * n]
+            gathered_kl = ctx.gather(token_kl) if token_kl is not None else None
+            advantages = advantages_of(cfg, ctx.gather(scores), ctx.gather(mask), gathered_kl,
+                                       ctx.reduce)[rank * n:(rank + 1) * n]
         else:
-            advantages = advantages_of(cfg, r.scores, mask, token_kl, ctx.reduce)
-        zero_var = zero_variance_groups(r.raw_scores.nan_to_num(), G) if G > 1 else torch.zeros_like(r.has_eos)
+            advantages = advantages_of(cfg, scores, mask, token_kl, ctx.reduce)
+        zero_var = zero_variance_groups(scores, G) if G > 1 else torch.zeros_like(r.has_eos)
         loss_mask = mask.clone()
         if cfg.mask_truncated_completions:
             loss_mask = loss_mask * r.has_eos[:, None].float()
         if cfg.mask_zero_variance_groups:
             loss_mask = loss_mask * (~zero_var)[:, None].float()
         stats = self._update(step, r, ctx, old, reference, advantages, loss_mask, kl_where)
-        metrics = {**{k: v for k, v in stats.items() if k != "sampling_logprobs"},
-                   "zero_variance_groups": (ctx.gather(zero_var.float()).mean().item()),
+        sampling = stats.pop("sampling_logprobs")
+        metrics = {**stats, "zero_variance_groups": ctx.gather(zero_var[::G].float()).mean().item(),
                    "advantage_abs": masked_mean(advantages.abs() if advantages.dim() == 2 else
                                                 advantages.abs()[:, None].expand_as(mask), mask, ctx.reduce).item()}
         if reference is not None:  # KL of the sampling policy: its own pass, or the first pass's log-probs
-            sampling = old if old is not None else stats.pop("sampling_logprobs")
-            metrics["kl"] = ctx.gather(sequence_kl(sampling, reference, mask))[ctx.gather(r.kept)].mean().item()
-        stats.pop("sampling_logprobs", None)
+            sampling = old if old is not None else sampling
+            metrics["kl"] = ctx.gather(sequence_kl(sampling, reference, mask))[ctx.gather(kept)].mean().item()
         if cfg.mask_truncated_completions:
             metrics["truncated_masked"] = ctx.gather((~r.has_eos).float()).mean().item()
         return metrics
@@ -206,25 +219,25 @@ class GRPO:
         groups = r.input_ids.shape[0] // G
         per_minibatch = max(1, cfg.batch_size * cfg.gradient_accumulation_steps // G)
         per_micro = max(1, cfg.batch_size // G)
+        how = loss_kind(cfg)
         generator = torch.Generator().manual_seed(cfg.seed * 1000003 + step)
-        sums: dict[str, float] = {}
-        weight, skipped = 0.0, 0
-        first: dict[str, float] = {}
-        losses: list[float] = []
+        device = loss_mask.device
+        # Summed over micro-batches (and processes at the end): loss shares, response tokens, ratio x tokens, clipped.
+        totals = torch.zeros(4, dtype=torch.float64, device=device)
+        skipped, first_ratio = 0, None
         sampling = torch.zeros_like(loss_mask)
+        response = r.response_mask.float()
         for iteration in range(cfg.num_iterations):
             order = torch.randperm(groups, generator=generator).tolist()
             for start in range(0, groups, per_minibatch):
                 chosen = order[start:start + per_minibatch]
                 rows = [g * G + k for g in chosen for k in range(G)]
-                totals = torch.stack([torch.tensor(float(len(rows)), device=loss_mask.device), loss_mask[rows].sum()])
+                counts = torch.stack([torch.tensor(float(len(rows)), device=device), loss_mask[rows].sum()])
                 if world > 1:
-                    totals = ctx.reduce(totals) / world
-                sequences, tokens = totals.tolist()
-                minibatch_loss = 0.0  # the sum of the micro-batches' shares: this process's part of the loss
+                    counts = ctx.reduce(counts) / world
+                sequences, tokens = counts.tolist()
                 for m in range(0, len(chosen), per_micro):
-                    idx = torch.tensor([g * G + k for g in chosen[m:m + per_micro] for k in range(G)],
-                                       device=loss_mask.device)
+                    idx = torch.tensor([g * G + k for g in chosen[m:m + per_micro] for k in range(G)], device=device)
                     mb_mask = loss_mask[idx]
                     with roles.adapters.use(POLICY):
                         logprobs = ctx.module(r.input_ids[idx], r.attention_mask[idx], r.response_mask[idx],
@@ -232,31 +245,38 @@ class GRPO:
                         behaviour = old[idx] if old is not None else logprobs.detach()
                         if old is None:  # the batch's only pass: these are the sampling policy's log-probs
                             sampling[idx] = behaviour
-                        per_token, clipped = clipped_surrogate(logprobs, behaviour, advantages[idx], cfg.epsilon_low,
-                                                               cfg.epsilon_high)
-                        if reference is not None and kl_where == "loss":
-                            per_token = per_token + cfg.beta * k3_kl(logprobs, reference[idx])
-                        loss = aggregate(per_token, mb_mask, cfg.loss_aggregation, sequences, tokens,
-                                         cfg.max_new_tokens)
-                        if not torch.isfinite(loss.detach()):
+                        kl = cfg.beta * k3_kl(logprobs, reference[idx]) if (
+                            reference is not None and kl_where == "loss") else None
+                        if how == "answer":
+                            per_answer, clipped = sequence_surrogate(logprobs, behaviour, advantages[idx], mb_mask,
+                                                                     cfg.epsilon_low, cfg.epsilon_high)
+                            if kl is not None:
+                                per_answer = per_answer + (kl * mb_mask).sum(1)
+                            per_answer = per_answer * (mb_mask.sum(1) > 0)  # a fully masked answer adds nothing
+                            loss = per_answer.sum() / max(sequences, 1.0)
+                            clipped = clipped[:, None].expand_as(mb_mask)
+                        else:
+                            per_token, clipped = clipped_surrogate(logprobs, behaviour, advantages[idx],
+                                                                   cfg.epsilon_low, cfg.epsilon_high)
+                            if kl is not None:
+                                per_token = per_token + kl
+                            loss = aggregate(per_token, mb_mask, how, sequences, tokens, cfg.max_new_tokens)
+                        if not online.finite_everywhere(accelerator, loss):
                             if not cfg.skip_nonfinite:
-                                raise NonFiniteError(f"the policy loss is {loss.item()} (iteration {iteration + 1}, "
+                                raise NonFiniteError(f"the policy loss is not finite (iteration {iteration + 1}, "
                                                      f"minibatch {start // per_minibatch + 1})")
                             common.skip_backward(accelerator, roles.trainable)
                             skipped += 1
                             continue
                         accelerator.backward(loss)
-                    w = mb_mask.sum().item()
-                    ratio = torch.exp(logprobs.detach() - behaviour)
-                    minibatch_loss += loss.item()
-                    stat = {"ratio": (ratio * mb_mask).sum().item() / max(w, 1.0),
-                            "clipfrac": (clipped.float() * mb_mask).sum().item() / max(w, 1.0)}
-                    if not first:
-                        first = {"first_ratio": stat["ratio"]}
-                    for k, v in stat.items():
-                        sums[k] = sums.get(k, 0.0) + v * w
-                    weight += w
-                losses.append(minibatch_loss)
+                    with torch.no_grad():
+                        resp = response[idx]
+                        ratio = torch.exp(logprobs.detach() - behaviour)
+                        part = torch.stack([loss.detach().double(), resp.sum().double(), (ratio * resp).sum().double(),
+                                            (clipped.float() * resp).sum().double()])
+                    totals += part
+                    if first_ratio is None and resp.sum() > 0:
+                        first_ratio = (part[2] / part[1]).item()
                 norm = float(common.grad_norm(accelerator, roles.trainable, cfg.max_grad_norm))
                 if math.isfinite(norm):
                     ctx.optimizer.step()
@@ -267,8 +287,14 @@ class GRPO:
                     skipped += 1
                 ctx.optimizer.zero_grad(set_to_none=True)
         ctx.scheduler.step()
-        result = {"sampling_logprobs": sampling, "loss": sum(losses) / max(len(losses), 1),
-                  **{k: v / max(weight, 1.0) for k, v in sums.items()}, **first}
+        if world > 1:
+            totals = ctx.reduce(totals)
+        updates = cfg.num_iterations * math.ceil(groups / per_minibatch)
+        tokens_seen = max(totals[1].item(), 1.0)
+        result = {"sampling_logprobs": sampling,
+                  # each process's shares sum to world x its part: the global minibatch loss, averaged over updates
+                  "loss": totals[0].item() / world / updates, "ratio": totals[2].item() / tokens_seen,
+                  "clipfrac": totals[3].item() / tokens_seen, "first_ratio": first_ratio if first_ratio is not None else 1.0}
         if cfg.skip_nonfinite:
             result["nonfinite_skipped"] = skipped
         return result

@@ -33,7 +33,7 @@ from pocketrlhf.data.rows import read_rows
 from pocketrlhf.data.templates import TemplateName
 from pocketrlhf.data.tokenize import TokenExample, collate, encode
 from pocketrlhf.diagnostics import reward_model_warnings
-from pocketrlhf.errors import ConfigError, DataError, NonFiniteError, RewardFunctionError
+from pocketrlhf.errors import ConfigError, DataError, NonFiniteError, PocketError, RewardFunctionError
 from pocketrlhf.models.generation import row_seed
 from pocketrlhf.models.policy import add_frozen_adapter, build_policy
 from pocketrlhf.models.roles import load_reward_adapter, load_reward_function, rule_reward, short_repr
@@ -61,7 +61,7 @@ class OnlineOptions:
     missing_eos_penalty: float = option(1.0, "subtracted from the score of a response that never emitted EOS")
     temperature: float = option(1.0, "sampling temperature; log-probs use logits / temperature everywhere")
     max_new_tokens: int = option(64, "response length limit")
-    generation_batch_size: int = option(32, "prompts per generate() call")
+    generation_batch_size: int = option(32, "sequences per generate() call (prompts x completions per prompt)")
     share_prompt: bool = option(True, "completions of one prompt: compute the prompt once per group in every forward "
                                       "pass (same numbers, fewer tokens; only with several completions per prompt)")
     samples_to_log: int = option(4, "generations written to samples.jsonl at each eval")
@@ -147,13 +147,18 @@ class Rewards:
         total = sum(s.weight * parts[s.name] for s in self.sources)
         return total, parts
 
-    def check_columns(self, available: list[str], source: str) -> None:
-        for s in self.sources:
-            missing = [c for c in s.needs if c not in available]
-            if missing:
-                raise ConfigError(f"reward function {s.name} needs the column{'s' if len(missing) > 1 else ''} "
-                                  f"{', '.join(missing)}, which {source} does not have (columns besides the prompt: "
-                                  f"{', '.join(available) or 'none'})")
+
+
+def check_reward_columns(functions: list[str], prompts: "Prompts", source: str) -> None:
+    """Every column a reward function needs is in the prompts (checked before any model loads)."""
+    available = list(prompts.columns[0]) if len(prompts) else []
+    for spec in functions:
+        needs = rule_reward(load_reward_function(spec), spec).needs
+        missing = [c for c in needs if c not in available]
+        if missing:
+            raise ConfigError(f"reward function {spec} needs the column{'s' if len(missing) > 1 else ''} "
+                              f"{', '.join(missing)}, which {source} does not have (columns besides the prompt: "
+                              f"{', '.join(available) or 'none'})")
 
 
 def build_rewards(model, functions: list[str], weights: list[float], reward_adapter: str, normalize: bool,
@@ -162,6 +167,8 @@ def build_rewards(model, functions: list[str], weights: list[float], reward_adap
     count = len(functions) + bool(reward_adapter)
     if count == 0:
         raise ConfigError("no reward: give --reward-adapter DIR and/or --reward-function module:function")
+    if len(set(functions)) < len(functions):
+        raise ConfigError(f"a reward function is named twice ({', '.join(functions)}): weight it with --reward-weights")
     weights = list(weights) or [1.0] * count
     if len(weights) != count:
         raise ConfigError(f"--reward-weights has {len(weights)} numbers for {count} rewards "
@@ -321,10 +328,21 @@ def rows_logprobs(model, ids, attn, resp, prompt_lengths, temperature: float, gr
     from pocketrlhf.models.forward import group_hidden_states, response_logprobs, supports_attention_bias
 
     hidden = None
-    if share and group_size > 1 and supports_attention_bias(model):
+    if share and group_size > 1 and supports_attention_bias(model) and sharing_pays(attn, prompt_lengths, group_size):
         hidden = group_hidden_states(model, ids, attn, prompt_lengths, group_size)
     return response_logprobs(model, ids, attn, resp, temperature, return_hidden=return_hidden,
                              return_entropy=return_entropy, hidden=hidden)
+
+
+def sharing_pays(attention_mask: torch.Tensor, prompt_lengths: torch.Tensor, group_size: int) -> bool:
+    """Whether one row per group (prompt once, then every completion) costs less than G rows: it
+    saves (G-1) x prompt tokens of every linear layer, but its attention is dense over the whole
+    row (L^2 against G x T^2), so long completions after a short prompt are cheaper apart."""
+    width = attention_mask.shape[1]
+    lengths = attention_mask.long().sum(1).view(-1, group_size)
+    prompts = prompt_lengths.view(-1, group_size)[:, 0]
+    shared = (prompts + (lengths - prompts[:, None]).sum(1)).max().item()
+    return shared * shared <= group_size * width * width
 
 
 def micro_batches(n: int, batch_size: int, group_size: int) -> list[slice]:
@@ -391,6 +409,8 @@ class OnlineAlgorithm(Protocol):
 
     def build_roles(self, cfg, total_steps: int) -> Roles: ...
 
+    def reward_functions(self, cfg) -> list[str]: ...  # the rule rewards (module:function), checked early
+
     def trained_module(self, roles: Roles) -> torch.nn.Module: ...
 
     def learn(self, step: int, r: Rollout, ctx: StepContext) -> dict[str, float]: ...
@@ -431,8 +451,10 @@ def train(cfg, algorithm: OnlineAlgorithm) -> dict:
     steps_per_epoch = max(len(train_prompts) // per_step, 1)
     total_steps = cfg.max_steps if cfg.max_steps > 0 else max(1, math.ceil(cfg.epochs * steps_per_epoch))
 
+    check_reward_columns(algorithm.reward_functions(cfg), train_prompts, cfg.prompts)
+    if len(eval_prompts):
+        check_reward_columns(algorithm.reward_functions(cfg), eval_prompts, cfg.eval_prompts or cfg.prompts)
     roles = algorithm.build_roles(cfg, total_steps)
-    roles.reward.check_columns(list(train_prompts.columns[0]), cfg.prompts)
     device = roles.trainable[0].device
     optimizer = common.build_optimizer(roles.trainable, cfg, str(device))
     scheduler = common.build_scheduler(optimizer, cfg, total_steps)
@@ -460,6 +482,10 @@ def train(cfg, algorithm: OnlineAlgorithm) -> dict:
     before = {}
     if cfg.eval_at_start and start_step == 0 and len(eval_prompts):
         before = {f"eval_start_{k}": v for k, v in _log_eval(cfg, run, roles, tokenizer, eval_prompts, 0).items()}
+    elif cfg.eval_at_start and run.metrics_path.is_file():  # resumed: the numbers before training are on file
+        first = next((json.loads(line) for line in run.metrics_path.read_text().splitlines()
+                      if '"split": "eval"' in line and json.loads(line).get("step") == 0), None)
+        before = {f"eval_start_{k}": v for k, v in (first or {}).items() if k not in ("stage", "split", "step", "time")}
     progress = common.Progress(total_steps, start_step, stage, cfg.progress and accelerator.is_main_process)
     last: dict[str, float] = {}
     for step in range(start_step, total_steps):
@@ -471,7 +497,7 @@ def train(cfg, algorithm: OnlineAlgorithm) -> dict:
             try:
                 r = generate_rollouts(cfg, roles, tokenizer, train_prompts.take(chosen),
                                       [row_seed(cfg.seed, step, first + i) for i in range(len(chosen) * G)], chosen, G)
-            except (NonFiniteError, RewardFunctionError) as e:
+            except Exception as e:  # noqa: BLE001 - re-raised below, on every process
                 failure = e
             stop_together(accelerator, failure)
         except NonFiniteError as e:
@@ -536,15 +562,25 @@ def train(cfg, algorithm: OnlineAlgorithm) -> dict:
     return summary
 
 
-def stop_together(accelerator, failure: Exception | None) -> None:
+def stop_together(accelerator, failure: BaseException | None) -> None:
     """Raise ``failure`` on every process when any process has one: a process that stopped alone
     would leave the others waiting forever in their next collective."""
     if accelerator.num_processes > 1:
         flag = torch.tensor([0.0 if failure is None else 1.0], device=accelerator.device)
         if accelerator.reduce(flag, "sum").item() > 0 and failure is None:
-            failure = NonFiniteError("another process stopped at this step (its message names the cause)")
+            failure = PocketError("another process stopped at this step (its own message names the cause)")
     if failure is not None:
         raise failure
+
+
+def finite_everywhere(accelerator, loss: torch.Tensor) -> bool:
+    """Whether ``loss`` is finite on EVERY process: all of them then skip (or stop) together,
+    where one process alone leaving the backward all-reduce would hang the others."""
+    finite = bool(torch.isfinite(loss.detach()).all())
+    if accelerator.num_processes > 1:
+        flag = torch.tensor([0.0 if finite else 1.0], device=accelerator.device)
+        finite = accelerator.reduce(flag, "sum").item() == 0
+    return finite
 
 
 def _log_eval(cfg, run, roles, tokenizer, eval_prompts, step) -> dict:

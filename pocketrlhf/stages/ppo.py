@@ -179,7 +179,7 @@ def ppo_update(cfg: PPOConfig, roles: Roles, module, r: Rollout, old: dict, adva
     skipped = 0
 
     def finite(loss: torch.Tensor, what: str, epoch: int, start: int) -> bool:
-        if torch.isfinite(loss.detach()).all():
+        if online.finite_everywhere(accelerator, loss):
             return True
         if not cfg.skip_nonfinite:
             raise NonFiniteError(f"the {what} loss is {loss.detach().float().item()} (PPO epoch {epoch + 1}, "
@@ -270,6 +270,9 @@ class PPO:
 
     def describe(self) -> str:
         return f"value: {self.cfg.value_model}; {self.cfg.ppo_epochs} PPO epochs"
+
+    def reward_functions(self, cfg: PPOConfig) -> list[str]:
+        return [cfg.reward_function] if cfg.reward_function else []
 
     def build_roles(self, cfg: PPOConfig, total_steps: int) -> Roles:
         return build_roles(cfg, total_steps)
