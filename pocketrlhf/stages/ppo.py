@@ -56,7 +56,7 @@ from pocketrlhf.data.tokenize import TokenExample, collate, encode
 from pocketrlhf.diagnostics import reward_model_warnings
 from pocketrlhf.errors import ConfigError, DataError, NonFiniteError, RewardFunctionError
 from pocketrlhf.models.generation import row_seed
-from pocketrlhf.models.policy import add_frozen_adapter, build_policy, hidden_size, set_trainable
+from pocketrlhf.models.policy import add_frozen_adapter, build_policy, cast_adapter, hidden_size, set_trainable
 from pocketrlhf.models.roles import load_reward_adapter, load_reward_function, rule_reward, short_repr
 from pocketrlhf.models.spec import BaseSpec
 from pocketrlhf.stages import common
@@ -152,6 +152,7 @@ def build_roles(cfg: PPOConfig, total_steps: int) -> Roles:
             model.add_adapter(VALUE, make_peft_config(cfg.adapter, cfg.lora_r, cfg.lora_alpha, 0.0, cfg.target_modules,
                                                       cfg.num_virtual_tokens, total_steps))
             value_head = ScalarHead(hidden_size(model), init="zero").to(device)
+        cast_adapter(model, VALUE, cfg.adapter_dtype)
     else:
         value_head = ScalarHead(hidden_size(model), init="zero").to(device)  # [N] Policy 2: zero init
     model.set_adapter(POLICY)
