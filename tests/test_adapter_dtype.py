@@ -121,3 +121,27 @@ def test_a_bf16_adapter_loads_as_a_frozen_role_and_merges(runs, llama, tmp_path)
             plain = reference(input_ids=ids).logits
     assert (expected - plain).abs().max() > 1e-3  # the adapter changes the model...
     torch.testing.assert_close(got, expected, atol=2e-4, rtol=1e-4)  # ...and the merge keeps that change
+
+
+def test_ppo_roles_share_the_adapter_dtype_and_start_on_policy(tmp_path, pretrained_llama, sft_adapter, prompts_file):
+    """PPO with bf16 adapters: policy (from the SFT adapter), reference (the same adapter, frozen)
+    and value adapter are all bf16, so the first step is exactly on policy (KL 0, ratio 1)."""
+    from pocketrlhf.stages import ppo
+
+    cfg = ppo.PPOConfig(model=str(pretrained_llama), prompts=str(prompts_file), output_dir=str(tmp_path),
+                        device="cpu", reward_function="pocketrlhf.data.synthetic:sentiment_reward",
+                        sft_adapter=str(sft_adapter), value_model="adapter", adapter_dtype="bfloat16", max_steps=1,
+                        rollouts_per_step=16, batch_size=8, max_new_tokens=16, temperature=0.7, eval_fraction=0,
+                        progress=False, seed=0)
+    roles = ppo.build_roles(cfg, total_steps=1)
+    dtypes = {}
+    for name, p in roles.model.named_parameters():
+        for role in ("policy", "reference", "value"):
+            if f".{role}." in name:
+                dtypes.setdefault(role, set()).add(p.dtype)
+    assert dtypes == {role: {torch.bfloat16} for role in ("policy", "reference", "value")}
+    assert {p.dtype for p in roles.trainable} == {torch.bfloat16, torch.float32}  # adapters, and the fp32 value head
+    ppo.train(cfg)
+    (step,) = [m for m in map(json.loads, (tmp_path / "metrics.jsonl").read_text().splitlines()) if m["split"] == "train"]
+    assert step["kl"] == 0.0
+    assert step["first_ratio"] == pytest.approx(1.0, abs=1e-6)
