@@ -574,16 +574,27 @@ def logprob_bytes(shape: ModelShape, cfg: PlanConfig, rows: int) -> tuple[float,
 
 def layer_transient_bytes(shape: ModelShape, cfg: PlanConfig, tokens: int, padded: bool, checkpointing: bool) -> float:
     """Largest short-lived memory while one layer runs (forward or backward): about two tensors as
-    wide as its MLP (measured), plus, with checkpointing, the layer's recomputed activations."""
+    wide as its MLP (measured), plus, with checkpointing, the layer's recomputed activations, plus
+    a 4-bit layer's dequantized weight."""
     regime = _regime(cfg, shape, padded)
     adapted = targeted(shape.layer_linears, cfg.target_modules)
     fused_qkv = shape.family in ("gpt2", "gpt_neox")
     wide = max(shape.intermediate_size, (3 if fused_qkv else 1) * shape.hidden_size)
+    weight = dequantized_weight_bytes(shape, cfg)
     if not checkpointing:
-        return tokens * 2 * wide * regime.stream
+        return tokens * 2 * wide * regime.stream + weight
     sequences = tokens // cfg.seq_length
     return (tokens * layer_activation_bytes(shape, adapted, cfg.lora_r, regime, cfg.quantization) + tokens * 4 * wide
-            + mask_bytes(shape, regime, sequences, cfg.seq_length, padded, False) / shape.num_layers)
+            + mask_bytes(shape, regime, sequences, cfg.seq_length, padded, False) / shape.num_layers + weight)
+
+
+def dequantized_weight_bytes(shape: ModelShape, cfg: PlanConfig) -> float:
+    """bitsandbytes' 4-bit matmul over more than one token dequantizes the whole weight to the
+    compute dtype (bf16) first, in forward and again for the input gradient: the largest linear
+    layer's weight is live for a moment (measured: the 7B and 65B steps of bench/published_setups.py)."""
+    if cfg.quantization != "4bit":
+        return 0.0
+    return 2.0 * max(lin.in_features * lin.out_features for lin in shape.layer_linears)
 
 
 def _base_lines(setup: Setup, shape: ModelShape, cfg: PlanConfig, copies: int = 1) -> None:
@@ -769,7 +780,8 @@ def _rollout_lines(setup: Setup, shape: ModelShape, cfg: PlanConfig) -> None:
     # position's fp32 logits for sampling.
     wide = max(2 * shape.intermediate_size, 3 * shape.hidden_size) + shape.hidden_size
     setup.add("generation_working_set", "prefill working set", prompt * wide * regime.stream
-              + b * (T - cfg.max_new_tokens) ** 2 * regime.stream + b * shape.vocab_size * 4 * 2, "rollout")
+              + b * (T - cfg.max_new_tokens) ** 2 * regime.stream + b * shape.vocab_size * 4 * 2
+              + dequantized_weight_bytes(shape, cfg), "rollout")
 
 
 def _naive_full_ppo(setup: Setup, shape: ModelShape, cfg: PlanConfig) -> None:

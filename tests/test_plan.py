@@ -204,15 +204,18 @@ def test_qlora_65b_fits_48gb_with_bf16_adapters_and_paged_state(tmp_path):
     shape = P.model_shape(P.read_config(str(write_config(tmp_path, LLAMA_65B))))
     as_before = P.plan_memory(shape, P.PlanConfig(model="unused", gpu_memory="48GB", **QLORA))
     assert as_before.facts["lora_params"] == 799_539_200 and as_before.fits(as_before.setups[0]) is False
-    assert P.suggestions(shape, as_before.config)[:2] == ["--optimizer paged_adamw", "--adapter-dtype bfloat16"]
+    hints = P.suggestions(shape, as_before.config)
+    assert hints[0] == "--optimizer paged_adamw" and "--optimizer adamw_8bit" in hints
+    assert "--adapter-dtype bfloat16" not in hints  # 3.2 GB less, but 0.2 GB short of 48 GB without paging
     qlora = P.plan_memory(shape, P.PlanConfig(model="unused", gpu_memory="48GB", adapter_dtype="bfloat16",
                                               optimizer="paged_adamw", **QLORA))
     ours = qlora.setups[0]
     assert ours.static == pytest.approx(as_before.setups[0].static - 4 * 799_539_200)  # 2 + 2 B saved per parameter
     assert ours.paged == 8 * 799_539_200  # fp32 moments: what eviction moves to CPU memory
     assert ours.peak - ours.peak_evicted == pytest.approx(ours.paged)  # one tensor's state < the activations
-    assert qlora.fits(ours) and ours.peak <= 48e9  # fits even without paging, ...
-    assert ours.peak / 1e9 == pytest.approx(45.0, rel=0.10)  # ... within 10% of the published ~45 GB
+    assert qlora.fits(ours) and ours.peak_evicted < 48e9 - ours.paged / 2  # fits, with room for the activations
+    tensors = ours.peak - P.parse_memory(qlora.config.cuda_context)
+    assert tensors / 1e9 == pytest.approx(45.0, rel=0.10)  # within 10% of the published ~45 GB
 
 
 def test_qlora_33b_needs_paging_on_24gb_as_published(tmp_path, capsys):
