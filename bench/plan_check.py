@@ -63,7 +63,7 @@ def run_case(model_dir: Path, case: dict) -> tuple[dict, dict]:
     forward._RECOMPUTE_LOGITS_ABOVE, forward._CHUNK_ROWS = (0, 64) if case.get("recompute") else (1 << 25, 2048)
     cfg = SFTConfig(model=str(model_dir), device="cpu", dtype=case["dtype"], quantization=case["quant"], lora_r=8,
                     gradient_checkpointing=case["gc"], target_modules=case.get("targets", "all-linear"),
-                    optimizer=case.get("optimizer", "adamw"))
+                    optimizer=case.get("optimizer", "adamw"), adapter_dtype=case.get("adapter_dtype", "float32"))
     torch.manual_seed(0)
     model = build_policy(cfg)
     vocab = model.get_base_model().get_output_embeddings().weight.shape[0]
@@ -108,7 +108,8 @@ def run_case(model_dir: Path, case: dict) -> tuple[dict, dict]:
                             lora_r=8, target_modules=case.get("targets", "all-linear"), batch_size=B, seq_length=T,
                             packing=not case["padded"], gradient_checkpointing=case["gc"],
                             optimizer=case.get("optimizer", "adamw"), max_new_tokens=case.get("new", 1),
-                            value_model="head", reference="base", cuda_context="0GB")
+                            value_model="head", reference="base", cuda_context="0GB",
+                            adapter_dtype=case.get("adapter_dtype", "float32"))
     ours = P.plan_memory(P.model_shape(P.read_config(str(model_dir))), plan_cfg).setups[0]
     get = lambda key: sum(x.bytes for x in ours.lines if x.key == key)
     held = get("activations") + get("logits")
@@ -133,6 +134,9 @@ def cases(quick: bool) -> list[tuple[str, str, dict]]:
         ("tiny", "gpt_neox", dict(base, quant="4bit", padded=True, recompute=True)),
         ("tiny", "llama", dict(base, stage="rm", batch=3, seq=48, padded=True)),
         ("tiny", "llama", dict(base, stage="ppo", padded=True, new=24)),
+        # 16-bit adapters (QLoRA's setting): on a 16-bit stream and on the fp32 stream of a k-bit base.
+        ("tiny", "llama", dict(base, adapter_dtype="bfloat16")),
+        ("tiny", "llama", dict(base, quant="4bit", gc=True, adapter_dtype="bfloat16", optimizer="paged_adamw")),
     ]
     if not quick:
         out += [
@@ -141,6 +145,10 @@ def cases(quick: bool) -> list[tuple[str, str, dict]]:
             ("small", "qwen2", dict(base, batch=2, seq=256, padded=True, optimizer="adamw_8bit")),
             ("small", "gpt_neox", dict(base, batch=4, seq=128, quant="8bit")),
             ("small", "llama", dict(base, stage="ppo", batch=4, seq=128, padded=True, new=64, quant="4bit")),
+            ("small", "llama", dict(base, batch=1, seq=512, quant="4bit", gc=True, adapter_dtype="bfloat16",
+                                    optimizer="paged_adamw")),
+            ("small", "gpt_neox", dict(base, batch=4, seq=128, dtype="float32", adapter_dtype="bfloat16",
+                                       optimizer="paged_adamw_8bit")),
         ]
     return out
 
@@ -158,6 +166,8 @@ def describe(case: dict) -> str:
         bits.append(case["optimizer"])
     if case.get("recompute"):
         bits.append("chunked log-probs")
+    if case.get("adapter_dtype"):
+        bits.append(f"{case['adapter_dtype']} adapters")
     return ", ".join(bits)
 
 

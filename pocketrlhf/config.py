@@ -67,6 +67,9 @@ class AdapterOptions:
     kbit_upcast: bool = option(
         True, "4/8-bit bases: cast embeddings, output layer and norms to fp32 as peft's prepare_model_for_kbit_training "
         "does (stabler; off keeps them 16-bit and saves memory: see `pocketrlhf plan --kbit-upcast false`)")
+    adapter_dtype: Literal["float32", "bfloat16", "float16"] = option(
+        "float32", "dtype of the adapter weights and their gradients (float32: results as before; bfloat16 as QLoRA "
+        "saves 4 B per trained parameter, the AdamW moments stay fp32; float16 has no loss scaling, prefer bfloat16)")
 
 
 @dataclasses.dataclass

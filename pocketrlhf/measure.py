@@ -55,6 +55,11 @@ def storage_bytes(tensors: Iterable[Any]) -> dict[int, int]:
     return {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors if torch.is_tensor(t)}
 
 
+def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> dict[int, int]:
+    """The optimizer's state tensors (what a paged optimizer can evict to CPU memory)."""
+    return storage_bytes(v for state in optimizer.state.values() for v in state.values())
+
+
 def static_bytes(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[int, int]:
     """Weights (with bitsandbytes' quantization constants), buffers and optimizer state."""
     tensors: list[Any] = list(model.parameters()) + list(model.buffers())
@@ -72,16 +77,22 @@ def static_bytes(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> di
 def measure_steps(model: torch.nn.Module, optimizer: torch.optim.Optimizer, loss_fn: Callable[[], torch.Tensor],
                   steps: int = 2) -> dict[str, int]:
     """Memory of the last of ``steps`` optimizer steps (the second one runs with optimizer state):
-    ``static`` bytes, bytes ``held`` for backward at the end of the forward pass, and the ``peak``
-    of forward + backward above the static bytes."""
+    ``static`` bytes, of which ``optimizer`` state (and ``largest_state``: the most state one
+    parameter holds), bytes ``held`` for backward at the end of the forward pass, the ``peak`` of
+    forward + backward above the static bytes, and ``step``: the peak of what the optimizer step
+    itself allocates (gradients excluded)."""
     for _ in range(steps):
         gc.collect()
         static = static_bytes(model, optimizer)
+        state = optimizer_state_bytes(optimizer)
+        largest = max((sum(storage_bytes(s.values()).values()) for s in optimizer.state.values()), default=0)
         tracker = LiveTensors(set(static))
         with tracker:
             loss = loss_fn()
             held = tracker.current
             loss.backward()
-        optimizer.step()
+        with LiveTensors(set(static)) as stepping:
+            optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-    return {"static": sum(static.values()), "held": held, "peak": tracker.peak}
+    return {"static": sum(static.values()), "optimizer": sum(state.values()), "largest_state": largest, "held": held,
+            "peak": tracker.peak, "step": stepping.peak}

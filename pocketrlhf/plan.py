@@ -12,7 +12,14 @@ training path holds it:
   ``prepare_model_for_kbit_training`` (used by every stage) upcasts embeddings, lm_head and norms
   to fp32, so the residual stream, and with it every activation, is fp32 too.
 * adapters: peft keeps LoRA weights in fp32 even on a 16-bit base, so a trainable LoRA parameter
-  costs 4 (weight) + 4 (gradient) + 8 (AdamW moments) = 16 bytes; a frozen one 4 bytes.
+  costs 4 (weight) + 4 (gradient) + 8 (AdamW moments) = 16 bytes; a frozen one 4 bytes. With
+  ``--adapter-dtype bfloat16`` (as QLoRA) weights and gradients take 2 bytes each and the moments
+  stay fp32 without a master copy (models/policy.py says why): 12 bytes.
+* optimizer state: fp32 AdamW moments (8 B/param) or bitsandbytes' 8-bit ones (~2 B/param). Paged
+  optimizers keep the same state in CUDA unified memory, which the driver moves to CPU memory when
+  the GPU runs short: the plan shows the peak with the state on the GPU, the peak with it evicted
+  (the state must come back one tensor at a time for the optimizer step, when the activations are
+  gone), and the CPU memory the evicted state takes.
 * activations: the tensors autograd saves for backward, per token and per layer, derived op by
   op for the Llama (also Mistral, Qwen2), GPT-2 and GPT-NeoX blocks and checked against
   measurements of a real training step (tests/test_plan.py).
@@ -41,7 +48,9 @@ GB = 10**9
 _UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
           "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12}
 _DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
-# peft keeps adapter weights in fp32 (autocast_adapter_dtype), whatever the base dtype.
+_SHORT_DTYPE = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
+# peft keeps adapter weights in fp32 (autocast_adapter_dtype), whatever the base dtype, unless
+# --adapter-dtype casts them (models/policy.py).
 ADAPTER_BYTES = 4
 # Architectures whose activation formulas were checked against measured training steps (tests/test_plan.py).
 VERIFIED_ARCHITECTURES = {"llama", "mistral", "qwen2", "gpt2", "gpt_neox"}
@@ -61,6 +70,8 @@ class PlanConfig:
         "(what pocketrlhf's stages do; activations are then fp32 too)"
     )
     lora_r: int = option(16, "LoRA rank")
+    adapter_dtype: Literal["float32", "bfloat16", "float16"] = option(
+        "float32", "dtype of the adapter weights and gradients (bfloat16: as QLoRA; AdamW moments stay fp32)")
     target_modules: str = option("all-linear", "comma-separated module names, or all-linear")
     batch_size: int = option(8, "micro-batch: sequences (sft, ppo) or preference pairs (rm, dpo)")
     seq_length: int = option(512, "tokens per sequence (prompt + answer)")
@@ -326,6 +337,7 @@ def optimizer_bytes(tensor_sizes: list[int], optimizer: str) -> float:
 class Regime:
     stream: int  # bytes per element of the residual stream and everything computed from it
     kv_repeat: bool  # GQA keys/values expanded to every head (sdpa with a padding mask)
+    adapter: int = ADAPTER_BYTES  # bytes per element of the adapter weights (and of their inputs)
 
 
 # Which tensor feeds each adapted linear layer, per family; adapters on the same input share it.
@@ -346,14 +358,15 @@ def _group(shape: ModelShape, lin: Linear) -> str | None:
 def linear_input_bytes(shape: ModelShape, adapted: list[Linear], regime: Regime, quantization: str) -> float:
     """Per token and layer: inputs of linear layers kept for the backward pass.
 
-    LoRA's A matrices keep their input for their weight gradients. With a 16-bit stream peft
-    casts each adapter's input to fp32 (a copy per adapted layer); with a fp32 stream the input
+    LoRA's A matrices keep their input for their weight gradients. When the stream's dtype is not
+    the adapters' (a 16-bit stream with fp32 adapters, a fp32 stream with 16-bit ones) peft casts
+    each adapter's input to the adapter dtype (a copy per adapted layer); otherwise the input
     tensor itself is kept, once for all adapters that read it. bitsandbytes' int8 matmul also
     keeps the input of every 8-bit layer (4-bit does not). The attention output is held by sdpa
     anyway, except in GPT-NeoX, which copies it first.
     """
-    cast = regime.stream != ADAPTER_BYTES
-    total = float(sum(ADAPTER_BYTES * lin.in_features for lin in adapted)) if cast else 0.0
+    cast = regime.stream != regime.adapter
+    total = float(sum(regime.adapter * lin.in_features for lin in adapted)) if cast else 0.0
     kept: dict[str, int] = {}
     for lin in ([] if cast else adapted) + (shape.layer_linears if quantization == "8bit" else []):
         kept[_group(shape, lin) or lin.name] = lin.in_features  # unknown layer: its input on its own
@@ -377,7 +390,7 @@ def layer_activation_bytes(shape: ModelShape, adapted_in_layer: list[Linear], r:
     q_dim = heads * shape.head_dim
     kv_dim = q_dim if regime.kv_repeat else shape.kv_dim
     lse = 4 * heads  # sdpa's fp32 log-sum-exp per head
-    adapters = linear_input_bytes(shape, adapted_in_layer, regime, quantization) + ADAPTER_BYTES * r * len(adapted_in_layer)
+    adapters = linear_input_bytes(shape, adapted_in_layer, regime, quantization) + regime.adapter * r * len(adapted_in_layer)
     if shape.family == "gpt2":
         # LayerNorm keeps its input, mean and rstd; c_attn's [3d] output holds q, k, v (sdpa keeps
         # views of it).
@@ -428,6 +441,9 @@ class Line:
     bytes: float
     phase: str = "static"  # static, rollout or train: the peak is static + the larger phase
     note: str = ""
+    # Paged optimizer state: 0 if the line stays on the GPU; otherwise the bytes that must come
+    # back to the GPU at once (one tensor's state, for the optimizer step).
+    pageable: float = 0.0
 
 
 @dataclass
@@ -437,8 +453,9 @@ class Setup:
     available: bool = True
     reason: str = ""
 
-    def add(self, key: str, label: str, nbytes: float, phase: str = "static", note: str = "") -> None:
-        self.lines.append(Line(key, label, float(nbytes), phase, note))
+    def add(self, key: str, label: str, nbytes: float, phase: str = "static", note: str = "",
+            pageable: float = 0.0) -> None:
+        self.lines.append(Line(key, label, float(nbytes), phase, note, float(pageable)))
 
     def phase_total(self, phase: str) -> float:
         return sum(line.bytes for line in self.lines if line.phase == phase)
@@ -449,7 +466,22 @@ class Setup:
 
     @property
     def peak(self) -> float:
+        """With every tensor on the GPU (paged optimizer state too)."""
         return self.static + max(self.phase_total("rollout"), self.phase_total("train"))
+
+    @property
+    def paged(self) -> float:
+        """Bytes of paged optimizer state: what eviction can move to CPU memory (and needs there)."""
+        return sum(line.bytes for line in self.lines if line.pageable)
+
+    @property
+    def peak_evicted(self) -> float:
+        """The GPU peak with the paged state in CPU memory during rollouts, forward and backward;
+        the optimizer step, when activations are freed, brings it back one tensor at a time."""
+        if not self.paged:
+            return self.peak
+        resident = max(line.pageable for line in self.lines)
+        return self.static - self.paged + max(self.phase_total("rollout"), self.phase_total("train"), resident)
 
 
 @dataclass
@@ -462,7 +494,9 @@ class Plan:
     gpu_memory: int | None
 
     def fits(self, setup: Setup) -> bool | None:
-        return None if self.gpu_memory is None or not setup.available else setup.peak <= self.gpu_memory
+        """Whether the setup runs in ``gpu_memory``: with a paged optimizer, when its state may be
+        evicted to CPU memory (QLoRA's reason to page; slower only while it is evicted)."""
+        return None if self.gpu_memory is None or not setup.available else setup.peak_evicted <= self.gpu_memory
 
 
 def _check(cfg: PlanConfig) -> None:
@@ -479,7 +513,8 @@ def _regime(cfg: PlanConfig, shape: ModelShape, padded: bool) -> Regime:
     stream = 4 if cfg.quantization != "none" and cfg.kbit_upcast else dtype_bytes
     # transformers hands sdpa grouped keys/values only without a mask; a padding mask makes it
     # repeat them for every head (integrations/sdpa_attention.py: use_gqa_in_sdpa).
-    return Regime(stream=stream, kv_repeat=padded and shape.num_kv_heads != shape.num_heads)
+    return Regime(stream=stream, kv_repeat=padded and shape.num_kv_heads != shape.num_heads,
+                  adapter=_DTYPE_BYTES[cfg.adapter_dtype])
 
 
 def activation_bytes(shape: ModelShape, cfg: PlanConfig, sequences: int, tokens: int, padded: bool,
@@ -539,16 +574,27 @@ def logprob_bytes(shape: ModelShape, cfg: PlanConfig, rows: int) -> tuple[float,
 
 def layer_transient_bytes(shape: ModelShape, cfg: PlanConfig, tokens: int, padded: bool, checkpointing: bool) -> float:
     """Largest short-lived memory while one layer runs (forward or backward): about two tensors as
-    wide as its MLP (measured), plus, with checkpointing, the layer's recomputed activations."""
+    wide as its MLP (measured), plus, with checkpointing, the layer's recomputed activations, plus
+    a 4-bit layer's dequantized weight."""
     regime = _regime(cfg, shape, padded)
     adapted = targeted(shape.layer_linears, cfg.target_modules)
     fused_qkv = shape.family in ("gpt2", "gpt_neox")
     wide = max(shape.intermediate_size, (3 if fused_qkv else 1) * shape.hidden_size)
+    weight = dequantized_weight_bytes(shape, cfg)
     if not checkpointing:
-        return tokens * 2 * wide * regime.stream
+        return tokens * 2 * wide * regime.stream + weight
     sequences = tokens // cfg.seq_length
     return (tokens * layer_activation_bytes(shape, adapted, cfg.lora_r, regime, cfg.quantization) + tokens * 4 * wide
-            + mask_bytes(shape, regime, sequences, cfg.seq_length, padded, False) / shape.num_layers)
+            + mask_bytes(shape, regime, sequences, cfg.seq_length, padded, False) / shape.num_layers + weight)
+
+
+def dequantized_weight_bytes(shape: ModelShape, cfg: PlanConfig) -> float:
+    """bitsandbytes' 4-bit matmul over more than one token dequantizes the whole weight to the
+    compute dtype (bf16) first, in forward and again for the input gradient: the largest linear
+    layer's weight is live for a moment (measured: the 7B and 65B steps of bench/published_setups.py)."""
+    if cfg.quantization != "4bit":
+        return 0.0
+    return 2.0 * max(lin.in_features * lin.out_features for lin in shape.layer_linears)
 
 
 def _base_lines(setup: Setup, shape: ModelShape, cfg: PlanConfig, copies: int = 1) -> None:
@@ -571,13 +617,17 @@ def _adapter_lines(setup: Setup, shape: ModelShape, cfg: PlanConfig, role: str, 
     """Weights (+ gradients and optimizer state when trained) of one LoRA adapter."""
     sizes = [n for lin in targeted(shape.linears, cfg.target_modules) for n in lora_tensors(lin, cfg.lora_r)]
     params = sum(sizes)
+    # Frozen roles take the trained adapter's dtype (models/policy.py: add_frozen_adapter).
+    size, name = _DTYPE_BYTES[cfg.adapter_dtype], _SHORT_DTYPE[cfg.adapter_dtype]
     if trainable:
-        opt = "8-bit AdamW" if cfg.optimizer.endswith("8bit") else "AdamW"
-        setup.add(f"{role}_weights", f"{role} LoRA: weights (fp32)", ADAPTER_BYTES * params)
-        setup.add(f"{role}_grads", f"{role} LoRA: gradients (fp32)", ADAPTER_BYTES * params)
-        setup.add(f"{role}_optimizer", f"{role} LoRA: {opt} state", optimizer_bytes(sizes, cfg.optimizer))
+        paged = cfg.optimizer.startswith("paged")
+        opt = ("paged " if paged else "") + ("8-bit AdamW" if cfg.optimizer.endswith("8bit") else "AdamW")
+        setup.add(f"{role}_weights", f"{role} LoRA: weights ({name})", size * params)
+        setup.add(f"{role}_grads", f"{role} LoRA: gradients ({name})", size * params)
+        setup.add(f"{role}_optimizer", f"{role} LoRA: {opt} state", optimizer_bytes(sizes, cfg.optimizer),
+                  pageable=optimizer_bytes([max(sizes)], cfg.optimizer) if paged else 0.0)
     else:
-        setup.add(f"{role}_weights", f"{role} LoRA: frozen weights (fp32)", ADAPTER_BYTES * params)
+        setup.add(f"{role}_weights", f"{role} LoRA: frozen weights ({name})", size * params)
 
 
 def _head_lines(setup: Setup, shape: ModelShape, role: str, trainable: bool) -> None:
@@ -690,7 +740,8 @@ def plan_memory(shape: ModelShape, cfg: PlanConfig) -> Plan:
                      "formulas, which were checked against measurements for "
                      f"{', '.join(sorted(VERIFIED_ARCHITECTURES))} only")
     if cfg.optimizer.startswith("paged"):
-        notes.append("paged optimizers move their state to CPU memory when the GPU runs short; counted on the GPU here")
+        notes.append("paged optimizers keep their state in CUDA unified memory, which moves to CPU memory when the "
+                     "GPU runs short (on a CPU-only run pocketrlhf falls back to the unpaged optimizer)")
     return Plan(cfg, shape, setups, facts, notes, gpu)
 
 
@@ -729,7 +780,8 @@ def _rollout_lines(setup: Setup, shape: ModelShape, cfg: PlanConfig) -> None:
     # position's fp32 logits for sampling.
     wide = max(2 * shape.intermediate_size, 3 * shape.hidden_size) + shape.hidden_size
     setup.add("generation_working_set", "prefill working set", prompt * wide * regime.stream
-              + b * (T - cfg.max_new_tokens) ** 2 * regime.stream + b * shape.vocab_size * 4 * 2, "rollout")
+              + b * (T - cfg.max_new_tokens) ** 2 * regime.stream + b * shape.vocab_size * 4 * 2
+              + dequantized_weight_bytes(shape, cfg), "rollout")
 
 
 def _naive_full_ppo(setup: Setup, shape: ModelShape, cfg: PlanConfig) -> None:
@@ -769,6 +821,7 @@ def render(plan: Plan) -> str:
         f"stage {cfg.stage}: base {q[cfg.quantization]}, LoRA r={cfg.lora_r} on {cfg.target_modules} "
         f"({plan.facts['lora_params'] / 1e6:,.2f}M params), batch {cfg.batch_size} x {cfg.seq_length} tokens, "
         f"{cfg.optimizer}, gradient checkpointing {'on' if cfg.gradient_checkpointing else 'off'}"
+        + (f", {cfg.adapter_dtype} adapters" if cfg.adapter_dtype != "float32" else "")
         + (f", generation {cfg.generation_batch_size} x {cfg.max_new_tokens} new tokens, value {cfg.value_model}"
            if cfg.stage == "ppo" else "")
     )
@@ -804,14 +857,21 @@ def render(plan: Plan) -> str:
     lines.append(row("-" * (width - 2), ["-" * (col - 2)] * len(setups)))
     lines.append(row("static (weights, adapters, optimizer)", [format_bytes(s.static) if s.available else "n/a" for s in setups]))
     lines.append(row("peak", [format_bytes(s.peak) if s.available else "n/a" for s in setups]))
+    if any(s.available and s.paged for s in setups):
+        lines.append(row("peak, paged state evicted to CPU", [format_bytes(s.peak_evicted) if s.available else "n/a"
+                                                              for s in setups]))
+        lines.append(row("CPU memory for the evicted state", [format_bytes(s.paged) if s.available else "n/a"
+                                                              for s in setups]))
     if plan.gpu_memory is not None:
         verdicts = []
         for s in setups:
             fits = plan.fits(s)
             if fits is None:
                 verdicts.append("n/a")
+            elif fits and s.peak > plan.gpu_memory:
+                verdicts.append("fits, paging")
             else:
-                room = plan.gpu_memory - s.peak
+                room = plan.gpu_memory - (s.peak if fits else s.peak_evicted)
                 verdicts.append(("fits, " if fits else "no, ") + format_bytes(abs(room)) + (" free" if fits else " over"))
         lines.append(row(f"fits in {cfg.gpu_memory}?", verdicts))
     lines.append("")
@@ -825,18 +885,29 @@ def render(plan: Plan) -> str:
         hints = suggestions(plan.shape, cfg)
         if hints:
             lines.append("would fit with: " + "; ".join(hints))
+    ours = setups[0]
+    if plan.gpu_memory is not None and ours.paged and ours.peak > plan.gpu_memory >= ours.peak_evicted:
+        lines.append(f"fits only with the paged state evicted: up to {format_bytes(ours.peak - plan.gpu_memory)} of it "
+                     "in CPU memory while the activations are on the GPU (slower while it is away)")
     lines += [f"note: {n}" for n in plan.notes]
     lines.append("note: estimates; the CUDA caching allocator's fragmentation is not included (allow ~5-10%)")
     return "\n".join(lines)
 
 
 def suggestions(shape: ModelShape, cfg: PlanConfig) -> list[str]:
-    """Single changes that make pocketrlhf's setup fit, cheapest in quality and speed first."""
+    """Single changes that make pocketrlhf's setup fit, cheapest in quality and speed first: the
+    same arithmetic (checkpointing, paging), then lower precision (16-bit adapters, 8-bit optimizer
+    state, a lower-bit base), then smaller batches."""
     tries: list[tuple[str, dict]] = []
     if not cfg.gradient_checkpointing:
         tries.append(("--gradient-checkpointing", {"gradient_checkpointing": True}))
+    if not cfg.optimizer.startswith("paged"):
+        tries.append((f"--optimizer paged_{cfg.optimizer}", {"optimizer": f"paged_{cfg.optimizer}"}))
+    if cfg.adapter_dtype == "float32":
+        tries.append(("--adapter-dtype bfloat16", {"adapter_dtype": "bfloat16"}))
     if not cfg.optimizer.endswith("8bit"):
-        tries.append(("--optimizer adamw_8bit", {"optimizer": "adamw_8bit"}))
+        paged = "paged_" if cfg.optimizer.startswith("paged") else ""
+        tries.append((f"--optimizer {paged}adamw_8bit", {"optimizer": f"{paged}adamw_8bit"}))
     for q in ("8bit", "4bit"):
         if (cfg.quantization, q) in (("none", "8bit"), ("none", "4bit"), ("8bit", "4bit")):
             tries.append((f"--quantization {q}", {"quantization": q}))
@@ -866,6 +937,8 @@ def to_json(plan: Plan) -> dict:
         "setups": [{"name": s.name, "available": s.available, "reason": s.reason,
                     "lines": [dataclasses.asdict(line) for line in s.lines],
                     "static_bytes": s.static if s.available else None, "peak_bytes": s.peak if s.available else None,
+                    "peak_evicted_bytes": s.peak_evicted if s.available else None,
+                    "paged_bytes": s.paged if s.available else None,
                     "fits": plan.fits(s)} for s in plan.setups],
         "facts": plan.facts,
         "notes": plan.notes,

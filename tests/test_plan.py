@@ -182,6 +182,62 @@ def test_suggestions_when_it_does_not_fit(llama7b):
         assert again.fits(again.setups[0])
 
 
+LLAMA_65B = dict(LLAMA2_7B, hidden_size=8192, intermediate_size=22016, num_attention_heads=64, num_key_value_heads=64,
+                 num_hidden_layers=80, vocab_size=32000, max_position_embeddings=2048)
+LLAMA_33B = dict(LLAMA_65B, hidden_size=6656, intermediate_size=17920, num_attention_heads=52, num_key_value_heads=52,
+                 num_hidden_layers=60)
+# QLoRA's appendix setting: NF4 + double quantization, LoRA r=64 on every linear layer, batch 1 x 512
+# tokens, gradient checkpointing, paged AdamW (32-bit state).
+QLORA = dict(stage="sft", quantization="4bit", lora_r=64, batch_size=1, seq_length=512, gradient_checkpointing=True)
+
+
+@pytest.mark.parametrize("adapter_dtype,optimizer,per_param", [
+    ("float32", "adamw", 16), ("bfloat16", "adamw", 12), ("float16", "paged_adamw", 12), ("bfloat16", "adamw_8bit", 6)])
+def test_trained_adapter_bytes_per_parameter(llama7b, adapter_dtype, optimizer, per_param):
+    ours = plan(llama7b, adapter_dtype=adapter_dtype, optimizer=optimizer).setups[0]
+    n = plan(llama7b).facts["lora_params"]
+    trained = line(ours, "policy_weights") + line(ours, "policy_grads") + line(ours, "policy_optimizer")
+    assert trained / n == pytest.approx(per_param, rel=0.01)  # 8-bit: + a fp32 absmax per 256 values
+
+
+def test_qlora_65b_fits_48gb_with_bf16_adapters_and_paged_state(tmp_path):
+    shape = P.model_shape(P.read_config(str(write_config(tmp_path, LLAMA_65B))))
+    as_before = P.plan_memory(shape, P.PlanConfig(model="unused", gpu_memory="48GB", **QLORA))
+    assert as_before.facts["lora_params"] == 799_539_200 and as_before.fits(as_before.setups[0]) is False
+    hints = P.suggestions(shape, as_before.config)
+    assert hints[0] == "--optimizer paged_adamw" and "--optimizer adamw_8bit" in hints
+    assert "--adapter-dtype bfloat16" not in hints  # 3.2 GB less, but 0.2 GB short of 48 GB without paging
+    qlora = P.plan_memory(shape, P.PlanConfig(model="unused", gpu_memory="48GB", adapter_dtype="bfloat16",
+                                              optimizer="paged_adamw", **QLORA))
+    ours = qlora.setups[0]
+    assert ours.static == pytest.approx(as_before.setups[0].static - 4 * 799_539_200)  # 2 + 2 B saved per parameter
+    assert ours.paged == 8 * 799_539_200  # fp32 moments: what eviction moves to CPU memory
+    assert ours.peak - ours.peak_evicted == pytest.approx(ours.paged)  # one tensor's state < the activations
+    assert qlora.fits(ours) and ours.peak_evicted < 48e9 - ours.paged / 2  # fits, with room for the activations
+    tensors = ours.peak - P.parse_memory(qlora.config.cuda_context)
+    assert tensors / 1e9 == pytest.approx(45.0, rel=0.10)  # within 10% of the published ~45 GB
+
+
+def test_qlora_33b_needs_paging_on_24gb_as_published(tmp_path, capsys):
+    """QLoRA's appendix: the 33B model 'does not quite fit into a 24 GB' GPU, paged optimizers are needed."""
+    model = write_config(tmp_path, LLAMA_33B)
+    shape = P.model_shape(P.read_config(str(model)))
+    p = P.plan_memory(shape, P.PlanConfig(model="unused", gpu_memory="24GB", adapter_dtype="bfloat16",
+                                          optimizer="paged_adamw", **QLORA))
+    ours = p.setups[0]
+    assert ours.peak > 24e9 >= ours.peak_evicted and p.fits(ours)
+    assert ours.peak / 1e9 == pytest.approx(24.7, rel=0.10)
+    unpaged = dataclasses.replace(p.config, optimizer="adamw")
+    assert P.plan_memory(shape, unpaged).fits(P.plan_memory(shape, unpaged).setups[0]) is False
+    assert main(["plan", "--model", str(model), "--quantization", "4bit", "--lora-r", "64", "--batch-size", "1",
+                 "--gradient-checkpointing", "--adapter-dtype", "bfloat16", "--optimizer", "paged_adamw",
+                 "--gpu-memory", "24GB"]) == 0
+    out = capsys.readouterr().out
+    assert "policy LoRA: weights (bf16)" in out and "policy LoRA: paged AdamW state" in out
+    assert "peak, paged state evicted to CPU" in out and "CPU memory for the evicted state" in out
+    assert "fits, paging" in out and "fits only with the paged state evicted: up to" in out
+
+
 # ---------------------------------------------------------------------------------------------
 # The command line.
 
@@ -264,25 +320,36 @@ def batch(vocab: int, sequences: int, tokens: int, padded: bool):
 
 
 SFT_CASES = [
-    # arch, quantization, dtype, gradient checkpointing, padded, target modules, optimizer, logits recomputed
-    ("llama", "none", "float32", False, False, "all-linear", "adamw", False),
-    ("llama", "none", "bfloat16", False, False, "all-linear", "adamw", False),
-    ("llama", "none", "bfloat16", True, True, "all-linear", "adamw", False),
-    ("llama", "4bit", "bfloat16", False, True, "all-linear", "adamw", False),
-    ("llama", "8bit", "bfloat16", False, False, "q_proj,v_proj", "adamw", True),
-    ("llama", "none", "float32", True, False, "all-linear", "adamw_8bit", True),
-    ("mistral", "none", "bfloat16", False, True, "all-linear", "adamw", False),
-    ("qwen2", "4bit", "bfloat16", True, False, "all-linear", "adamw", False),
-    ("gpt2", "none", "bfloat16", False, False, "all-linear", "adamw", False),
-    ("gpt2", "none", "float32", True, True, "all-linear", "adamw", False),
-    ("gpt_neox", "none", "bfloat16", False, False, "all-linear", "adamw", False),
-    ("gpt_neox", "4bit", "bfloat16", False, True, "all-linear", "adamw", True),
+    # arch, quantization, dtype, gradient checkpointing, padded, target modules, optimizer, logits recomputed,
+    # adapter dtype
+    ("llama", "none", "float32", False, False, "all-linear", "adamw", False, "float32"),
+    ("llama", "none", "bfloat16", False, False, "all-linear", "adamw", False, "float32"),
+    ("llama", "none", "bfloat16", True, True, "all-linear", "adamw", False, "float32"),
+    ("llama", "4bit", "bfloat16", False, True, "all-linear", "adamw", False, "float32"),
+    ("llama", "8bit", "bfloat16", False, False, "q_proj,v_proj", "adamw", True, "float32"),
+    ("llama", "none", "float32", True, False, "all-linear", "adamw_8bit", True, "float32"),
+    ("mistral", "none", "bfloat16", False, True, "all-linear", "adamw", False, "float32"),
+    ("qwen2", "4bit", "bfloat16", True, False, "all-linear", "adamw", False, "float32"),
+    ("gpt2", "none", "bfloat16", False, False, "all-linear", "adamw", False, "float32"),
+    ("gpt2", "none", "float32", True, True, "all-linear", "adamw", False, "float32"),
+    ("gpt_neox", "none", "bfloat16", False, False, "all-linear", "adamw", False, "float32"),
+    ("gpt_neox", "4bit", "bfloat16", False, True, "all-linear", "adamw", True, "float32"),
+    # 16-bit adapters: on a 16-bit stream they read it as it is; on a fp32 one (fp32 base, or the
+    # k-bit upcast) each adapter keeps a 16-bit copy of its input. Paged optimizers run unpaged on
+    # the CPU; the plan's evicted peak is checked against the measured step without its state.
+    ("llama", "none", "bfloat16", False, False, "all-linear", "adamw", False, "bfloat16"),
+    ("llama", "4bit", "bfloat16", True, True, "all-linear", "paged_adamw", False, "bfloat16"),
+    ("llama", "4bit", "bfloat16", False, False, "all-linear", "paged_adamw_8bit", False, "bfloat16"),
+    ("llama", "8bit", "bfloat16", False, False, "q_proj,v_proj", "adamw", True, "float16"),
+    ("gpt_neox", "none", "float32", False, True, "all-linear", "paged_adamw_8bit", False, "bfloat16"),
+    ("gpt2", "none", "bfloat16", True, False, "all-linear", "paged_adamw", False, "bfloat16"),
 ]
 
 
-@pytest.mark.parametrize("arch,quantization,dtype,checkpointing,padded,targets,optimizer,recompute", SFT_CASES)
+@pytest.mark.parametrize("arch,quantization,dtype,checkpointing,padded,targets,optimizer,recompute,adapter_dtype",
+                         SFT_CASES)
 def test_sft_plan_matches_measured_memory(tiny_models, monkeypatch, arch, quantization, dtype, checkpointing, padded,
-                                          targets, optimizer, recompute):
+                                          targets, optimizer, recompute, adapter_dtype):
     """A real SFT training step (stages.sft.build_policy + models.forward.LMWithHeads) on CPU."""
     from pocketrlhf.models import forward
     from pocketrlhf.models.forward import LMWithHeads
@@ -295,7 +362,8 @@ def test_sft_plan_matches_measured_memory(tiny_models, monkeypatch, arch, quanti
     B, T, r = 4, 64, 8
     model_dir = str(tiny_models[arch])
     cfg = SFTConfig(model=model_dir, device="cpu", dtype=dtype, quantization=quantization, lora_r=r,
-                    gradient_checkpointing=checkpointing, target_modules=targets, optimizer=optimizer)
+                    gradient_checkpointing=checkpointing, target_modules=targets, optimizer=optimizer,
+                    adapter_dtype=adapter_dtype)
     model = build_policy(cfg)
     lm = LMWithHeads(model)
     ids, mask = batch(model.get_base_model().get_output_embeddings().weight.shape[0], B, T, padded)
@@ -307,7 +375,7 @@ def test_sft_plan_matches_measured_memory(tiny_models, monkeypatch, arch, quanti
     planned = P.plan_memory(P.model_shape(P.read_config(model_dir)), P.PlanConfig(
         model=model_dir, stage="sft", quantization=quantization, dtype=dtype, lora_r=r, target_modules=targets,
         batch_size=B, seq_length=T, packing=not padded, gradient_checkpointing=checkpointing, optimizer=optimizer,
-        cuda_context="0GB")).setups[0]
+        adapter_dtype=adapter_dtype, cuda_context="0GB")).setups[0]
     held = line(planned, "activations") + line(planned, "logits")
     assert held == pytest.approx(measured["held"], rel=0.15)
     # Peak: weights + optimizer state (static) + gradients, activations and transients.
@@ -315,6 +383,21 @@ def test_sft_plan_matches_measured_memory(tiny_models, monkeypatch, arch, quanti
     static = line(planned, "base_linear") + line(planned, "base_other") + line(planned, "policy_weights") + \
         line(planned, "policy_optimizer")
     assert static == pytest.approx(measured["static"], rel=0.05)
+    assert line(planned, "policy_optimizer") == pytest.approx(measured["optimizer"], rel=0.02)
+    assert line(planned, "policy_grads") == sum(p.numel() for p in model.parameters() if p.requires_grad) * \
+        torch.tensor([], dtype=getattr(torch, adapter_dtype)).element_size()
+    if optimizer.startswith("paged"):
+        # What eviction frees is the optimizer state (and the CPU memory it then needs); the GPU
+        # peak without it is the step's weights, gradients and activations; for the optimizer step
+        # one tensor's state comes back, and the step itself allocates nothing more.
+        assert planned.paged == pytest.approx(measured["optimizer"], rel=0.02)
+        assert max(x.pageable for x in planned.lines) == pytest.approx(measured["largest_state"], rel=0.02)
+        assert planned.peak_evicted == pytest.approx(measured["static"] - measured["optimizer"] + measured["peak"],
+                                                     rel=0.15)
+        assert planned.peak - planned.peak_evicted == pytest.approx(measured["optimizer"], rel=0.02)
+        assert measured["step"] <= 0.02 * measured["optimizer"]
+    else:
+        assert planned.paged == 0 and planned.peak_evicted == planned.peak
 
 
 def test_rm_plan_matches_measured_memory(tiny_models):

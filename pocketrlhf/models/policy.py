@@ -6,6 +6,16 @@ peft's ``load_adapter(is_trainable=False)`` and ``set_adapter`` both rewrite ``r
 (and the former puts the whole model in eval mode, which turns gradient checkpointing off), so
 adding a role goes through ``add_frozen_adapter`` and choosing what trains through
 ``set_trainable``.
+
+Adapter dtype (``--adapter-dtype``): peft keeps adapter weights in fp32 whatever the base; in
+bfloat16 (as QLoRA trained) the weights and their gradients take 2 bytes each instead of 4. The
+optimizer keeps its AdamW moments in fp32 (``stages.common.build_optimizer``) and updates the 16-bit
+weights directly, with no fp32 master copy: a master copy would cost the 4 bytes per parameter the
+change saves, while 16-bit moments would be wrong (0.999 * v rounds back to v in bfloat16, so the
+second moment stops decaying). The cost is that an update smaller than half a bfloat16 step of its
+weight is lost; tests/test_adapter_dtype.py checks that training still follows the fp32 curve.
+Frozen roles added later (reference, reward) take the trained adapter's dtype, so that a reference
+copied from the policy's starting adapter equals it exactly.
 """
 
 from __future__ import annotations
@@ -17,6 +27,8 @@ from typing import Any
 import torch
 
 from pocketrlhf.models.spec import BaseSpec
+
+ADAPTER_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def hidden_size(model: torch.nn.Module) -> int:
@@ -56,8 +68,23 @@ def build_policy(cfg: Any, tokenizer=None, total_steps: int = 1000, adapter_name
         peft_cfg = make_peft_config(cfg.adapter, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.target_modules,
                                     cfg.num_virtual_tokens, total_steps)
         model = attach_adapter(base, peft_cfg, adapter_name)
+    cast_adapter(model, adapter_name, getattr(cfg, "adapter_dtype", "float32"))
     model.train()
     return model
+
+
+def cast_adapter(model: torch.nn.Module, name: str, dtype: str | torch.dtype) -> None:
+    """Adapter ``name``'s weights in ``dtype`` (their gradients follow); in place, before an
+    optimizer is built over them. peft loads and creates adapters in fp32."""
+    target = ADAPTER_DTYPES[dtype] if isinstance(dtype, str) else dtype
+    for param_name, p in model.named_parameters():
+        if f".{name}." in param_name and p.is_floating_point() and p.dtype != target:
+            p.data = p.data.to(target)
+
+
+def adapter_dtype(model: torch.nn.Module) -> torch.dtype | None:
+    """The dtype of the adapter weights that train (None when nothing trains)."""
+    return next((p.dtype for p in model.parameters() if p.requires_grad and p.is_floating_point()), None)
 
 
 def add_frozen_adapter(model: torch.nn.Module, path: str | Path, name: str) -> torch.nn.Module:
@@ -67,7 +94,10 @@ def add_frozen_adapter(model: torch.nn.Module, path: str | Path, name: str) -> t
 
     flags = [(p, p.requires_grad) for p in model.parameters()]
     was_training = model.training
+    dtype = adapter_dtype(model)
     model = load_adapter(model, path, name=name, trainable=False)
+    if dtype is not None:
+        cast_adapter(model, name, dtype)
     for p, flag in flags:
         p.requires_grad_(flag)
     model.train(was_training)

@@ -361,9 +361,16 @@ def build_optimizer(params: Iterable[torch.nn.Parameter], cfg: Any, device: str)
         log.warning("%s pages optimizer state through CUDA unified memory and cannot run on %s; using %s instead",
                     kind, device, fallback)
         kind = fallback
-    if kind == "adamw":
+    low_precision = any(p.dtype != torch.float32 for p in params)
+    if kind == "adamw" and not low_precision:
         return torch.optim.AdamW(params, **kwargs)
     import bitsandbytes as bnb
+
+    if kind == "adamw":
+        # 16-bit adapters (--adapter-dtype): torch's AdamW would keep its moments in the weights'
+        # dtype, where 0.999 * v rounds back to v; bitsandbytes' 32-bit AdamW keeps fp32 moments
+        # for any weight dtype and updates the weight in place (no fp32 master copy, as QLoRA).
+        return bnb.optim.AdamW(params, optim_bits=32, **kwargs)
 
     if kind == "adamw_8bit":
         return bnb.optim.AdamW8bit(params, **kwargs)

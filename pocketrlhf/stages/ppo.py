@@ -49,7 +49,7 @@ from pocketrlhf.algorithms.ppo import (AdaptiveKLController, FixedKLController, 
                                        sequence_kl, value_loss)
 from pocketrlhf.config import AdapterOptions, ModelOptions, TrainOptions, option
 from pocketrlhf.errors import ConfigError, NonFiniteError
-from pocketrlhf.models.policy import hidden_size
+from pocketrlhf.models.policy import cast_adapter, hidden_size
 from pocketrlhf.stages import common, online
 from pocketrlhf.stages.online import (POLICY, REFERENCE, REWARD, Roles, Rollout, evaluate, generate_rollouts,  # noqa: F401
                                       prepare_prompts, reward_adapter_warnings, step_prompts)
@@ -105,6 +105,7 @@ def build_roles(cfg: PPOConfig, total_steps: int) -> Roles:
             model.add_adapter(VALUE, make_peft_config(cfg.adapter, cfg.lora_r, cfg.lora_alpha, 0.0, cfg.target_modules,
                                                       cfg.num_virtual_tokens, total_steps))
             roles.value_head = ScalarHead(hidden_size(model), init="zero").to(device)
+        cast_adapter(model, VALUE, cfg.adapter_dtype)
         roles.model = model
     else:
         roles.value_head = ScalarHead(hidden_size(model), init="zero").to(device)  # [N] Policy 2: zero init
