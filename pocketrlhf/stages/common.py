@@ -29,6 +29,7 @@ import numpy as np
 import torch
 import yaml
 
+from pocketrlhf import optimizers
 from pocketrlhf.config import ConfigError, save_config, to_dict
 from pocketrlhf.errors import NonFiniteError
 from pocketrlhf.folders import MARKER, is_own_folder, refuse_foreign, write_marker  # noqa: F401
@@ -294,6 +295,7 @@ def load_torch_state(path: Path, optimizer, scheduler) -> dict:
     optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=False))
     scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=False))
     _keep_hyperparameters(optimizer, scheduler, built)
+    optimizers.after_resume(optimizer)
     extra = torch.load(path / "rng_state.pt", weights_only=False)
     set_rng_state(extra.pop("rng"))
     return extra
@@ -314,10 +316,15 @@ def resume(run: "Run", optimizer, scheduler, load_weights: Callable[[Path], None
     return state["step"], state, extra
 
 
+# Entries of a param group that are running state, not settings (schedule-free AdamW keeps its
+# averaging weights and train/eval mode there): always the checkpoint's.
+_GROUP_STATE = frozenset({"lr", "initial_lr", "step", "train_mode", "weight_sum", "lr_max"})
+
+
 def _keep_hyperparameters(optimizer, scheduler, built: list[dict]) -> None:
     for group, fresh in zip(optimizer.param_groups, built):
         for k, v in fresh.items():
-            if k not in ("lr", "initial_lr") and k in group and group[k] != v:
+            if k not in _GROUP_STATE and k in group and group[k] != v:
                 group[k] = v
     base = [fresh.get("initial_lr", fresh["lr"]) for fresh in built]
     if list(scheduler.base_lrs) != base and hasattr(scheduler, "lr_lambdas"):
@@ -343,27 +350,17 @@ def _jsonable(v: Any) -> Any:
 
 
 def build_optimizer(params: Iterable[torch.nn.Parameter], cfg: Any, device: str) -> torch.optim.Optimizer:
+    """The optimizer ``cfg.optimizer`` (pocketrlhf/optimizers.py) over the parameters that train."""
     params = [p for p in params if p.requires_grad]
     if not params:
         raise RuntimeError("nothing to train: no parameter requires grad")
     kind = cfg.optimizer
-    kwargs = dict(lr=cfg.learning_rate, weight_decay=cfg.weight_decay, eps=cfg.adam_eps)
     if kind.startswith("paged") and not str(device).startswith("cuda"):
         fallback = "adamw_8bit" if kind.endswith("8bit") else "adamw"
         log.warning("%s pages optimizer state through CUDA unified memory and cannot run on %s; using %s instead",
                     kind, device, fallback)
         kind = fallback
-    if kind == "adamw":
-        return torch.optim.AdamW(params, **kwargs)
-    import bitsandbytes as bnb
-
-    if kind == "adamw_8bit":
-        return bnb.optim.AdamW8bit(params, **kwargs)
-    if kind == "paged_adamw":
-        return bnb.optim.PagedAdamW(params, **kwargs)
-    if kind == "paged_adamw_8bit":
-        return bnb.optim.PagedAdamW8bit(params, **kwargs)
-    raise ConfigError(f"unknown optimizer '{kind}'")
+    return optimizers.build(params, kind, cfg.learning_rate, cfg.weight_decay, cfg.adam_eps)
 
 
 def build_scheduler(optimizer, cfg: Any, total_steps: int):
