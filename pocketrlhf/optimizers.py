@@ -38,7 +38,7 @@ STATE_BYTES = {
     "adamw": 8.0, "paged_adamw": 8.0,  # two moments
     "sophia": 12.0,  # momentum, Hessian moment, and the latest Hessian estimate
     "lion": 4.0,  # one momentum
-    "adafactor": 2.0,  # bf16 momentum; the factored second moment (rows + columns) is negligible
+    "adafactor": 2.25,  # bf16 momentum + a factored second moment (rows + columns: 4/r bytes for LoRA at rank r=16)
     "schedulefree_adamw": 8.0,  # z and the second moment (no first moment)
     "adam_mini": 4.0,  # the first moment; one second-moment scalar per tensor
 }

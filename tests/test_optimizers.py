@@ -105,3 +105,21 @@ def test_missing_extra_names_the_pip_command(monkeypatch):
     monkeypatch.setattr(builtins, "__import__", no_package)
     with pytest.raises(ConfigError, match=r"pip install 'pocketrlhf\[optimizers\]'"):
         optimizers.build([torch.nn.Parameter(torch.zeros(2))], "lion", 1e-3, 0.0, 1e-8)
+
+
+@pytest.mark.parametrize("name", ["adamw", *EXTRA])
+def test_the_planners_state_bytes_match_the_real_state(name):
+    """LoRA-shaped tensors (rank 16, width 1024): the state an optimizer really keeps after a few
+    steps (SophiaH's Hessian included) is what the planner counts, within 10%."""
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(16, 1024)), torch.nn.Parameter(torch.randn(1024, 16))]
+    opt = optimizers.build(params, name, 1e-3, 0.0, 1e-8)
+    for _ in range(2):
+        loss = sum((p ** 2).sum() for p in params)
+        loss.backward(create_graph=name == "sophia")
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    state = sum(v.numel() * v.element_size() for s in opt.state.values() for v in s.values()
+                if isinstance(v, torch.Tensor) and v.dim() > 0)
+    n = sum(p.numel() for p in params)
+    assert state == pytest.approx(optimizers.STATE_BYTES[name] * n, rel=0.1)
