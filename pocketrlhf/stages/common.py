@@ -29,7 +29,7 @@ import numpy as np
 import torch
 import yaml
 
-from pocketrlhf import optimizers
+from pocketrlhf import optimizers, tracking
 from pocketrlhf.config import ConfigError, save_config, to_dict
 from pocketrlhf.errors import NonFiniteError
 from pocketrlhf.folders import MARKER, is_own_folder, refuse_foreign, write_marker  # noqa: F401
@@ -47,7 +47,7 @@ RUN_OUTPUTS = ("metrics.jsonl", "summary.json", "adapter", "report.md", "plots",
 # on. device lets another machine continue a run. skip_nonfinite only decides what happens at a
 # non-finite value, which the steps so far never met (it is what one adds after such an error).
 RESUME_SAFE = frozenset({"output_dir", "resume", "overwrite", "resume_ignore_config", "progress", "logging_steps",
-                         "save_steps", "save_total_limit", "report_to", "max_steps", "epochs", "device",
+                         "save_steps", "save_total_limit", "report_to", "push_to_hub", "hub_private", "max_steps", "epochs", "device",
                          "skip_nonfinite", "samples_to_log"})
 
 
@@ -109,7 +109,7 @@ class Run:
         self.is_main = is_main
         self.dir = Path(cfg.output_dir)
         self.metrics_path = self.dir / "metrics.jsonl"
-        self._tb = None
+        self._trackers: list = []
         self._start = time.time()
         self._compared: Path | None = None
         self.finished = self._finished_summary()
@@ -117,18 +117,19 @@ class Run:
             log.info("%s: %s holds a finished run (summary.json, adapter): nothing to resume; pass --overwrite to "
                      "train again", stage, self.dir)
             return
+        trackers = tracking.parse(getattr(cfg, "report_to", "none"))
+        tracking.check(trackers)  # a missing extra is refused before anything is written, too
+        if getattr(cfg, "push_to_hub", ""):
+            from pocketrlhf.hub import check_repo_id
+
+            check_repo_id(cfg.push_to_hub)
         self.resume_from()  # a refused resumption is refused before anything is written
         if is_main:
             self._start_fresh_or_resume()
             self.dir.mkdir(parents=True, exist_ok=True)
             write_marker(self.dir, stage)
             save_config(cfg, self.dir / CONFIG_FILE)
-            if getattr(cfg, "report_to", "none") == "tensorboard":
-                try:
-                    from torch.utils.tensorboard import SummaryWriter
-                except ImportError:
-                    raise ConfigError("--report-to tensorboard needs the tensorboard package: pip install 'pocketrlhf[tensorboard]'") from None
-                self._tb = SummaryWriter(str(self.dir / "tensorboard"))
+            self._trackers = tracking.open_trackers(trackers, self.dir, stage, _normalized(cfg))
 
     def _finished_summary(self) -> dict | None:
         if getattr(self.cfg, "resume", "") != "auto":
@@ -171,10 +172,8 @@ class Run:
         record.update({k: _jsonable(v) for k, v in metrics.items()})
         with self.metrics_path.open("a") as f:
             f.write(json.dumps(record) + "\n")
-        if self._tb is not None:
-            for k, v in metrics.items():
-                if isinstance(v, (int, float)) and math.isfinite(v):
-                    self._tb.add_scalar(f"{self.stage}/{split}/{k}", v, step)
+        for tracker in self._trackers:
+            tracker.log(step, split, metrics)
 
     def truncate_metrics(self, after_step: int) -> None:
         """On resume, forget what the interrupted run logged past its last checkpoint."""
@@ -189,15 +188,27 @@ class Run:
             (self.dir / "summary.json").write_text(json.dumps({k: _jsonable(v) for k, v in summary.items()}, indent=2))
 
     def close(self) -> None:
-        if self._tb is not None:
-            self._tb.close()
-        if self.is_main:
-            from pocketrlhf.report import write_report
+        """The end of a finished stage: report and plots, trackers, the model card of every adapter
+        folder (summary.json is written by now), and --push-to-hub."""
+        if not self.is_main:
+            return
+        from pocketrlhf.report import write_report
 
-            try:
-                write_report(self.dir)
-            except Exception as e:  # noqa: BLE001 - a plot must never fail a finished training run
-                log.warning("could not write the report of %s: %s", self.dir, e)
+        try:
+            write_report(self.dir)
+        except Exception as e:  # noqa: BLE001 - a plot must never fail a finished training run
+            log.warning("could not write the report of %s: %s", self.dir, e)
+        for tracker in self._trackers:
+            tracker.images(sorted((self.dir / "plots").glob("*.png")))
+            tracker.close()
+        self._trackers = []
+        from pocketrlhf import cards, hub
+
+        adapters = [p.parent for p in sorted(self.dir.glob("*/adapter_config.json"))]
+        for folder in adapters:
+            cards.write_card(folder, stage=self.stage, run_dir=self.dir)
+        if getattr(self.cfg, "push_to_hub", "") and (self.dir / "adapter").is_dir():
+            hub.push_after_training(self.dir / "adapter", self.cfg.push_to_hub, self.cfg.hub_private)
 
     # -- checkpoints -----------------------------------------------------------------------
     def checkpoints(self) -> list[Path]:
