@@ -152,9 +152,10 @@ def card_text(folder: Path, stage: str, run_dir: Path | None = None, where: str 
     return "\n".join(lines)
 
 
-def write_card(folder: str | Path, stage: str, run_dir: str | Path | None = None) -> Path:
+def write_card(folder: str | Path, stage: str, run_dir: str | Path | None = None, where: str | None = None) -> Path:
+    """README.md in ``folder``; ``where``: the folder's final place when it is written elsewhere first."""
     path = Path(folder) / CARD
-    path.write_text(card_text(Path(folder), stage, Path(run_dir) if run_dir else None))
+    path.write_text(card_text(Path(folder), stage, Path(run_dir) if run_dir else None, where))
     return path
 
 

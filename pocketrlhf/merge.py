@@ -359,7 +359,7 @@ def run(cfg: MergeConfig) -> dict:
         write_adapter_info(tmp, **{**kept, "template": template, "merged_from": str(adapter), "base_model": base,
                                    "merged_dtype": dtype, "dequantized": bool(stored_q or (cfg.dequantize and trained_q != "none"))})
         run_dir = adapter.parent if (adapter.parent / "summary.json").is_file() else None  # the adapter's training run
-        write_card(tmp, stage=info.get("stage", "sft"), run_dir=run_dir)
+        write_card(tmp, stage=info.get("stage", "sft"), run_dir=run_dir, where=str(out))
         _install(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

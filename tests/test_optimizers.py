@@ -3,6 +3,7 @@ a run killed after a checkpoint continues the same trajectory bit for bit."""
 
 import json
 import shutil
+import sys
 
 import pytest
 import torch
@@ -93,16 +94,7 @@ def test_schedule_free_evaluates_and_saves_the_averaged_weights():
 
 
 def test_missing_extra_names_the_pip_command(monkeypatch):
-    import builtins
-
-    real = builtins.__import__
-
-    def no_package(name, *args, **kw):
-        if name == "pytorch_optimizer":
-            raise ImportError(name)
-        return real(name, *args, **kw)
-
-    monkeypatch.setattr(builtins, "__import__", no_package)
+    monkeypatch.setitem(sys.modules, "pytorch_optimizer", None)  # as if not installed
     with pytest.raises(ConfigError, match=r"pip install 'pocketrlhf\[optimizers\]'"):
         optimizers.build([torch.nn.Parameter(torch.zeros(2))], "lion", 1e-3, 0.0, 1e-8)
 
