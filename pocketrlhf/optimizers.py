@@ -71,7 +71,7 @@ def build(params: list[torch.nn.Parameter], name: str, lr: float, weight_decay: 
         # p clips m/h per element at 1, as in the Sophia paper: lr is then the largest step per element,
         # as with Adam, and the learning rates of AdamW runs carry over. (The package's default, 0.01 with
         # lr 0.06, is the same bound spelled differently.) eps here is a floor on h, not Adam's epsilon.
-        return cls(params, lr=lr, weight_decay=weight_decay, p=1.0)
+        return _guarded_sophia(cls)(params, lr=lr, weight_decay=weight_decay, p=1.0)
     if name == "lion":
         return cls(params, lr=lr, weight_decay=weight_decay)
     if name == "adafactor":
@@ -86,10 +86,26 @@ def build(params: list[torch.nn.Parameter], name: str, lr: float, weight_decay: 
     return cls(named, lr=lr, weight_decay=weight_decay, eps=eps)
 
 
+def _guarded_sophia(cls: type) -> type:
+    class SophiaH(cls):
+        """SophiaH that names the problem when a Hessian step finds gradients without their graph (a
+        stage whose backward does not ask for it) instead of autograd's bare error."""
+
+        def step(self, closure=None, hessian=None):
+            if closure is None and hessian is None and self.param_groups[0].get("step", 0) % self.update_period == 0:
+                grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
+                if grads and all(grad.grad_fn is None for grad in grads):
+                    raise ConfigError("--optimizer sophia: this stage's backward kept no graph for the Hessian estimate "
+                                      "(sft, rm and dpo keep it; ppo does not yet): choose another optimizer")
+            return super().step(closure, hessian)
+
+    return SophiaH
+
+
 def needs_hessian(optimizer: torch.optim.Optimizer, step: int) -> bool:
     """Whether the backward passes of optimizer step ``step`` (0-based) must keep their graph: the
     steps where SophiaH refreshes its Hessian estimate (it decides from its own step counter)."""
-    if type(optimizer).__name__ != "SophiaH":
+    if type(optimizer).__name__ != "SophiaH" or not hasattr(optimizer, "update_period"):
         return False
     done = optimizer.param_groups[0].get("step", 0)
     return done % optimizer.update_period == 0

@@ -73,6 +73,11 @@ def test_sophia_refreshes_its_hessian_with_a_graph_only_when_due():
         opt.step()
         opt.zero_grad(set_to_none=True)
     assert opt.state[p]["hessian_moment"].abs().sum() > 0
+    # A backward without the graph on a Hessian step (a stage that does not ask for it): one clear line.
+    fresh = optimizers.build([p], "sophia", 0.1, 0.0, 1e-8)
+    (p ** 4).sum().backward()
+    with pytest.raises(ConfigError, match="kept no graph for the Hessian estimate"):
+        fresh.step()
 
 
 def test_schedule_free_evaluates_and_saves_the_averaged_weights():
