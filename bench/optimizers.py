@@ -15,10 +15,13 @@ runs adamw_8bit instead (it says so), and so does this row.
 
 Measured, from each run's metrics.jsonl:
   * steps to target: the first step at which the train loss averaged over the last 5 steps is at or
-    below the target (default: AdamW's own 5-step average at its last step, so AdamW takes about
-    --steps and a faster optimizer fewer; --target sets it); "-" when never reached;
+    below a target; two targets by default: AdamW's own 5-step average half-way and at its last
+    step (so AdamW takes --steps/2 and --steps, a faster optimizer fewer); --target sets one instead;
+    "-" when never reached;
   * seconds per step: wall time between logged steps after --skip warm-up steps, median (a typical
     step) and mean (SophiaH's Hessian steps, one in 10, included);
+  * the optimizer's own step (optimizer.step(), median milliseconds): what the optimizer adds to a
+    step, steady where the wall time per step moves with the machine's load;
   * the final 5-step train loss and the held-out loss of the saved adapter.
 
 Each optimizer runs in its own child process (fresh interpreter, same threads), one after another.
@@ -30,6 +33,8 @@ import argparse
 import json
 import statistics
 import sys
+import time
+import types
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -47,8 +52,26 @@ def smoothed(losses: list[float], window: int = WINDOW) -> list[float]:
 
 def worker(a: argparse.Namespace) -> None:
     files, out = start_worker(a, lambda: __import__("pytorch_optimizer"))
-    from pocketrlhf.stages import sft
+    from pocketrlhf.stages import common, sft
 
+    # The optimizer's own step (SophiaH's Hutchinson product included), timed apart from the rest.
+    step_times: list[float] = []
+    build = common.build_optimizer
+
+    def timed_optimizer(*args, **kwargs):
+        optimizer = build(*args, **kwargs)
+        inner = optimizer.step
+
+        def step(self, *a, **k):
+            start = time.perf_counter()
+            out = inner(*a, **k)
+            step_times.append(time.perf_counter() - start)
+            return out
+
+        optimizer.step = types.MethodType(step, optimizer)  # a bound method, as the LR scheduler expects
+        return optimizer
+
+    common.build_optimizer = timed_optimizer
     name = a.worker
     lr = a.lion_lr if name == "lion" else a.lr
     cfg = sft.SFTConfig(model=files["model"], data=files["data"], output_dir=str(out / "run"), device="cpu",
@@ -63,6 +86,7 @@ def worker(a: argparse.Namespace) -> None:
     gaps = [b - t for t, b in zip(times[a.skip:], times[a.skip + 1:])]
     write_result(out, {"optimizer": name, "lr": lr, "losses": [r["loss"] for r in train],
                        "s_per_step_median": statistics.median(gaps), "s_per_step_mean": statistics.fmean(gaps),
+                       "optimizer_step_ms": 1000 * statistics.median(step_times[a.skip:]),
                        "eval_loss": summary.get("eval_loss")})
 
 
@@ -75,7 +99,8 @@ def main() -> None:
     p.add_argument("--lion-lr", type=float, default=2e-3 / 3)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quantization", default="none", choices=["none", "8bit", "4bit"])
-    p.add_argument("--target", type=float, default=0.0, help="target train loss (0: AdamW's final 5-step average)")
+    p.add_argument("--target", type=float, default=0.0,
+                   help="target train loss (0: AdamW's 5-step average half-way and at the end)")
     a = p.parse_args()
     if a.worker:
         return worker(a)
@@ -93,19 +118,20 @@ def main() -> None:
             str(a.lion_lr), "--seed", str(a.seed), "--quantization", a.quantization]
     results = {n: run_child(__file__, n, args, work / n, a.threads) for n in names}
 
-    target = a.target or (smoothed(results["adamw"]["losses"])[-1] if "adamw" in results else 0.0)
+    adamw = smoothed(results["adamw"]["losses"]) if "adamw" in results else []
+    targets = [a.target] if a.target else ([adamw[len(adamw) // 2 - 1], adamw[-1]] if adamw else [])
     rows = []
     for n, r in results.items():
         curve = smoothed(r["losses"])
-        reached = next((i + 1 for i, v in enumerate(curve) if v <= target), None)
-        r.update(steps_to_target=reached, final_loss=curve[-1])
-        rows.append([n, r["lr"], reached if reached is not None else "-", r["s_per_step_median"],
-                     r["s_per_step_mean"], curve[-1], r["eval_loss"]])
+        reached = [next((i + 1 for i, v in enumerate(curve) if v <= t), None) for t in targets]
+        r.update(steps_to_target=dict(zip(map(str, targets), reached)), final_loss=curve[-1])
+        rows.append([n, r["lr"], *["-" if k is None else k for k in reached], r["s_per_step_median"],
+                     r["s_per_step_mean"], r["optimizer_step_ms"], curve[-1], r["eval_loss"]])
     print(f"\nmachine: {machine()}; torch threads {a.threads}; {a.steps} steps; base {a.quantization}; "
-          f"target loss {target:.4f} (5-step average)\n")
-    print(markdown_table(["optimizer", "lr", "steps to target", "s/step (median)", "s/step (mean)",
-                          "final loss (5-step avg)", "held-out loss"], rows))
-    save_summary(work / "summary.json", {"target": target, "machine": machine(), "steps": a.steps,
+          f"target losses (5-step average) {', '.join(f'{t:.3f}' for t in targets)}\n")
+    print(markdown_table(["optimizer", "lr", *[f"steps to {t:.3f}" for t in targets], "s/step (median)",
+                          "s/step (mean)", "optimizer.step ms", "final loss (5-step avg)", "held-out loss"], rows))
+    save_summary(work / "summary.json", {"targets": targets, "machine": machine(), "steps": a.steps,
                                           "quantization": a.quantization, "results": results})
 
 

@@ -47,8 +47,8 @@ RUN_OUTPUTS = ("metrics.jsonl", "summary.json", "adapter", "report.md", "plots",
 # on. device lets another machine continue a run. skip_nonfinite only decides what happens at a
 # non-finite value, which the steps so far never met (it is what one adds after such an error).
 RESUME_SAFE = frozenset({"output_dir", "resume", "overwrite", "resume_ignore_config", "progress", "logging_steps",
-                         "save_steps", "save_total_limit", "report_to", "push_to_hub", "hub_private", "max_steps", "epochs", "device",
-                         "skip_nonfinite", "samples_to_log"})
+                         "save_steps", "save_total_limit", "report_to", "push_to_hub", "hub_private", "max_steps",
+                         "epochs", "device", "skip_nonfinite", "samples_to_log"})
 
 
 def set_seed(seed: int) -> None:
