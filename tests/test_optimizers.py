@@ -120,3 +120,32 @@ def test_the_planners_state_bytes_match_the_real_state(name):
                 if isinstance(v, torch.Tensor) and v.dim() > 0)
     n = sum(p.numel() for p in params)
     assert state == pytest.approx(optimizers.STATE_BYTES[name] * n, rel=0.1)
+
+
+@pytest.mark.parametrize("setting", [dict(gradient_checkpointing=True), dict(quantization="8bit")])
+def test_sophia_hessian_steps_through_checkpointing_and_int8(tmp_path, llama, sft_file, setting):
+    """The Hessian step's double backward also runs through recomputed (checkpointed) activations
+    and LLM.int8 matmuls."""
+    sft.train(config(llama, sft_file, tmp_path, optimizer="sophia", max_steps=12, **setting))
+    train = metrics(tmp_path)
+    assert train[-1]["loss"] < 0.9 * train[0]["loss"]
+
+
+@pytest.mark.parametrize("name", ["sophia", "schedulefree_adamw"])
+def test_reward_model_and_dpo_train_with_the_added_optimizers(tmp_path, llama, name):
+    """RM and DPO share SFT's loop: the Hessian steps and the train/eval switching reach them too
+    (the reward card names its stage)."""
+    from conftest import write_jsonl
+
+    from pocketrlhf.data import synthetic
+    from pocketrlhf.stages import dpo, rm
+
+    pairs = write_jsonl(tmp_path / "pairs.jsonl", synthetic.preference_rows(240, seed=1))
+    common = dict(data=str(pairs), device="cpu", batch_size=8, learning_rate=3e-3, max_steps=12, eval_fraction=0.2,
+                  lora_r=8, progress=False, seed=0, optimizer=name, logging_steps=1)
+    rm.train(rm.RMConfig(model=str(llama), output_dir=str(tmp_path / "rm"), **common))
+    dpo.train(dpo.DPOConfig(model=str(llama), output_dir=str(tmp_path / "dpo"), **common))
+    for stage in ("rm", "dpo"):
+        train = metrics(tmp_path / stage)
+        assert train[-1]["loss"] < train[0]["loss"], stage
+    assert "pipeline_tag: text-classification" in (tmp_path / "rm" / "adapter" / "README.md").read_text()

@@ -137,7 +137,8 @@ class Loop:
             # Gradients are already summed over processes here, so every process sees the same norm.
             grad_norm = float(common.grad_norm(acc, self.parameters, cfg.max_grad_norm))
             if math.isfinite(grad_norm):
-                self.optimizer.step()
+                with optimizers.hessian_pass(hessian):  # SophiaH's Hessian product may recompute checkpointed layers
+                    self.optimizer.step()
             elif not skip:
                 raise self.run.nonfinite(f"the gradient norm is {grad_norm}", step + 1,
                                          "pass --skip-nonfinite to skip such steps")
