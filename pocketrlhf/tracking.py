@@ -90,7 +90,7 @@ class WandB:
     def __init__(self, run_dir: Path, stage: str, config: dict):
         self.wandb = _require("wandb")
         kwargs = dict(project=os.environ.get("WANDB_PROJECT", "pocketrlhf"), name=f"{stage}-{run_dir.name}",
-                      dir=str(run_dir), config=config, job_type=stage, tags=["pocketrlhf", stage], reinit="finish_previous")
+                      dir=str(run_dir), config=config, job_type=stage, tags=["pocketrlhf", stage])
         try:
             self.run = self.wandb.init(**kwargs)
         except Exception as e:  # noqa: BLE001 - no API key (or no network): keep the run, log offline
@@ -111,10 +111,14 @@ class WandB:
 
 class Trackio:
     def __init__(self, run_dir: Path, stage: str, config: dict):
+        import inspect
+
         self.trackio = _require("trackio")
+        # No system metrics thread, no notebook embed: where this trackio version has those switches.
+        quiet = {k: False for k in ("auto_log_cpu", "auto_log_gpu", "embed")
+                 if k in inspect.signature(self.trackio.init).parameters}
         self.run = self.trackio.init(project=os.environ.get("TRACKIO_PROJECT", "pocketrlhf"),
-                                     name=f"{stage}-{run_dir.name}", config=config, auto_log_cpu=False,
-                                     auto_log_gpu=False, embed=False)
+                                     name=f"{stage}-{run_dir.name}", config=config, **quiet)
         self.last_step = 0
 
     def log(self, step: int, split: str, metrics: dict[str, float]) -> None:

@@ -149,3 +149,14 @@ def test_reward_model_and_dpo_train_with_the_added_optimizers(tmp_path, llama, n
         train = metrics(tmp_path / stage)
         assert train[-1]["loss"] < train[0]["loss"], stage
     assert "pipeline_tag: text-classification" in (tmp_path / "rm" / "adapter" / "README.md").read_text()
+
+
+def test_ppo_refuses_sophia_in_one_line(tmp_path, llama, prompts_file):
+    """PPO's update keeps no graph for a Hessian (yet): its first update stops with one clear line."""
+    from pocketrlhf.stages import ppo
+
+    cfg = ppo.PPOConfig(model=str(llama), prompts=str(prompts_file), output_dir=str(tmp_path), device="cpu",
+                        reward_function="pocketrlhf.data.synthetic:sentiment_reward", max_steps=1, rollouts_per_step=8,
+                        batch_size=8, max_new_tokens=8, eval_fraction=0.0, progress=False, seed=0, optimizer="sophia")
+    with pytest.raises(ConfigError, match="^--optimizer sophia: .*ppo does not yet"):
+        ppo.train(cfg)
