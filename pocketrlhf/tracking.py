@@ -94,8 +94,8 @@ class WandB:
         try:
             self.run = self.wandb.init(**kwargs)
         except Exception as e:  # noqa: BLE001 - no API key (or no network): keep the run, log offline
-            log.warning("wandb: %s; logging offline into %s/wandb (upload later with wandb sync)",
-                        str(e).splitlines()[0] if str(e) else type(e).__name__, run_dir)
+            reason = (str(e).strip().splitlines() or [type(e).__name__])[0].rstrip(".")
+            log.warning("wandb: %s; logging offline into %s/wandb (upload later with wandb sync)", reason, run_dir)
             self.run = self.wandb.init(mode="offline", **kwargs)
 
     def log(self, step: int, split: str, metrics: dict[str, float]) -> None:
