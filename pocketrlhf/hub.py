@@ -75,6 +75,10 @@ def push(folder: str | Path, repo_id: str, private: bool = False, token: str | N
         if name == cards.CARD:
             content = cards.retarget(path.read_text(), folder, repo_id).encode()
         operations.append(CommitOperationAdd(path_in_repo=name, path_or_fileobj=content))
+    if not (folder / cards.CARD).is_file():  # a folder saved before cards existed: one is made for the upload
+        run_dir = folder.parent if (folder.parent / "summary.json").is_file() else None
+        card = cards.card_text(folder, "sft", run_dir, where=repo_id)
+        operations.append(CommitOperationAdd(path_in_repo=cards.CARD, path_or_fileobj=card.encode()))
     try:
         api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
         commit = api.create_commit(repo_id, operations, commit_message=commit_message or "Upload with pocketrlhf",

@@ -9,6 +9,7 @@ files, which the real Hub asks for and this server never does (it takes every fi
 import base64
 import json
 import re
+import shutil
 import struct
 import sys
 import threading
@@ -321,6 +322,15 @@ def test_push_command_and_a_failed_upload(tmp_path, trained, fake_hub, capsys):
     before = {p.name: p.read_bytes() for p in folder.iterdir()}
     assert main(["push", str(folder), "me/again"]) == 0
     assert "uploaded" in capsys.readouterr().out and "adapter_model.safetensors" in fake_hub.repos["me/again"]["files"]
+    # A folder without a card (saved before cards existed) gets one in the upload, not on disk.
+    bare = tmp_path / "bare"
+    shutil.copytree(folder, bare)
+    (bare / "README.md").unlink()
+    assert main(["push", str(bare), "me/bare"]) == 0
+    capsys.readouterr()
+    assert not (bare / "README.md").exists()
+    card = fake_hub.repos["me/bare"]["files"]["README.md"].decode()
+    assert cards.read_metadata(card)["library_name"] == "peft" and 'from_pretrained("me/bare")' in card
     fake_hub.fail_commits = True
     assert main(["push", str(folder), "me/again"]) != 0
     err = capsys.readouterr().err.strip().splitlines()
