@@ -42,6 +42,8 @@ COMMANDS: dict[str, Command] = {
     "data stackexchange": Command("pocketrlhf.data.stackexchange", "StackExchangeConfig", "run",
                                   "StackLLaMA's paired data (finetune/reward/rl/evaluation) from a Stack Exchange Posts.xml dump", ("input",)),
     "merge": Command("pocketrlhf.merge", "MergeConfig", "run", "merge an adapter into its 16-bit base and save the model as safetensors", ("adapter",)),
+    "push": Command("pocketrlhf.hub", "PushConfig", "run", "upload an adapter or merged model folder to the Hugging Face Hub",
+                    ("dir", "repo_id")),
     "plan": Command("pocketrlhf.plan", "PlanConfig", "run", "memory planner: will a stage fit on a GPU? (reads config.json only)", ("model",)),
     "pipeline": Command("pocketrlhf.pipeline", "PipelineConfig", "run",
                         "data -> SFT -> reward model -> PPO/DPO -> evaluation in one resumable run", ("config",)),

@@ -20,6 +20,7 @@ from typing import Any, Callable, Literal, get_args, get_origin
 import yaml
 
 from pocketrlhf.errors import ConfigError
+from pocketrlhf.optimizers import OptimizerName
 from pocketrlhf.paths import missing_local
 
 
@@ -80,8 +81,9 @@ class TrainOptions:
     lr_scheduler: Literal["linear", "cosine", "constant"] = option("cosine", "schedule after warm-up")
     warmup_steps: int = option(0, "linear warm-up steps")
     weight_decay: float = option(0.0, "AdamW weight decay")
-    optimizer: Literal["adamw", "adamw_8bit", "paged_adamw", "paged_adamw_8bit"] = option(
-        "adamw", "optimizer (8-bit and paged ones from bitsandbytes)"
+    optimizer: OptimizerName = option(
+        "adamw", "optimizer (8-bit and paged ones from bitsandbytes; sophia (SophiaH), lion, adafactor, "
+        "schedulefree_adamw and adam_mini from pytorch-optimizer: pip install 'pocketrlhf[optimizers]')"
     )
     adam_eps: float = option(1e-8, "Adam epsilon")
     max_grad_norm: float = option(1.0, "gradient clipping (0: off)")
@@ -102,7 +104,10 @@ class TrainOptions:
         False, "drop what turns NaN/inf and go on, counted as nonfinite_skipped in the metrics (PPO: rollouts with a "
         "non-finite reward; SFT/RM/DPO: micro-batches with a non-finite loss; any stage: steps with a non-finite "
         "gradient norm); off: such a value stops the run with an error naming it")
-    report_to: Literal["none", "tensorboard"] = option("none", "extra metrics sink besides metrics.jsonl")
+    report_to: str = option("none", "experiment trackers besides metrics.jsonl, comma-separated: none, tensorboard, "
+                            "wandb, trackio (offline: WANDB_MODE=offline, trackio's local store)")
+    push_to_hub: str = option("", "after training, upload the adapter folder to this Hugging Face Hub repo id")
+    hub_private: bool = option(False, "--push-to-hub: create the repo private")
     progress: bool = option(True, "show a progress bar")
 
 

@@ -51,6 +51,8 @@ class MergeConfig:
     verify: bool = option(True, "compare the merged model's logits with base+adapter on a short probe")
     trust_remote_code: bool = option(False, "run Python code shipped with the base model (off: safer)")
     progress: bool = option(True, "show a progress bar while merging")
+    push_to_hub: str = option("", "after merging, upload the merged model folder to this Hugging Face Hub repo id")
+    hub_private: bool = option(False, "--push-to-hub: create the repo private")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -253,6 +255,8 @@ def run(cfg: MergeConfig) -> dict:
     import torch
     from transformers import AutoConfig
 
+    from pocketrlhf.cards import write_card
+    from pocketrlhf.hub import check_repo_id, push_after_training
     from pocketrlhf.logs import log, setup_logging
     from pocketrlhf.models.adapters import load_adapter, read_adapter_info, recorded_spec, write_adapter_info
     from pocketrlhf.models.heads import HEAD_FILE
@@ -261,6 +265,8 @@ def run(cfg: MergeConfig) -> dict:
     from pocketrlhf.plan import parse_memory
 
     setup_logging()
+    if cfg.push_to_hub:
+        check_repo_id(cfg.push_to_hub)  # before the merge, not after it
     adapter_cfg = read_adapter_config(cfg.adapter)
     adapter = Path(cfg.adapter).expanduser().resolve()
     shard_bytes = parse_memory(cfg.max_shard_size, "--max-shard-size")
@@ -352,10 +358,14 @@ def run(cfg: MergeConfig) -> dict:
         kept = {k: v for k, v in info.items() if k != "base"}
         write_adapter_info(tmp, **{**kept, "template": template, "merged_from": str(adapter), "base_model": base,
                                    "merged_dtype": dtype, "dequantized": bool(stored_q or (cfg.dequantize and trained_q != "none"))})
+        run_dir = adapter.parent if (adapter.parent / "summary.json").is_file() else None  # the adapter's training run
+        write_card(tmp, stage=info.get("stage", "sft"), run_dir=run_dir, where=str(out))
         _install(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     shards = sorted(p.name for p in out.glob("*.safetensors"))
     summary["shards"] = len(shards)
     print(f"merged model written to {out} ({len(shards)} safetensors shard(s), {dtype})")
+    if cfg.push_to_hub:
+        summary["pushed"] = push_after_training(out, cfg.push_to_hub, cfg.hub_private)
     return summary

@@ -43,6 +43,7 @@ from typing import Literal
 
 from pocketrlhf.config import option
 from pocketrlhf.errors import ConfigError
+from pocketrlhf.optimizers import STATE_BYTES, OptimizerName
 
 GB = 10**9
 _UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
@@ -77,7 +78,7 @@ class PlanConfig:
     seq_length: int = option(512, "tokens per sequence (prompt + answer)")
     packing: bool = option(True, "sft: packed sequences (no padding mask); rm, dpo and ppo batches are always padded")
     gradient_checkpointing: bool = option(False, "recompute activations in backward")
-    optimizer: Literal["adamw", "adamw_8bit", "paged_adamw", "paged_adamw_8bit"] = option("adamw", "optimizer")
+    optimizer: OptimizerName = option("adamw", "optimizer (as the stages' --optimizer)")
     generation_batch_size: int = option(32, "ppo: prompts per generate() call (their KV cache is held together)")
     max_new_tokens: int = option(64, "ppo: answer tokens generated per prompt (part of seq-length)")
     value_model: Literal["head", "adapter"] = option(
@@ -320,9 +321,10 @@ def lora_tensors(lin: Linear, r: int) -> tuple[int, int]:
 
 def optimizer_bytes(tensor_sizes: list[int], optimizer: str) -> float:
     """AdamW keeps two fp32 moments per parameter; the 8-bit versions keep uint8 moments with a fp32
-    absmax per block of 256, except for tensors under 4096 elements (bitsandbytes' min_8bit_size)."""
+    absmax per block of 256, except for tensors under 4096 elements (bitsandbytes' min_8bit_size).
+    The pytorch-optimizer ones: their bytes per parameter (optimizers.STATE_BYTES)."""
     if not optimizer.endswith("8bit"):
-        return 8.0 * sum(tensor_sizes)
+        return STATE_BYTES[optimizer] * sum(tensor_sizes)
     total = 0.0
     for n in tensor_sizes:
         total += 8.0 * n if n < _MIN_8BIT_SIZE else 2.0 * n + 8.0 * math.ceil(n / 256)
@@ -621,7 +623,8 @@ def _adapter_lines(setup: Setup, shape: ModelShape, cfg: PlanConfig, role: str, 
     size, name = _DTYPE_BYTES[cfg.adapter_dtype], _SHORT_DTYPE[cfg.adapter_dtype]
     if trainable:
         paged = cfg.optimizer.startswith("paged")
-        opt = ("paged " if paged else "") + ("8-bit AdamW" if cfg.optimizer.endswith("8bit") else "AdamW")
+        opt = {"adamw": "AdamW", "paged_adamw": "AdamW"}.get(cfg.optimizer, cfg.optimizer)
+        opt = ("paged " if paged else "") + ("8-bit AdamW" if cfg.optimizer.endswith("8bit") else opt)
         setup.add(f"{role}_weights", f"{role} LoRA: weights ({name})", size * params)
         setup.add(f"{role}_grads", f"{role} LoRA: gradients ({name})", size * params)
         setup.add(f"{role}_optimizer", f"{role} LoRA: {opt} state", optimizer_bytes(sizes, cfg.optimizer),

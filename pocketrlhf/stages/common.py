@@ -29,6 +29,7 @@ import numpy as np
 import torch
 import yaml
 
+from pocketrlhf import optimizers, tracking
 from pocketrlhf.config import ConfigError, save_config, to_dict
 from pocketrlhf.errors import NonFiniteError
 from pocketrlhf.folders import MARKER, is_own_folder, refuse_foreign, write_marker  # noqa: F401
@@ -46,8 +47,8 @@ RUN_OUTPUTS = ("metrics.jsonl", "summary.json", "adapter", "report.md", "plots",
 # on. device lets another machine continue a run. skip_nonfinite only decides what happens at a
 # non-finite value, which the steps so far never met (it is what one adds after such an error).
 RESUME_SAFE = frozenset({"output_dir", "resume", "overwrite", "resume_ignore_config", "progress", "logging_steps",
-                         "save_steps", "save_total_limit", "report_to", "max_steps", "epochs", "device",
-                         "skip_nonfinite", "samples_to_log", "eval_at_start"})
+                         "save_steps", "save_total_limit", "report_to", "push_to_hub", "hub_private", "max_steps",
+                         "epochs", "device", "skip_nonfinite", "samples_to_log", "eval_at_start"})
 
 
 def set_seed(seed: int) -> None:
@@ -108,7 +109,7 @@ class Run:
         self.is_main = is_main
         self.dir = Path(cfg.output_dir)
         self.metrics_path = self.dir / "metrics.jsonl"
-        self._tb = None
+        self._trackers: list = []
         self._start = time.time()
         self._compared: Path | None = None
         self.finished = self._finished_summary()
@@ -116,18 +117,19 @@ class Run:
             log.info("%s: %s holds a finished run (summary.json, adapter): nothing to resume; pass --overwrite to "
                      "train again", stage, self.dir)
             return
+        trackers = tracking.parse(getattr(cfg, "report_to", "none"))
+        tracking.check(trackers)  # a missing extra is refused before anything is written, too
+        if getattr(cfg, "push_to_hub", ""):
+            from pocketrlhf.hub import check_repo_id
+
+            check_repo_id(cfg.push_to_hub)
         self.resume_from()  # a refused resumption is refused before anything is written
         if is_main:
             self._start_fresh_or_resume()
             self.dir.mkdir(parents=True, exist_ok=True)
             write_marker(self.dir, stage)
             save_config(cfg, self.dir / CONFIG_FILE)
-            if getattr(cfg, "report_to", "none") == "tensorboard":
-                try:
-                    from torch.utils.tensorboard import SummaryWriter
-                except ImportError:
-                    raise ConfigError("--report-to tensorboard needs the tensorboard package: pip install 'pocketrlhf[tensorboard]'") from None
-                self._tb = SummaryWriter(str(self.dir / "tensorboard"))
+            self._trackers = tracking.open_trackers(trackers, self.dir, stage, _normalized(cfg))
 
     def _finished_summary(self) -> dict | None:
         if getattr(self.cfg, "resume", "") != "auto" or getattr(self.cfg, "overwrite", False):
@@ -178,10 +180,8 @@ class Run:
         record.update({k: _jsonable(v) for k, v in metrics.items()})
         with self.metrics_path.open("a") as f:
             f.write(json.dumps(record) + "\n")
-        if self._tb is not None:
-            for k, v in metrics.items():
-                if isinstance(v, (int, float)) and math.isfinite(v):
-                    self._tb.add_scalar(f"{self.stage}/{split}/{k}", v, step)
+        for tracker in self._trackers:
+            tracker.log(step, split, metrics)
 
     def truncate_metrics(self, after_step: int) -> None:
         """On resume, forget what the interrupted run logged past its last checkpoint."""
@@ -196,15 +196,27 @@ class Run:
             (self.dir / "summary.json").write_text(json.dumps({k: _jsonable(v) for k, v in summary.items()}, indent=2))
 
     def close(self) -> None:
-        if self._tb is not None:
-            self._tb.close()
-        if self.is_main:
-            from pocketrlhf.report import write_report
+        """The end of a finished stage: report and plots, trackers, the model card of every adapter
+        folder (summary.json is written by now), and --push-to-hub."""
+        if not self.is_main:
+            return
+        from pocketrlhf.report import write_report
 
-            try:
-                write_report(self.dir)
-            except Exception as e:  # noqa: BLE001 - a plot must never fail a finished training run
-                log.warning("could not write the report of %s: %s", self.dir, e)
+        try:
+            write_report(self.dir)
+        except Exception as e:  # noqa: BLE001 - a plot must never fail a finished training run
+            log.warning("could not write the report of %s: %s", self.dir, e)
+        for tracker in self._trackers:
+            tracker.images(sorted((self.dir / "plots").glob("*.png")))
+            tracker.close()
+        self._trackers = []
+        from pocketrlhf import cards, hub
+
+        adapters = [p.parent for p in sorted(self.dir.glob("*/adapter_config.json"))]
+        for folder in adapters:
+            cards.write_card(folder, stage=self.stage, run_dir=self.dir)
+        if getattr(self.cfg, "push_to_hub", "") and (self.dir / "adapter").is_dir():
+            hub.push_after_training(self.dir / "adapter", self.cfg.push_to_hub, self.cfg.hub_private)
 
     # -- checkpoints -----------------------------------------------------------------------
     def checkpoints(self) -> list[Path]:
@@ -302,6 +314,7 @@ def load_torch_state(path: Path, optimizer, scheduler) -> dict:
     optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=False))
     scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=False))
     _keep_hyperparameters(optimizer, scheduler, built)
+    optimizers.after_resume(optimizer)
     extra = torch.load(path / "rng_state.pt", weights_only=False)
     set_rng_state(extra.pop("rng"))
     return extra
@@ -322,10 +335,15 @@ def resume(run: "Run", optimizer, scheduler, load_weights: Callable[[Path], None
     return state["step"], state, extra
 
 
+# Entries of a param group that are running state, not settings (schedule-free AdamW keeps its
+# averaging weights and train/eval mode there): always the checkpoint's.
+_GROUP_STATE = frozenset({"lr", "initial_lr", "step", "train_mode", "weight_sum", "lr_max"})
+
+
 def _keep_hyperparameters(optimizer, scheduler, built: list[dict]) -> None:
     for group, fresh in zip(optimizer.param_groups, built):
         for k, v in fresh.items():
-            if k not in ("lr", "initial_lr") and k in group and group[k] != v:
+            if k not in _GROUP_STATE and k in group and group[k] != v:
                 group[k] = v
     base = [fresh.get("initial_lr", fresh["lr"]) for fresh in built]
     if list(scheduler.base_lrs) != base and hasattr(scheduler, "lr_lambdas"):
@@ -351,34 +369,17 @@ def _jsonable(v: Any) -> Any:
 
 
 def build_optimizer(params: Iterable[torch.nn.Parameter], cfg: Any, device: str) -> torch.optim.Optimizer:
+    """The optimizer ``cfg.optimizer`` (pocketrlhf/optimizers.py) over the parameters that train."""
     params = [p for p in params if p.requires_grad]
     if not params:
         raise RuntimeError("nothing to train: no parameter requires grad")
     kind = cfg.optimizer
-    kwargs = dict(lr=cfg.learning_rate, weight_decay=cfg.weight_decay, eps=cfg.adam_eps)
     if kind.startswith("paged") and not str(device).startswith("cuda"):
         fallback = "adamw_8bit" if kind.endswith("8bit") else "adamw"
         log.warning("%s pages optimizer state through CUDA unified memory and cannot run on %s; using %s instead",
                     kind, device, fallback)
         kind = fallback
-    low_precision = any(p.dtype != torch.float32 for p in params)
-    if kind == "adamw" and not low_precision:
-        return torch.optim.AdamW(params, **kwargs)
-    import bitsandbytes as bnb
-
-    if kind == "adamw":
-        # 16-bit adapters (--adapter-dtype): torch's AdamW would keep its moments in the weights'
-        # dtype, where 0.999 * v rounds back to v; bitsandbytes' 32-bit AdamW keeps fp32 moments
-        # for any weight dtype and updates the weight in place (no fp32 master copy, as QLoRA).
-        return bnb.optim.AdamW(params, optim_bits=32, **kwargs)
-
-    if kind == "adamw_8bit":
-        return bnb.optim.AdamW8bit(params, **kwargs)
-    if kind == "paged_adamw":
-        return bnb.optim.PagedAdamW(params, **kwargs)
-    if kind == "paged_adamw_8bit":
-        return bnb.optim.PagedAdamW8bit(params, **kwargs)
-    raise ConfigError(f"unknown optimizer '{kind}'")
+    return optimizers.build(params, kind, cfg.learning_rate, cfg.weight_decay, cfg.adam_eps)
 
 
 def build_scheduler(optimizer, cfg: Any, total_steps: int):

@@ -16,6 +16,7 @@ from typing import Any, Callable, Protocol, Sequence
 
 import torch
 
+from pocketrlhf import optimizers
 from pocketrlhf.errors import DataError
 from pocketrlhf.stages import common
 
@@ -112,9 +113,10 @@ class Loop:
             batches = micro_batches(indices, cfg, rank)
             sums: dict[str, torch.Tensor] = {"loss": torch.zeros((), device=device)}
             skipped = 0  # this process's micro-batches skipped in this step
+            hessian = optimizers.needs_hessian(self.optimizer, step)  # SophiaH: gradients keep their graph
             for j, ids in enumerate(batches):
                 batch = _to(self.stage.batch([self.train_set[i] for i in ids]), device)
-                with common.no_sync(acc, self.module, j < len(batches) - 1):
+                with common.no_sync(acc, self.module, j < len(batches) - 1), optimizers.hessian_pass(hessian):
                     loss, metrics = self.stage.loss(self.module, batch)
                     if not torch.isfinite(loss.detach()).all():
                         if not skip:
@@ -128,14 +130,15 @@ class Loop:
                             sums.setdefault(k, torch.zeros((), device=device))
                         continue
                     # DDP averages gradients over processes, hence the factor `world`.
-                    acc.backward(loss / global_units * world)
+                    acc.backward(loss / global_units * world, create_graph=hessian)
                 for k, v in {"loss": loss, **metrics}.items():
                     sums[k] = sums.get(k, torch.zeros((), device=device)) + v.detach().float()
                 speed.add(int(batch["attention_mask"].sum()) * world)
             # Gradients are already summed over processes here, so every process sees the same norm.
             grad_norm = float(common.grad_norm(acc, self.parameters, cfg.max_grad_norm))
             if math.isfinite(grad_norm):
-                self.optimizer.step()
+                with optimizers.hessian_pass(hessian):  # SophiaH's Hessian product may recompute checkpointed layers
+                    self.optimizer.step()
             elif not skip:
                 raise self.run.nonfinite(f"the gradient norm is {grad_norm}", step + 1,
                                          "pass --skip-nonfinite to skip such steps")
@@ -163,16 +166,20 @@ class Loop:
             if cfg.save_steps and done % cfg.save_steps == 0 and done != total_steps:
                 self.checkpoint(done, step / steps_per_epoch, total_steps)
         progress.close()
+        optimizers.to_eval(self.optimizer)  # schedule-free: the final evaluation and adapter use the averaged weights
         return last
 
     def evaluate(self) -> dict[str, float]:
-        return evaluate(self.module, self.stage, self.eval_set, self.cfg.batch_size, self.parameters[0].device,
-                        self.accelerator)
+        with optimizers.eval_weights(self.optimizer):
+            return evaluate(self.module, self.stage, self.eval_set, self.cfg.batch_size, self.parameters[0].device,
+                            self.accelerator)
 
     def checkpoint(self, step: int, epoch: float, total_steps: int) -> None:
         def write(path: Path) -> None:
-            self.write_checkpoint(path)
-            common.save_torch_state(path, self.optimizer, self.scheduler)
+            # Schedule-free: the checkpoint's adapter is the averaged one; resume switches back (after_resume).
+            with optimizers.eval_weights(self.optimizer):
+                self.write_checkpoint(path)
+                common.save_torch_state(path, self.optimizer, self.scheduler)
 
         self.run.save_checkpoint(step, write, {"epoch": epoch, "total_steps": total_steps,
                                                "nonfinite_skipped": self.nonfinite_skipped})
