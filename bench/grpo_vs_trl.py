@@ -1,6 +1,6 @@
 """pocketrlhf `grpo` vs trl's GRPOTrainer (and RLOOTrainer) with peft: completions/s at the same work, one run.
 
-    OMP_NUM_THREADS=1 python bench/grpo_vs_trl.py                  # 8 prompts x 8 completions per step
+    OMP_NUM_THREADS=1 python bench/grpo_vs_trl.py                  # 16 steps of 8 prompts x 8 completions (~8 min)
     OMP_NUM_THREADS=1 python bench/grpo_vs_trl.py --size small     # a few-minute check of the script
 
 The task is the verifiable one in the package: a tiny llama pretrained (full weights, locally) on
@@ -75,7 +75,7 @@ SIZES = {
     # ~1.1M parameters: 4 layers of 128 (MLP 512, 8 heads), vocabulary ~300 (a wider base did not learn to
     # copy the digit within a few minutes of pretraining); 64 completions per generation batch.
     "full": dict(hidden_size=128, layers=4, heads=8, intermediate_size=512, pretrain_steps=300, pretrain_lr=1e-3,
-                 prompts=8, generations=8, max_new_tokens=8, steps=8, batch_size=16),
+                 prompts=8, generations=8, max_new_tokens=8, steps=16, batch_size=16),
     # A quick check of the script: the base of tests/test_grpo.py (2 layers of 64).
     "small": dict(hidden_size=64, layers=2, heads=4, intermediate_size=256, pretrain_steps=300, pretrain_lr=3e-3,
                   prompts=4, generations=4, max_new_tokens=6, steps=4, batch_size=8),
@@ -309,7 +309,7 @@ def main() -> None:
     p.add_argument("--prompts", type=int, default=None, help="prompts per generation batch (default: full 8, small 4)")
     p.add_argument("--generations", type=int, default=None, help="completions per prompt, G (default: full 8, small 4)")
     p.add_argument("--max-new-tokens", type=int, default=None, help="default: full 8, small 6")
-    p.add_argument("--steps", type=int, default=None, help="generation batches per run (default: full 8, small 4)")
+    p.add_argument("--steps", type=int, default=None, help="generation batches per run (default: full 16, small 4)")
     p.add_argument("--batch-size", type=int, default=None, help="completions per micro-batch, a multiple of G "
                                                                 "(default: full 16, small 8)")
     p.add_argument("--grad-accum", type=int, default=None,
