@@ -34,14 +34,20 @@ Equal on every side:
     both sides run the old-policy and the reference pass.
 
 What cannot be equalized: the random streams (pocketrlhf answers each completion from its own
-seeded stream, trl from torch's global generator) and the prompt order of each step differ, so
-the reward curves are equal only up to sampling noise (the per-step mean rewards of every side are
-reported, with their overall means); trl computes the entropy in every training forward;
-trl's RLOO loss clips a sequence-level ratio (sum of log-probs) and averages per sequence,
-pocketrlhf's rloo clips per token and averages per-answer token means (``--loss-aggregation
-sequence``); pocketrlhf runs each group's prompt once in the reference and training passes (its
-own speed idea, same numbers). Completions of this task are short (a digit and EOS), so the
-rates weigh the per-step overhead of each trainer much more than a long-answer task would.
+seeded stream, trl from torch's global generator) and the LoRA initialisation draws, so the reward
+curves are equal only up to the noise of one seed (the prompts of each step are the same: both
+shuffle them with a torch generator seeded 0). The per-step mean rewards of every side are
+reported, with the difference of their later-half means and its binomial standard error (which
+leaves out the run-to-run spread of the trajectory itself). trl computes the entropy in every
+training forward; trl's RLOO loss clips a sequence-level ratio (sum of log-probs) and averages
+per sequence, pocketrlhf's rloo clips per token and averages per-answer token means
+(``--loss-aggregation sequence``); pocketrlhf runs each group's prompt once in the reference and
+training passes (its own speed idea, same numbers); trl's AdamW is torch's fused one,
+pocketrlhf's the default (same arithmetic); pocketrlhf steps its learning-rate schedule once per
+generation batch, trl once per optimizer step (no difference at the constant rate used here).
+Completions of this task are short (a digit and EOS), so the rates weigh the per-step overhead of
+each trainer much more than a long-answer task would. On a shared machine the wall-time rates
+follow the other jobs; the CPU-second rates are steadier (see bench/RESULTS.md).
 
 Sides: pocketrlhf with its defaults (fp32 weights); trl-defaults (GRPOConfig defaults for what the
 experiment does not fix: gradient_checkpointing=True, bf16=True: autocast on the CPU, LoRA and
