@@ -114,7 +114,8 @@ def digits_llama(path: Path, hidden_size: int, layers: int, heads: int, intermed
         return path
     shutil.rmtree(path, ignore_errors=True)
     build_tiny_model(path, "llama", texts=synthetic.digits_pretraining_texts(500), vocab_size=300,
-                     hidden_size=hidden_size, layers=layers, heads=heads, intermediate_size=intermediate_size, seed=seed)
+                     hidden_size=hidden_size, layers=layers, heads=heads, intermediate_size=intermediate_size,
+                     seed=seed)
     print(f"[bench] pretraining the base on digit lines for {pretrain_steps} steps ...", flush=True)
     pretrain_tiny_model(path, synthetic.digits_pretraining_texts(3000), steps=pretrain_steps, learning_rate=pretrain_lr,
                         seed=seed)
