@@ -39,9 +39,9 @@ curves are equal only up to the noise of one seed (the prompts of each step are 
 shuffle them with a torch generator seeded 0). The per-step mean rewards of every side are
 reported, with the difference of their later-half means and its binomial standard error (which
 leaves out the run-to-run spread of the trajectory itself). trl computes the entropy in every
-training forward; trl's RLOO loss clips a sequence-level ratio (sum of log-probs) and averages
-per sequence, pocketrlhf's rloo clips per token and averages per-answer token means
-(``--loss-aggregation sequence``); pocketrlhf runs each group's prompt once in the reference and
+training forward; both RLOO losses clip one sequence-level ratio (sum of log-probs) and average
+per answer (pocketrlhf ``--loss-aggregation answer``, its default for rloo since the figures in
+bench/RESULTS.md were taken: those ran its per-token ``sequence`` aggregation); pocketrlhf runs each group's prompt once in the reference and
 training passes (its own speed idea, same numbers); trl's AdamW is torch's fused one,
 pocketrlhf's the default (same arithmetic); pocketrlhf steps its learning-rate schedule once per
 generation batch, trl once per optimizer step (no difference at the constant rate used here).
@@ -156,7 +156,7 @@ def run_ours(a, files: dict, out: Path, dtype: str = "auto") -> dict:
         advantage="rloo" if rloo else "grpo", num_generations=a.generations, prompts_per_step=a.prompts,
         generation_batch_size=a.prompts * a.generations, batch_size=a.batch_size,
         gradient_accumulation_steps=a.grad_accum, num_iterations=1, max_new_tokens=a.max_new_tokens,
-        temperature=1.0, beta=BETA, scale_rewards="group", loss_aggregation="sequence" if rloo else "token",
+        temperature=1.0, beta=BETA, scale_rewards="group", loss_aggregation="answer" if rloo else "token",
         epsilon_low=EPSILON, epsilon_high=EPSILON, missing_eos_penalty=0.0, learning_rate=a.lr,
         lr_scheduler="constant", warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0, lora_r=LORA_R,
         lora_alpha=LORA_ALPHA, lora_dropout=0.0, target_modules="all-linear", logging_steps=1, progress=False, seed=0)
