@@ -55,8 +55,8 @@ def wait_ready(url: str, timeout: float = 60) -> httpx.Response:
 @pytest.fixture(scope="module")
 def server(adapters):
     cfg = ServeConfig(model=str(adapters["stack"]), adapters=f"chat={adapters['chat']}", device="cpu", max_queue=2,
-                      max_body_bytes=20_000, max_tokens=64)
-    app = create_app(lambda: Engine.load(cfg, parse_adapters(cfg.adapters)), cfg, api_key=KEY)
+                      max_body_bytes=20_000, max_tokens=64, max_batch=2)
+    app = create_app(lambda: Engine.load(cfg, parse_adapters(cfg.adapters), max_batch=cfg.max_batch), cfg, api_key=KEY)
     srv = BackgroundServer(app)
     assert wait_ready(srv.url).status_code == 200
     srv.engine = app.state.pocket.engine
@@ -298,10 +298,10 @@ def test_concurrent_requests_queue_on_one_worker(server):
     ("/v1/completions", {"model": "stack", "prompt": "hi"}),
 ])
 def test_a_failed_generation_is_a_500_and_the_server_goes_on(server, monkeypatch, path, body):
-    def broken(job):
+    def broken(*args):
         raise RuntimeError("boom")
 
-    monkeypatch.setattr(server.engine, "_generate", broken)
+    monkeypatch.setattr(server.engine, "_forward", broken)
     r = post(server, path, body)
     assert r.status_code == 500
     assert error_of(r)["type"] == "server_error" and error_of(r)["message"] == "generation failed: RuntimeError: boom"
@@ -324,20 +324,20 @@ def test_a_full_queue_answers_503_and_the_rest_complete(server):
         threads = [threading.Thread(target=lambda: results.append(post(server, "/v1/chat/completions",
                                                                        {"model": "stack", "messages": ask("hi"),
                                                                         "temperature": 0})))
-                   for _ in range(3)]  # one taken by the worker + max_queue=2 waiting
+                   for _ in range(4)]  # max_batch=2 taken by the worker + max_queue=2 waiting
         for t in threads:
             t.start()
         deadline = time.monotonic() + 20
-        while engine.pending < 3 and time.monotonic() < deadline:
+        while engine.pending < 4 and time.monotonic() < deadline:
             time.sleep(0.02)
-        assert engine.pending == 3
+        assert engine.pending == 4
         r = post(server, "/v1/chat/completions", {"model": "stack", "messages": ask("hi")})
         assert r.status_code == 503 and error_of(r)["code"] == "server_busy"
     finally:
         engine.busy.release()
     for t in threads:
         t.join(60)
-    assert [r.status_code for r in results] == [200, 200, 200]
+    assert [r.status_code for r in results] == [200, 200, 200, 200]
 
 
 def test_a_client_that_disconnects_mid_stream_frees_its_slot(server, client):

@@ -37,7 +37,8 @@ class ServeConfig(ServingOptions):
     port: int = option(8000, "port to listen on")
     api_key: str = option("", "require 'Authorization: Bearer KEY' on /v1 routes (also read from POCKETRLHF_API_KEY)")
     max_tokens: int = option(512, "reply length limit when a request sets no max_tokens")
-    max_queue: int = option(64, "requests that may wait for the generation worker; more get a 503")
+    max_batch: int = option(8, "requests generated together, in one batch across adapters (1: one at a time)")
+    max_queue: int = option(64, "requests that may wait for a place in the batch; more get a 503")
     max_body_bytes: int = option(1_000_000, "largest accepted request body (413 above)")
     cors_origins: str = option("", "comma-separated origins allowed by CORS, or * (empty: no CORS headers)")
     log_level: Literal["debug", "info", "warning", "error"] = option("info", "server log verbosity")
@@ -352,7 +353,7 @@ def create_app(load: Callable[[], Any], cfg: ServeConfig, api_key: str = ""):
         return dataclasses.replace(params, max_new_tokens=min(params.max_new_tokens, ctx - prompt_tokens))
 
     def admit(engine, jobs: int) -> None:
-        if engine.pending + jobs > cfg.max_queue + 1:
+        if engine.pending + jobs > cfg.max_queue + engine.max_batch:
             raise APIError(503, f"server busy: {engine.pending} request(s) already running or queued (--max-queue "
                            f"{cfg.max_queue}); retry shortly", "server_error", code="server_busy")
 
@@ -577,6 +578,7 @@ def run(cfg: ServeConfig) -> None:
     if cfg.load_8bit and cfg.load_4bit:
         raise ConfigError("--load-8bit and --load-4bit are exclusive: pick one")
     for name, value, low in (("--max-tokens", cfg.max_tokens, 1), ("--max-queue", cfg.max_queue, 0),
+                             ("--max-batch", cfg.max_batch, 1),
                              ("--max-body-bytes", cfg.max_body_bytes, 1)):
         if value < low:
             raise ConfigError(f"{name} must be at least {low}, got {value}")
@@ -587,7 +589,7 @@ def run(cfg: ServeConfig) -> None:
     if not _is_loopback(cfg.host) and not api_key:
         log.warning("listening on %s without --api-key: anyone who can reach this port can use the model", cfg.host)
     sock = listen(cfg.host, cfg.port)
-    app = create_app(lambda: Engine.load(cfg, plan=plan), cfg, api_key)
+    app = create_app(lambda: Engine.load(cfg, plan=plan, max_batch=cfg.max_batch), cfg, api_key)
     server = uvicorn.Server(uvicorn.Config(app, log_level=cfg.log_level, timeout_graceful_shutdown=5))
     app.state.pocket.server = server
     log.info("listening on http://%s:%d (OpenAI base_url http://%s:%d/v1); loading the model...",
