@@ -347,3 +347,14 @@ def test_rm_and_dpo_train_on_a_feedback_file(server, llama, tmp_path):
     dpo.train(dpo.DPOConfig(model=str(llama), data=str(votes), output_dir=str(tmp_path / "dpo"), device="cpu",
                             batch_size=4, max_steps=2, eval_fraction=0.0, lora_r=4, progress=False))
     assert (tmp_path / "dpo" / "adapter" / "adapter_config.json").is_file()
+
+
+def test_a_pipeline_takes_the_feedback_file_as_rm_and_dpo_data(llama, sft_file, tmp_path):
+    from pocketrlhf.pipeline import Pipeline, PipelineConfig
+
+    votes = tmp_path / "votes.jsonl"
+    votes.write_text(json.dumps({"prompt": "hi", "chosen": "a", "rejected": "b", "vote": "better"}) + "\n")
+    pipe = Pipeline(PipelineConfig(model=str(llama), output_dir=str(tmp_path / "run"), stages=["sft", "rm", "dpo"],
+                                   sft={"data": str(sft_file)}, rm={"data": str(votes)}))
+    assert pipe.stage_config("rm").data == str(votes)
+    assert pipe.stage_config("dpo").data == str(votes)  # DPO reads the reward model's data when it names none
