@@ -3,7 +3,8 @@
     OMP_NUM_THREADS=1 python bench/serve_throughput.py                 # llama, hidden 256, 4 layers
     OMP_NUM_THREADS=1 python bench/serve_throughput.py --size tiny     # a quick check of the script
 
-Setups (each in its own child process, one after another, same model and adapters):
+Setups (two servers in one child process, same model and adapters; each case runs on one, then
+the other, round after round, so that a change in a shared machine's load hits both alike):
   * one-at-a-time: ``--max-batch 1``, the engine as it was before batching: one request at a time
     through transformers' ``generate`` (requests queue on the one worker);
   * batched: ``--max-batch 8``: the requests in flight decode together, requests joining and
@@ -16,7 +17,8 @@ streams one chat completion (pure sampling at T=1, its own seed, ``--max-tokens`
 random-weight model rarely emits EOS, so each reply has the full length). Measured: aggregate
 tokens/s (all completion tokens / wall time from the first request to the last [DONE]) and time
 to first token (request sent -> first content delta, mean over clients). Each case runs
-``--rounds`` times after one warm-up round; the best round is kept (the machine is shared).
+``--rounds`` times per setup after one warm-up request pair; the best round is kept (the
+machine is shared), all rounds are in result.json.
 """
 
 from __future__ import annotations
@@ -114,30 +116,41 @@ def worker(a: argparse.Namespace) -> None:
 
     torch.set_num_threads(a.threads)
     base, ad_a, ad_b = build(Path(a.models), a.size)
-    cfg = ServeConfig(model=str(ad_a), name="a", adapters=f"b={ad_b}", device="cpu", max_batch=SETUPS[a.worker],
-                      max_queue=64, max_tokens=a.max_tokens, web=False, feedback_file="")
-    app = create_app(lambda: Engine.load(cfg, parse_adapters(cfg.adapters), cfg.name, max_batch=cfg.max_batch), cfg)
-    server = BackgroundServer(app)
-    while app.state.pocket.engine is None:
-        if app.state.pocket.error:
-            raise SystemExit(app.state.pocket.error)
-        time.sleep(0.05)
-    engine = app.state.pocket.engine
-    base_id = next(iter(engine.models))
+    servers = {}
+    for setup, max_batch in SETUPS.items():
+        cfg = ServeConfig(model=str(ad_a), name="a", adapters=f"b={ad_b}", device="cpu", max_batch=max_batch,
+                          max_queue=64, max_tokens=a.max_tokens, web=False, feedback_file="")
+        app = create_app(lambda cfg=cfg: Engine.load(cfg, parse_adapters(cfg.adapters), cfg.name,
+                                                     max_batch=cfg.max_batch), cfg)
+        server = BackgroundServer(app)
+        while app.state.pocket.engine is None:
+            if app.state.pocket.error:
+                raise SystemExit(app.state.pocket.error)
+            time.sleep(0.05)
+        servers[setup] = (server, app.state.pocket.engine)
+    base_id = next(iter(servers["batched"][1].models))
     mixes = {"same": ["a"], "mixed": ["a", "b", base_id]}
-    cases = {}
-    one_case(server.url, 2, ["a", "b"], 8, 999)  # warm-up: first-call costs are not what is compared
+    for server, _ in servers.values():
+        one_case(server.url, 2, ["a", "b"], 8, 999)  # warm-up: first-call costs are not what is compared
+    cases: dict[str, dict] = {setup: {} for setup in SETUPS}
     for mix, names in mixes.items():
         for clients in a.clients:
-            rounds = [one_case(server.url, clients, names, a.max_tokens, 1000 * r) for r in range(a.rounds)]
-            best = max(rounds, key=lambda r: r["tokens_per_s"])
-            best["ttft_mean_s"] = min(r["ttft_mean_s"] for r in rounds)
-            cases[f"{mix}/{clients}"] = best
-            print(f"{a.worker} {mix} {clients} clients: {best['tokens_per_s']:.1f} tokens/s, "
-                  f"ttft {best['ttft_mean_s'] * 1000:.0f} ms", flush=True)
-    server.stop()
-    engine.close()
-    write_result(Path(a.out), {"setup": a.worker, "max_batch": engine.max_batch, "cases": cases})
+            rounds: dict[str, list] = {setup: [] for setup in SETUPS}
+            for r in range(a.rounds):  # the setups alternate, so a change in the machine's load hits both
+                for setup, (server, _) in servers.items():
+                    rounds[setup].append(one_case(server.url, clients, names, a.max_tokens, 1000 * r))
+            for setup, results in rounds.items():
+                best = max(results, key=lambda x: x["tokens_per_s"])
+                best["ttft_mean_s"] = min(x["ttft_mean_s"] for x in results)
+                best["rounds_tokens_per_s"] = [round(x["tokens_per_s"], 2) for x in results]
+                cases[setup][f"{mix}/{clients}"] = best
+                print(f"{setup} {mix} {clients} clients: {best['tokens_per_s']:.1f} tokens/s, "
+                      f"ttft {best['ttft_mean_s'] * 1000:.0f} ms", flush=True)
+    for server, engine in servers.values():
+        server.stop()
+        engine.close()
+    write_result(Path(a.out), {setup: {"max_batch": servers[setup][1].max_batch, "cases": cases[setup]}
+                               for setup in SETUPS})
 
 
 def main() -> None:
@@ -148,7 +161,7 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default=str(ROOT / "runs" / "bench" / "serve_throughput"))
-    p.add_argument("--worker", choices=sorted(SETUPS), help=argparse.SUPPRESS)
+    p.add_argument("--worker", choices=["both"], help=argparse.SUPPRESS)
     p.add_argument("--models", help=argparse.SUPPRESS)
     a = p.parse_args()
     a.clients = [int(c) for c in str(a.clients).split(",") if c]
@@ -160,7 +173,7 @@ def main() -> None:
     models.mkdir(parents=True, exist_ok=True)
     args = ["--size", a.size, "--clients", ",".join(map(str, a.clients)), "--max-tokens", str(a.max_tokens),
             "--rounds", str(a.rounds), "--models", str(models)]
-    results = {name: run_child(__file__, name, args, out / name, a.threads) for name in SETUPS}
+    results = run_child(__file__, "both", args, out / "both", a.threads)
     one, batched = results["one-at-a-time"]["cases"], results["batched"]["cases"]
     print("\n| clients | adapters | one-at-a-time tokens/s | batched tokens/s | speed-up | TTFT one-at-a-time | TTFT batched |")
     print("|---|---|---|---|---|---|---|")

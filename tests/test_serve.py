@@ -457,3 +457,47 @@ def test_serve_command_end_to_end(adapters):
             proc.kill()
             proc.wait()
     assert proc.returncode == 0, proc.stderr.read()
+
+
+# ---------------------------------------------------------------------------------------------
+# The batched engine: sampling filters, 4-bit bases.
+
+
+def test_sampling_filters_of_one_row():
+    import torch
+
+    from pocketrlhf.serve.batching import next_token
+
+    logits = torch.tensor([0.0, 3.0, 2.9, -1.0, 2.8])
+    g = torch.Generator().manual_seed(0)
+
+    def draw(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0):
+        return {next_token(logits, None, temperature, top_k, top_p, min_p, 1.0, g) for _ in range(200)}
+
+    assert draw() == {0, 1, 2, 3, 4}
+    assert draw(top_k=2) == {1, 2}
+    assert draw(top_p=0.4) == {1, 2}  # token 1 alone holds < 0.4 of the mass, 1 + 2 more
+    assert draw(min_p=0.8) == {1, 2, 4} and draw(min_p=0.85) == {1, 2}
+    assert draw(temperature=0) == {1}
+    # The repetition penalty pushes seen tokens down: 3.0 / 2 < 2.9.
+    assert next_token(logits, torch.tensor([1]), 0, 0, 1.0, 0.0, 2.0, None) == 2
+
+
+def test_a_4bit_base_answers_a_batch_mixing_adapters_and_the_base(odd_llama, tmp_path):
+    """odd_llama's MLP width (176) crashes bitsandbytes' CPU 4-bit inference kernel: batches must fall back too."""
+    from pocketrlhf.serve.engine import SamplingParams, ServingOptions
+
+    a = teach_adapter(odd_llama, tmp_path / "a", "chatml", [("hi", "x")], train=False)
+    b = teach_adapter(odd_llama, tmp_path / "b", "chatml", [("hi", "y")], train=False)
+    eng = Engine.load(ServingOptions(model=str(a), load_4bit=True, device="cpu"), {"b": str(b)})
+    try:
+        assert eng.max_batch == 8
+        params = SamplingParams(temperature=1.0, max_new_tokens=6, seed=0)
+        streams = [eng.submit(name, eng.chat_prompt(name, ask("hello")), params)
+                   for name in ("a", "b", "llama176", "a")]
+        for s in streams:
+            s.text()
+        assert all(s.finish_reason in ("stop", "length") and s.completion_tokens >= 1 for s in streams)
+        assert max(eng.batch_sizes) >= 2
+    finally:
+        eng.close()

@@ -4,7 +4,8 @@ Requests join between steps (their prompts are prefilled as a small batch of the
 their KV cache is merged into the running one) and leave as soon as they end (EOS, a stop string,
 their token limit, cancellation), so a short reply never waits for a long one. Each row names its
 adapter: a peft LoRA model answers a batch mixing adapters (and the base, ``__base__``) in ONE
-forward pass through ``adapter_names=``, the base weights being read once for all rows.
+forward pass (peft's mixed-adapter path, ``adapter_names``), the base weights being read once for
+all rows; a batch of one adapter just makes it the active one, which costs nothing per layer.
 
 Rows are left-padded to a common length; a padded column is masked out of attention and each
 row's position ids count only its own tokens, so a row's tokens do not depend on its neighbours.
@@ -18,6 +19,7 @@ served one request at a time by ``generate`` instead (``batchable`` says which).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from typing import Any
 
@@ -57,6 +59,7 @@ def next_token(logits: torch.Tensor, seen: torch.Tensor | None, temperature: flo
     repetition penalty applies to (prompt and reply so far)."""
     x = logits.float()
     if repetition_penalty != 1.0 and seen is not None and seen.numel():
+        seen = seen.to(x.device)
         scores = x[seen]
         x = x.clone()
         x[seen] = torch.where(scores < 0, scores * repetition_penalty, scores / repetition_penalty)
@@ -168,3 +171,102 @@ class Batch:
             layer.keys = layer.keys[:, :, start:]
             layer.values = layer.values[:, :, start:]
         self.mask = self.mask[:, start:]
+
+
+def _plain_lora(module) -> bool:
+    """A LoRA layer whose adapters are plain ``B(A(x)) * scaling`` (no DoRA or other variant, not an
+    embedding, no accelerate hook that already replaced its forward)."""
+    import torch
+
+    return (not getattr(module, "lora_variant", None) and not getattr(module, "lora_embedding_A", None)
+            and not hasattr(module, "_hf_hook") and not getattr(module, "merged_adapters", None)
+            and all(isinstance(m, torch.nn.Linear) for m in module.lora_A.values()))
+
+
+class MixedAdapters:
+    """Each row of a batch through its own adapter, in one forward pass.
+
+    Plain LoRA layers (the usual case) get a forward of their own while a mixed batch runs: the
+    base layer once over every row, then ONE low-rank product for all the batch's adapters: their
+    A matrices stacked (x A_all^T gives every adapter's rank-r projection of every row), a row mask
+    keeping each row's own adapter's columns (none for a base row), their B matrices (scaling
+    folded in) stacked the other way. Four small tensor operations per layer whatever the number
+    of adapters; the stacked weights are made once per set of adapters, the masks once per step.
+    peft's own mixed-batch path (``model(..., adapter_names=...)``) gathers each adapter's rows
+    from Python lists in every layer and registers a hook on every layer on every call; it is used
+    only for layers this cannot handle (DoRA and other variants), through persistent hooks."""
+
+    def __init__(self, model):
+        from peft.tuners.lora import LoraLayer
+        from peft.utils import AuxiliaryTrainingWrapper
+
+        self.names: list[str] | None = None
+        self._masks: dict[tuple, torch.Tensor] = {}
+        self._stacked: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+        layers = [m for m in model.modules() if isinstance(m, LoraLayer)]
+        others = [m for m in model.modules() if isinstance(m, AuxiliaryTrainingWrapper)]
+        self.fast = bool(layers) and not others and all(_plain_lora(m) for m in layers)
+        self.handles = []
+        if self.fast:
+            for m in layers:
+                m.forward = self._forward_of(m, m.forward)
+        else:
+            self.handles = [m.register_forward_pre_hook(self._hook, with_kwargs=True) for m in layers + others]
+
+    def _layout(self, module) -> tuple:
+        # The batch's adapters this layer has, with their ranks: what the stacked weights and mask depend on.
+        present = dict.fromkeys(n for n in self.names if n in module.lora_A)
+        return tuple((n, module.lora_A[n].out_features) for n in present)
+
+    def _weights(self, module, layout: tuple) -> tuple[torch.Tensor, torch.Tensor]:
+        key = (id(module), layout)
+        if key not in self._stacked:
+            a = torch.cat([module.lora_A[n].weight for n, _ in layout], dim=0)
+            b = torch.cat([module.lora_B[n].weight * module.scaling[n] for n, _ in layout], dim=1)
+            self._stacked[key] = (a, b)
+        return self._stacked[key]
+
+    def _mask(self, layout: tuple, like: torch.Tensor) -> torch.Tensor:
+        key = (layout, like.device, like.dtype)
+        if key not in self._masks:
+            width = sum(r for _, r in layout)
+            mask = torch.zeros((len(self.names), width), dtype=like.dtype)
+            start = 0
+            for n, r in layout:
+                for i, name in enumerate(self.names):
+                    if name == n:
+                        mask[i, start:start + r] = 1
+                start += r
+            self._masks[key] = mask.to(like.device)
+        return self._masks[key]
+
+    def _forward_of(self, module, original):
+        def forward(x, *args, **kwargs):
+            if self.names is None:
+                return original(x, *args, **kwargs)
+            result = module.base_layer(x, *args, **kwargs)
+            layout = self._layout(module)
+            if not layout:
+                return result
+            a, b = self._weights(module, layout)
+            h = torch.nn.functional.linear(x.to(a.dtype), a)  # [rows, tokens, every adapter's rank]
+            mask = self._mask(layout, h)
+            delta = torch.nn.functional.linear(h * mask.view(mask.shape[0], *([1] * (h.dim() - 2)), -1), b)
+            return result + delta.to(result.dtype)
+
+        return forward
+
+    def _hook(self, module, args, kwargs):
+        if self.names is None:
+            return None
+        kwargs["adapter_names"] = self.names
+        return args, kwargs
+
+    @contextlib.contextmanager
+    def use(self, names: list[str]):
+        self.names = list(names)
+        self._masks = {}
+        try:
+            yield
+        finally:
+            self.names = None

@@ -1,10 +1,12 @@
 """One frozen base in memory, any number of adapters on it, and streamed text: shared by chat and serve.
 
 A model id names either the base (adapters disabled) or one adapter. Generation runs on ONE worker
-thread that takes jobs in arrival order, so concurrent callers queue instead of fighting over the
-GPU or over peft's active adapter. Each job is a ``Stream``: the worker pushes text deltas into
-it and the caller (the chat loop, or an HTTP response) iterates them; ``Stream.cancel()`` (Ctrl-C,
-a client that went away) stops the generation at the next token.
+thread that takes jobs in arrival order and decodes up to ``max_batch`` of them together
+(continuous batching, batching.py): a job joins the running batch at the next step and leaves it
+when it ends, and jobs for different adapters share each forward pass. Each job is a ``Stream``:
+the worker pushes text deltas into it and the caller (the chat loop, or an HTTP response)
+iterates them; ``Stream.cancel()`` (Ctrl-C, a client that went away) stops the generation at the
+next token.
 
 Replies stop on EOS, on the prompt format's end-of-turn/stop strings and on the caller's stop
 strings; a stop string is never part of the text handed out (text that could be the start of a
@@ -479,6 +481,8 @@ class Engine:
         self._closing = threading.Event()
         self._running: list[_Job] = []
         self.batch_sizes: list[int] = []  # rows of each decoding step (tests, benchmarks)
+        self._accepted: set[str] | None = None  # the model's forward arguments
+        self._mixed = None  # batching.MixedAdapters, made on the first batch that mixes adapters
         self._worker = threading.Thread(target=self._work, name="pocketrlhf-generate", daemon=True)
         self._worker.start()
 
@@ -707,16 +711,29 @@ class Engine:
         import torch
 
         from pocketrlhf.models.forward import unwrap
+        from pocketrlhf.serve.batching import BASE_ADAPTER, MixedAdapters
 
         kwargs = {}
+        switch = contextlib.nullcontext()
         if isinstance(self.model, peft.PeftModel):
-            kwargs["adapter_names"] = adapters
+            if len(set(adapters)) == 1:
+                # One adapter for every row: switching the active adapter costs nothing per layer, while
+                # peft's mixed-batch path pays hooks and row gathers in every LoRA layer.
+                served = next((m for m in self.models.values() if (m.adapter or BASE_ADAPTER) == adapters[0]), None)
+                switch = self._switch(served)
+            else:
+                if self._mixed is None:
+                    self._mixed = MixedAdapters(self.model)
+                switch = self._mixed.use(adapters)
+        if self._accepted is None:
+            self._accepted = set(inspect.signature(unwrap(self.model)[1].forward).parameters)
+        accepted = self._accepted
         # transformers renamed past_key_values to cache (5.2x); pass the name this version reads.
-        _, lm = unwrap(self.model)
-        kwargs["cache" if "cache" in inspect.signature(lm.forward).parameters else "past_key_values"] = cache
-        with torch.no_grad():
-            out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
-                             logits_to_keep=1, **kwargs)
+        kwargs["cache" if "cache" in accepted else "past_key_values"] = cache
+        if "logits_to_keep" in accepted:  # the vocabulary projection of the last position only
+            kwargs["logits_to_keep"] = 1
+        with switch, torch.no_grad():
+            out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, **kwargs)
         return out.logits[:, -1, :]
 
     def _admit(self, batch, jobs: list[_Job]) -> None:
