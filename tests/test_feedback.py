@@ -358,3 +358,31 @@ def test_a_pipeline_takes_the_feedback_file_as_rm_and_dpo_data(llama, sft_file, 
                                    sft={"data": str(sft_file)}, rm={"data": str(votes)}))
     assert pipe.stage_config("rm").data == str(votes)
     assert pipe.stage_config("dpo").data == str(votes)  # DPO reads the reward model's data when it names none
+
+
+def test_both_mixed_adapter_paths_match_peft(server):
+    import torch
+
+    from pocketrlhf.serve.batching import MixedAdapters
+
+    model = server.engine.model
+    ids = torch.tensor([[5, 6, 7, 8, 9]] * 4)
+    names = ["stack", "__base__", "chat", "stack"]
+    with torch.no_grad():
+        want = model(input_ids=ids, adapter_names=names).logits
+        assert not torch.allclose(want[0], want[1]) and not torch.allclose(want[0], want[2])
+        stacked = MixedAdapters(model)  # the stacked low-rank product of plain LoRA layers
+        assert stacked.fast
+        with stacked.use(names):
+            fast = model(input_ids=ids).logits
+        hooked = MixedAdapters(model, fast=False)  # peft's own path, for layers the other cannot take
+        try:
+            with hooked.use(names):
+                slow = model(input_ids=ids).logits
+        finally:
+            for h in hooked.handles:
+                h.remove()
+        plain = model(input_ids=ids).logits  # outside a batch: the active adapter, as before
+    torch.testing.assert_close(fast, want, atol=1e-5, rtol=1e-5)
+    assert torch.equal(slow, want)
+    assert not torch.allclose(plain[1], want[1])  # row 1 (base) differs from the active adapter's answer

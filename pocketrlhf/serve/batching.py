@@ -196,7 +196,7 @@ class MixedAdapters:
     from Python lists in every layer and registers a hook on every layer on every call; it is used
     only for layers this cannot handle (DoRA and other variants), through persistent hooks."""
 
-    def __init__(self, model):
+    def __init__(self, model, fast: bool = True):
         from peft.tuners.lora import LoraLayer
         from peft.utils import AuxiliaryTrainingWrapper
 
@@ -205,7 +205,7 @@ class MixedAdapters:
         self._stacked: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
         layers = [m for m in model.modules() if isinstance(m, LoraLayer)]
         others = [m for m in model.modules() if isinstance(m, AuxiliaryTrainingWrapper)]
-        self.fast = bool(layers) and not others and all(_plain_lora(m) for m in layers)
+        self.fast = fast and bool(layers) and not others and all(_plain_lora(m) for m in layers)
         self.handles = []
         if self.fast:
             for m in layers:
