@@ -741,6 +741,9 @@ def run(cfg: ServeConfig) -> None:
     app.state.pocket.server = server
     log.info("listening on http://%s:%d (OpenAI base_url http://%s:%d/v1); loading the model...",
              cfg.host, cfg.port, cfg.host, cfg.port)
+    if cfg.web:
+        log.info("web page: http://%s:%d/ (chat, compare and vote); votes go to %s", cfg.host, cfg.port,
+                 Path(cfg.feedback_file).expanduser().resolve() if cfg.feedback_file else "nowhere (--feedback-file '')")
     try:
         server.run(sockets=[sock])
     except KeyboardInterrupt:  # uvicorn re-raises Ctrl-C once it has shut down cleanly: the normal way to stop
