@@ -55,8 +55,8 @@ def wait_ready(url: str, timeout: float = 60) -> httpx.Response:
 @pytest.fixture(scope="module")
 def server(adapters):
     cfg = ServeConfig(model=str(adapters["stack"]), adapters=f"chat={adapters['chat']}", device="cpu", max_queue=2,
-                      max_body_bytes=20_000, max_tokens=64)
-    app = create_app(lambda: Engine.load(cfg, parse_adapters(cfg.adapters)), cfg, api_key=KEY)
+                      max_body_bytes=20_000, max_tokens=64, max_batch=2)
+    app = create_app(lambda: Engine.load(cfg, parse_adapters(cfg.adapters), max_batch=cfg.max_batch), cfg, api_key=KEY)
     srv = BackgroundServer(app)
     assert wait_ready(srv.url).status_code == 200
     srv.engine = app.state.pocket.engine
@@ -298,10 +298,10 @@ def test_concurrent_requests_queue_on_one_worker(server):
     ("/v1/completions", {"model": "stack", "prompt": "hi"}),
 ])
 def test_a_failed_generation_is_a_500_and_the_server_goes_on(server, monkeypatch, path, body):
-    def broken(job):
+    def broken(*args):
         raise RuntimeError("boom")
 
-    monkeypatch.setattr(server.engine, "_generate", broken)
+    monkeypatch.setattr(server.engine, "_forward", broken)
     r = post(server, path, body)
     assert r.status_code == 500
     assert error_of(r)["type"] == "server_error" and error_of(r)["message"] == "generation failed: RuntimeError: boom"
@@ -324,20 +324,20 @@ def test_a_full_queue_answers_503_and_the_rest_complete(server):
         threads = [threading.Thread(target=lambda: results.append(post(server, "/v1/chat/completions",
                                                                        {"model": "stack", "messages": ask("hi"),
                                                                         "temperature": 0})))
-                   for _ in range(3)]  # one taken by the worker + max_queue=2 waiting
+                   for _ in range(4)]  # max_batch=2 taken by the worker + max_queue=2 waiting
         for t in threads:
             t.start()
         deadline = time.monotonic() + 20
-        while engine.pending < 3 and time.monotonic() < deadline:
+        while engine.pending < 4 and time.monotonic() < deadline:
             time.sleep(0.02)
-        assert engine.pending == 3
+        assert engine.pending == 4
         r = post(server, "/v1/chat/completions", {"model": "stack", "messages": ask("hi")})
         assert r.status_code == 503 and error_of(r)["code"] == "server_busy"
     finally:
         engine.busy.release()
     for t in threads:
         t.join(60)
-    assert [r.status_code for r in results] == [200, 200, 200]
+    assert [r.status_code for r in results] == [200, 200, 200, 200]
 
 
 def test_a_client_that_disconnects_mid_stream_frees_its_slot(server, client):
@@ -457,3 +457,47 @@ def test_serve_command_end_to_end(adapters):
             proc.kill()
             proc.wait()
     assert proc.returncode == 0, proc.stderr.read()
+
+
+# ---------------------------------------------------------------------------------------------
+# The batched engine: sampling filters, 4-bit bases.
+
+
+def test_sampling_filters_of_one_row():
+    import torch
+
+    from pocketrlhf.serve.batching import next_token
+
+    logits = torch.tensor([0.0, 3.0, 2.9, -1.0, 2.8])
+    g = torch.Generator().manual_seed(0)
+
+    def draw(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0):
+        return {next_token(logits, None, temperature, top_k, top_p, min_p, 1.0, g) for _ in range(200)}
+
+    assert draw() == {0, 1, 2, 3, 4}
+    assert draw(top_k=2) == {1, 2}
+    assert draw(top_p=0.4) == {1, 2}  # token 1 alone holds < 0.4 of the mass, 1 + 2 more
+    assert draw(min_p=0.8) == {1, 2, 4} and draw(min_p=0.85) == {1, 2}
+    assert draw(temperature=0) == {1}
+    # The repetition penalty pushes seen tokens down: 3.0 / 2 < 2.9.
+    assert next_token(logits, torch.tensor([1]), 0, 0, 1.0, 0.0, 2.0, None) == 2
+
+
+def test_a_4bit_base_answers_a_batch_mixing_adapters_and_the_base(odd_llama, tmp_path):
+    """odd_llama's MLP width (176) crashes bitsandbytes' CPU 4-bit inference kernel: batches must fall back too."""
+    from pocketrlhf.serve.engine import SamplingParams, ServingOptions
+
+    a = teach_adapter(odd_llama, tmp_path / "a", "chatml", [("hi", "x")], train=False)
+    b = teach_adapter(odd_llama, tmp_path / "b", "chatml", [("hi", "y")], train=False)
+    eng = Engine.load(ServingOptions(model=str(a), load_4bit=True, device="cpu"), {"b": str(b)})
+    try:
+        assert eng.max_batch == 8
+        params = SamplingParams(temperature=1.0, max_new_tokens=6, seed=0)
+        streams = [eng.submit(name, eng.chat_prompt(name, ask("hello")), params)
+                   for name in ("a", "b", "llama176", "a")]
+        for s in streams:
+            s.text()
+        assert all(s.finish_reason in ("stop", "length") and s.completion_tokens >= 1 for s in streams)
+        assert max(eng.batch_sizes) >= 2
+    finally:
+        eng.close()

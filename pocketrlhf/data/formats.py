@@ -5,7 +5,9 @@ Preference: ``prompt`` + ``chosen`` + ``rejected`` (explicit) | ``chosen`` + ``r
 prompt: the common prefix) | ``question`` + ``response_j`` + ``response_k`` (``response_j`` better).
 Prompt-only (PPO): ``prompt`` | ``question`` | ``messages``.
 
-Rows with an empty or missing field are skipped and counted; a wrong type is an error.
+Rows with an empty or missing field are skipped and counted; a wrong type is an error. Votes of
+``pocketrlhf serve``'s web page that prefer neither answer (``vote``: tie, both_bad) are kept in its
+feedback file and skipped here with a count.
 """
 
 from __future__ import annotations
@@ -33,6 +35,8 @@ PROMPT_FORMATS = {"prompt": ("prompt",), "stackexchange": ("question",), "messag
 
 
 SHOWN_ROWS = 3
+# Feedback-file votes that name no better answer: not a preference pair.
+NO_PREFERENCE = {"tie": "tie votes", "both_bad": "both-bad votes"}
 
 
 @dataclass
@@ -181,7 +185,12 @@ def preference_pairs(ds, source: str, template: str = "plain", tokenizer=None,
     skipped = Skipped()
     out: list[PreferencePair] = []
     tmpl = effective_template(fmt, template)
+    votes = "vote" in ds.column_names
     for i, row in enumerate(ds, start=1):
+        if votes and row["vote"] in NO_PREFERENCE:
+            skipped.add(NO_PREFERENCE[row["vote"]], i)
+            out.extend([None] * placeholders)
+            continue
         cols = PREFERENCE_FORMATS[fmt]
         values = [require_string(row[c], source, i, c) for c in cols]
         if any(v is None for v in values):

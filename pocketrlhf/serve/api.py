@@ -15,6 +15,7 @@ import ipaddress
 import json
 import logging
 import os
+import random
 import socket
 import threading
 import time
@@ -25,6 +26,7 @@ from typing import Any, Callable, Literal
 from pocketrlhf.config import option
 from pocketrlhf.errors import ConfigError, PocketError
 from pocketrlhf.serve.engine import SamplingParams, ServingOptions
+from pocketrlhf.serve.feedback import VOTES, Comparisons, FeedbackFile, summary, valid_annotator, vote_rows
 
 log = logging.getLogger("pocketrlhf")
 
@@ -37,8 +39,12 @@ class ServeConfig(ServingOptions):
     port: int = option(8000, "port to listen on")
     api_key: str = option("", "require 'Authorization: Bearer KEY' on /v1 routes (also read from POCKETRLHF_API_KEY)")
     max_tokens: int = option(512, "reply length limit when a request sets no max_tokens")
-    max_queue: int = option(64, "requests that may wait for the generation worker; more get a 503")
+    max_batch: int = option(8, "requests generated together, in one batch across adapters (1: one at a time)")
+    max_queue: int = option(64, "requests that may wait for a place in the batch; more get a 503")
     max_body_bytes: int = option(1_000_000, "largest accepted request body (413 above)")
+    feedback_file: str = option("feedback/votes.jsonl", "where the web page's compare votes are appended "
+                                "(JSONL preference pairs that rm and dpo read)")
+    web: bool = option(True, "serve the web page (chat, compare, votes) at /")
     cors_origins: str = option("", "comma-separated origins allowed by CORS, or * (empty: no CORS headers)")
     log_level: Literal["debug", "info", "warning", "error"] = option("info", "server log verbosity")
 
@@ -182,6 +188,7 @@ def ignored_fields(body: dict, known: set[str], route: str) -> list[str]:
 
 
 START = time.time()  # "created" of every model card
+STATIC = Path(__file__).parent / "static"
 
 
 @dataclasses.dataclass
@@ -352,7 +359,7 @@ def create_app(load: Callable[[], Any], cfg: ServeConfig, api_key: str = ""):
         return dataclasses.replace(params, max_new_tokens=min(params.max_new_tokens, ctx - prompt_tokens))
 
     def admit(engine, jobs: int) -> None:
-        if engine.pending + jobs > cfg.max_queue + 1:
+        if engine.pending + jobs > cfg.max_queue + engine.max_batch:
             raise APIError(503, f"server busy: {engine.pending} request(s) already running or queued (--max-queue "
                            f"{cfg.max_queue}); retry shortly", "server_error", code="server_busy")
 
@@ -504,6 +511,147 @@ def create_app(load: Callable[[], Any], cfg: ServeConfig, api_key: str = ""):
         return await respond(request, engine, name, TEXT_CHOICES, jobs, (), stream_mode, include_usage,
                              sum(len(ids) for ids in encoded), f"cmpl-{uuid.uuid4().hex}")
 
+    # -- the web page and its votes ------------------------------------------------------------
+
+    comparisons = Comparisons()
+    votes = FeedbackFile(cfg.feedback_file) if cfg.feedback_file else None
+    app.state.comparisons = comparisons
+
+    if cfg.web:
+        from fastapi.responses import FileResponse
+        from fastapi.staticfiles import StaticFiles
+
+        app.mount("/static", StaticFiles(directory=str(STATIC)), name="static")
+
+        @app.get("/", include_in_schema=False)
+        async def index():
+            return FileResponse(STATIC / "index.html", headers={"Cache-Control": "no-cache"})
+
+        @app.get("/feedback", include_in_schema=False)
+        async def feedback_page():
+            return FileResponse(STATIC / "feedback.html", headers={"Cache-Control": "no-cache"})
+
+    @app.post("/feedback/compare")
+    async def compare(request: Request):
+        """One prompt, 2-4 model ids, their answers streamed together (one batch) as server-sent events."""
+        authorize(request)
+        body = await read_json(request)
+        engine = ready_engine()
+        prompt = _get(body, "prompt", (str,), None, lambda v: bool(v.strip()), "a non-empty string")
+        if prompt is None:
+            raise _bad("'prompt' must be a non-empty string", param="prompt")
+        system = _get(body, "system", (str,), "", None, "a string")
+        models = body.get("models")
+        if not (isinstance(models, list) and 2 <= len(models) <= 4 and all(isinstance(m, str) for m in models)):
+            raise _bad("'models' must be a list of 2 to 4 model ids", param="models")
+        for m in models:
+            if m not in engine.models:
+                raise APIError(404, f"the model '{m}' does not exist; available: {', '.join(engine.models)}",
+                               param="models", code="model_not_found")
+        anonymous = _get(body, "anonymous", (bool,), False, None, "true or false")
+        params, max_tokens, _ = parse_sampling({k: v for k, v in body.items() if k != "n"}, cfg.max_tokens)
+        if anonymous:
+            models = random.sample(models, len(models))  # the arena: which side is which is a secret until the vote
+        messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+        prompts, fitted = [], []
+        for m in models:
+            try:
+                ids = engine.chat_prompt(m, messages)
+            except Exception as e:  # noqa: BLE001 - a chat template that rejects these messages
+                raise _bad(f"cannot format this prompt for {m}: {e}", param="prompt") from None
+            prompts.append(ids)
+            fitted.append(fit(engine, len(ids), max_tokens, params, "prompt"))
+        admit(engine, len(models))
+        sampling = {"temperature": params.temperature, "top_p": params.top_p, "top_k": params.top_k,
+                    "min_p": params.min_p, "repetition_penalty": params.repetition_penalty,
+                    "max_tokens": params.max_new_tokens, "seed": params.seed}
+        c = comparisons.new(prompt, system, models, sampling, anonymous)
+        loop = asyncio.get_running_loop()
+        streams = [engine.submit(m, ids, prm, engine.stop_strings(m), loop) for m, ids, prm in zip(models, prompts, fitted)]
+
+        async def events():
+            out: asyncio.Queue = asyncio.Queue()
+
+            async def pump(i, stream):
+                try:
+                    async for delta in stream:
+                        c.answers[i] += delta
+                        await out.put({"slot": i, "delta": delta})
+                    c.finished[i] = True
+                    await out.put({"slot": i, "finish_reason": finish(stream.finish_reason)})
+                except Exception as e:  # noqa: BLE001 - reported in the stream
+                    await out.put({"slot": i, **_generation_failed(e).body()})
+                finally:
+                    await out.put(None)
+
+            tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
+            try:
+                yield _sse({"comparison": c.id, "anonymous": anonymous,
+                            "slots": [{"slot": i, "label": "ABCD"[i], "model": None if anonymous else m}
+                                      for i, m in enumerate(models)]})
+                running = len(tasks)
+                while running:
+                    item = await out.get()
+                    if item is None:
+                        running -= 1
+                        continue
+                    yield _sse(item)
+                yield _sse({"done": True, "complete": c.complete})
+                yield "data: [DONE]\n\n"
+            finally:
+                for s in streams:
+                    if not s.done:
+                        s.cancel()
+                for t in tasks:
+                    t.cancel()
+
+        return StreamingResponse(events(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    @app.post("/feedback/vote")
+    async def vote(request: Request):
+        """A vote on a finished comparison, appended to the feedback file as preference pairs."""
+        authorize(request)
+        body = await read_json(request)
+        cid = _get(body, "comparison", (str,), None, None, "a comparison id string")
+        if cid is None:
+            raise _bad("'comparison' is missing: the id the compare stream started with", param="comparison")
+        kind = _get(body, "vote", (str,), None, lambda v: v in VOTES, "one of " + ", ".join(VOTES))
+        if kind is None:
+            raise _bad("'vote' is missing: one of " + ", ".join(VOTES), param="vote")
+        annotator = _get(body, "annotator", (str,), "anonymous", valid_annotator,
+                         "1 to 64 letters, digits or . _ : -")
+        c = comparisons.get(cid)
+        if c is None:
+            raise APIError(404, f"no comparison '{cid[:80]}' (unknown, or forgotten after a restart)",
+                           param="comparison", code="comparison_not_found")
+        winner = None
+        if kind == "better":
+            winner = _get(body, "winner", (int,), None, lambda v: 0 <= v < len(c.models),
+                          f"the slot of the better answer, 0 to {len(c.models) - 1}")
+            if winner is None:
+                raise _bad("'winner' is missing: the slot of the better answer", param="winner")
+        if not c.complete:
+            raise APIError(409, "this comparison's answers did not all finish; run it again", param="comparison",
+                           code="comparison_incomplete")
+        if votes is None:
+            raise APIError(404, "votes are not recorded here (--feedback-file is empty)", code="feedback_off")
+        if not comparisons.claim(cid):
+            raise APIError(409, "this comparison already has a vote", param="comparison", code="already_voted")
+        rows = vote_rows(c, kind, winner, annotator)
+        try:
+            await asyncio.to_thread(votes.append, rows)
+        except OSError as e:
+            c.voted = False
+            raise APIError(500, f"cannot write the vote to {votes.path}: {e.strerror or e}", "server_error") from None
+        return {"ok": True, "comparison": cid, "rows": len(rows), "models": c.models}
+
+    @app.get("/feedback/summary")
+    async def feedback_summary(request: Request):
+        authorize(request)
+        rows = await asyncio.to_thread(votes.rows) if votes is not None else []
+        return {"file": str(votes.path) if votes is not None else None, **summary(rows)}
+
     return app
 
 
@@ -577,6 +725,7 @@ def run(cfg: ServeConfig) -> None:
     if cfg.load_8bit and cfg.load_4bit:
         raise ConfigError("--load-8bit and --load-4bit are exclusive: pick one")
     for name, value, low in (("--max-tokens", cfg.max_tokens, 1), ("--max-queue", cfg.max_queue, 0),
+                             ("--max-batch", cfg.max_batch, 1),
                              ("--max-body-bytes", cfg.max_body_bytes, 1)):
         if value < low:
             raise ConfigError(f"{name} must be at least {low}, got {value}")
@@ -587,11 +736,14 @@ def run(cfg: ServeConfig) -> None:
     if not _is_loopback(cfg.host) and not api_key:
         log.warning("listening on %s without --api-key: anyone who can reach this port can use the model", cfg.host)
     sock = listen(cfg.host, cfg.port)
-    app = create_app(lambda: Engine.load(cfg, plan=plan), cfg, api_key)
+    app = create_app(lambda: Engine.load(cfg, plan=plan, max_batch=cfg.max_batch), cfg, api_key)
     server = uvicorn.Server(uvicorn.Config(app, log_level=cfg.log_level, timeout_graceful_shutdown=5))
     app.state.pocket.server = server
     log.info("listening on http://%s:%d (OpenAI base_url http://%s:%d/v1); loading the model...",
              cfg.host, cfg.port, cfg.host, cfg.port)
+    if cfg.web:
+        log.info("web page: http://%s:%d/ (chat, compare and vote); votes go to %s", cfg.host, cfg.port,
+                 Path(cfg.feedback_file).expanduser().resolve() if cfg.feedback_file else "nowhere (--feedback-file '')")
     try:
         server.run(sockets=[sock])
     except KeyboardInterrupt:  # uvicorn re-raises Ctrl-C once it has shut down cleanly: the normal way to stop

@@ -1,10 +1,12 @@
 """One frozen base in memory, any number of adapters on it, and streamed text: shared by chat and serve.
 
 A model id names either the base (adapters disabled) or one adapter. Generation runs on ONE worker
-thread that takes jobs in arrival order, so concurrent callers queue instead of fighting over the
-GPU or over peft's active adapter. Each job is a ``Stream``: the worker pushes text deltas into
-it and the caller (the chat loop, or an HTTP response) iterates them; ``Stream.cancel()`` (Ctrl-C,
-a client that went away) stops the generation at the next token.
+thread that takes jobs in arrival order and decodes up to ``max_batch`` of them together
+(continuous batching, batching.py): a job joins the running batch at the next step and leaves it
+when it ends, and jobs for different adapters share each forward pass. Each job is a ``Stream``:
+the worker pushes text deltas into it and the caller (the chat loop, or an HTTP response)
+iterates them; ``Stream.cancel()`` (Ctrl-C, a client that went away) stops the generation at the
+next token.
 
 Replies stop on EOS, on the prompt format's end-of-turn/stop strings and on the caller's stop
 strings; a stop string is never part of the text handed out (text that could be the start of a
@@ -18,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import inspect
 import json
 import logging
 import queue
@@ -388,29 +391,34 @@ class _Decoder:
             self.stream._put(text[self.emitted:upto])
             self.emitted = upto
 
+    def feed(self, token: int) -> bool:
+        """Take one generated token; True once the reply has ended (EOS or a stop string)."""
+        self.seen += 1
+        if self.finished:
+            return True
+        if self.stream.started is None:
+            self.stream.started = time.monotonic()
+        self.stream.completion_tokens += 1
+        if token in self.stop_ids:
+            self.finish("stop")
+            return True
+        self.ids.append(token)
+        text = self.decode()
+        hits = [i for i in (text.find(s) for s in self.stops) if i >= 0]
+        if hits:
+            self._emit(text, min(hits))
+            self.finish("stop")
+            return True
+        self._emit(text, len(text) - _held_back(text, self.stops))
+        return False
+
     def __call__(self, input_ids, scores=None, **kwargs):
         import torch
 
         if self.offset is None:
             self.offset = input_ids.shape[1] - 1
-            self.stream.started = time.monotonic()
-        new = input_ids[0, self.offset + self.seen:].tolist()
-        for token in new:
-            self.seen += 1
-            if self.finished:
-                continue
-            self.stream.completion_tokens += 1
-            if token in self.stop_ids:
-                self.finish("stop")
-                continue
-            self.ids.append(token)
-            text = self.decode()
-            hits = [i for i in (text.find(s) for s in self.stops) if i >= 0]
-            if hits:
-                self._emit(text, min(hits))
-                self.finish("stop")
-                continue
-            self._emit(text, len(text) - _held_back(text, self.stops))
+        for token in input_ids[0, self.offset + self.seen:].tolist():
+            self.feed(token)
         stop = self.finished or self.stream.cancelled
         return torch.full((input_ids.shape[0],), stop, dtype=torch.bool, device=input_ids.device)
 
@@ -443,9 +451,16 @@ class _Job:
 
 
 class Engine:
-    """A loaded base (+ adapters), its tokenizers, and the one generation worker."""
+    """A loaded base (+ adapters), its tokenizers, and the one generation worker.
 
-    def __init__(self, model, plan: LoadPlan, device: str):
+    ``max_batch`` > 1: the worker decodes up to that many requests together (continuous batching,
+    adapters mixed in one pass; see batching.py). 1, or a model batching cannot handle: one
+    request at a time through transformers' ``generate``.
+    """
+
+    def __init__(self, model, plan: LoadPlan, device: str, max_batch: int = 8):
+        from pocketrlhf.serve.batching import batchable
+
         self.model = model
         self.plan = plan
         self.models = plan.models
@@ -454,13 +469,20 @@ class Engine:
         self.context_length = _context_length(model)
         # Token ids a prompt may use: a pad token added to the tokenizer can lie beyond the embeddings.
         self.vocab_size = model.get_input_embeddings().weight.shape[0]
+        why = batchable(model) if max_batch > 1 else ""
+        if why:
+            log.info("serving one request at a time: batching cannot handle %s", why)
+        self.max_batch = 1 if why else max(1, max_batch)
         self.tok_lock = threading.Lock()
         self._jobs: queue.Queue[_Job | None] = queue.Queue()
         self._pending = 0  # queued + running
         self._pending_lock = threading.Lock()
-        self.busy = threading.Lock()  # held while a job runs (tests hold it to simulate a busy worker)
+        self.busy = threading.Lock()  # held while a step runs (tests hold it to simulate a busy worker)
         self._closing = threading.Event()
-        self._running: _Job | None = None
+        self._running: list[_Job] = []
+        self.batch_sizes: list[int] = []  # rows of each decoding step (tests, benchmarks)
+        self._accepted: set[str] | None = None  # the model's forward arguments
+        self._mixed = None  # batching.MixedAdapters, made on the first batch that mixes adapters
         self._worker = threading.Thread(target=self._work, name="pocketrlhf-generate", daemon=True)
         self._worker.start()
 
@@ -468,7 +490,7 @@ class Engine:
 
     @classmethod
     def load(cls, opts: ServingOptions, adapters: dict[str, str] | None = None, name: str = "",
-             plan: LoadPlan | None = None) -> "Engine":
+             plan: LoadPlan | None = None, max_batch: int = 8) -> "Engine":
         """Load the base once and every adapter onto it."""
         from pocketrlhf.models.adapters import load_adapter, spec_mismatch
         from pocketrlhf.models.forward import disable_dropout
@@ -508,7 +530,7 @@ class Engine:
                 log.warning("%s (chat/serve: --load-4bit, --load-8bit, --quant-type, --double-quant)", mismatch)
             model = load_adapter(model, served.source, name=served.adapter)
         model.eval()
-        return cls(model, plan, device)
+        return cls(model, plan, device, max_batch)
 
     # -- prompts --------------------------------------------------------------------------------
 
@@ -590,34 +612,209 @@ class Engine:
         inside torch while the interpreter shuts down aborts the process ("terminate called
         without an active exception")."""
         self._closing.set()
-        running = self._running
-        if running is not None:
-            running.stream.cancel()
+        for job in list(self._running):
+            job.stream.cancel()
         self._jobs.put(None)
         if self._worker.is_alive() and self._worker is not threading.current_thread():
             self._worker.join(timeout)
 
-    def _work(self) -> None:
-        while True:
-            job = self._jobs.get()
-            if job is None:
-                return
-            error = None
+    def _end(self, job: _Job, reason: str, error: BaseException | None = None) -> None:
+        with self._pending_lock:
+            self._pending -= 1
+        # Only now does the caller see the end, so `pending` is already up to date for it.
+        job.stream._finish(reason, error)
+
+    def _take(self, block: bool, room: int) -> tuple[list[_Job], bool]:
+        """Up to ``room`` queued jobs (waiting for one when ``block``), and whether close() was called."""
+        jobs: list[_Job] = []
+        while len(jobs) < room:
             try:
-                with self.busy:
-                    self._running = job  # before the check: close() sets _closing, then reads _running
-                    if self._closing.is_set():
+                job = self._jobs.get(block=block and not jobs)
+            except queue.Empty:
+                break
+            if job is None:
+                return jobs, True
+            jobs.append(job)
+        return jobs, False
+
+    def _work(self) -> None:
+        from pocketrlhf.serve.batching import Batch
+
+        batch = Batch()
+        stopping = False
+        while True:
+            new, stop = self._take(block=not batch.rows, room=self.max_batch - len(batch))
+            stopping = stopping or stop
+            self._running = [r.job for r in batch.rows] + new
+            with self.busy:
+                if self._closing.is_set() or stopping:
+                    for job in self._running:
                         job.stream.cancel()
-                    reason = "cancelled" if job.stream.cancelled else self._generate(job)
-            except Exception as e:  # noqa: BLE001 - reported to the caller; the worker must survive
-                log.error("generation failed: %s: %s", type(e).__name__, e)
-                reason, error = "error", e
-            finally:
-                self._running = None
-                with self._pending_lock:
-                    self._pending -= 1
-            # Only now does the caller see the end, so `pending` is already up to date for it.
-            job.stream._finish(reason, error)
+                    for job in self._running:
+                        self._end(job, "cancelled")
+                    self._running = []
+                    rest, _ = self._take(block=False, room=1 << 30)  # queued behind the sentinel
+                    for job in rest:
+                        job.stream.cancel()
+                        self._end(job, "cancelled")
+                    return
+                if self.max_batch == 1:
+                    for job in new:
+                        self._run_alone(job)
+                    continue
+                try:
+                    self._admit(batch, new)
+                    if batch.rows:
+                        self._decode(batch)
+                except Exception as e:  # noqa: BLE001 - reported to each caller; the worker must survive
+                    log.error("generation failed: %s: %s", type(e).__name__, e)
+                    failed = {id(j): j for j in [r.job for r in batch.rows] + new}
+                    batch = Batch()
+                    for job in failed.values():
+                        if not job.stream.done:
+                            self._end(job, "error", e)
+            self._running = []
+
+    def _run_alone(self, job: _Job) -> None:
+        """One request through transformers' generate (the engine without batching)."""
+        error = None
+        try:
+            reason = "cancelled" if job.stream.cancelled else self._generate(job)
+        except Exception as e:  # noqa: BLE001 - reported to the caller; the worker must survive
+            log.error("generation failed: %s: %s", type(e).__name__, e)
+            reason, error = "error", e
+        self._end(job, reason, error)
+
+    # -- batched decoding -------------------------------------------------------------------------
+
+    def _input_device(self):
+        import torch
+
+        device = self.model.get_input_embeddings().weight.device
+        if str(device) == "meta":  # offloaded embeddings: accelerate moves inputs itself
+            device = torch.device(self.device)
+        return device
+
+    def _stop_ids(self, job: _Job) -> set[int]:
+        tok = job.served.tokenizer
+        stop_ids = {tok.eos_token_id}
+        with self.tok_lock:
+            for s in job.stops:
+                ids = tok.encode(s, add_special_tokens=False)
+                if len(ids) == 1:
+                    stop_ids.add(ids[0])
+        return stop_ids
+
+    def _forward(self, ids, mask, positions, cache, adapters: list[str]):
+        """Last-position logits [rows, vocab] of one pass over the rows (each with its adapter)."""
+        import peft
+        import torch
+
+        from pocketrlhf.models.forward import unwrap
+        from pocketrlhf.serve.batching import BASE_ADAPTER, MixedAdapters
+
+        kwargs = {}
+        switch = contextlib.nullcontext()
+        if isinstance(self.model, peft.PeftModel):
+            if len(set(adapters)) == 1:
+                # One adapter for every row: switching the active adapter costs nothing per layer, while
+                # peft's mixed-batch path pays hooks and row gathers in every LoRA layer.
+                served = next((m for m in self.models.values() if (m.adapter or BASE_ADAPTER) == adapters[0]), None)
+                switch = self._switch(served)
+            else:
+                if self._mixed is None:
+                    self._mixed = MixedAdapters(self.model)
+                switch = self._mixed.use(adapters)
+        if self._accepted is None:
+            self._accepted = set(inspect.signature(unwrap(self.model)[1].forward).parameters)
+        accepted = self._accepted
+        # transformers renamed past_key_values to cache (5.2x); pass the name this version reads.
+        kwargs["cache" if "cache" in accepted else "past_key_values"] = cache
+        if "logits_to_keep" in accepted:  # the vocabulary projection of the last position only
+            kwargs["logits_to_keep"] = 1
+        with switch, torch.no_grad():
+            out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, **kwargs)
+        return out.logits[:, -1, :]
+
+    def _admit(self, batch, jobs: list[_Job]) -> None:
+        """Prefill the new jobs' prompts together, sample their first tokens, merge them into the batch."""
+        import torch
+        from transformers import DynamicCache
+
+        from pocketrlhf.serve.batching import BASE_ADAPTER, Row, left_pad
+
+        rows = []
+        for job in jobs:
+            if job.stream.cancelled:
+                self._end(job, "cancelled")
+                continue
+            p = job.params
+            max_new = p.max_new_tokens
+            if self.context_length:
+                max_new = min(max_new, self.context_length - len(job.prompt_ids))
+            if max_new < 1:
+                self._end(job, "length")
+                continue
+            generator = None
+            if p.seed is not None and p.temperature > 0:
+                generator = torch.Generator(device=self._input_device()).manual_seed(p.seed)
+            seen = torch.tensor(job.prompt_ids, dtype=torch.long) if p.repetition_penalty != 1.0 else None
+            decoder = _Decoder(job.stream, job.served.tokenizer, self.tok_lock, self._stop_ids(job), job.stops)
+            rows.append(Row(job, decoder, job.served.adapter or BASE_ADAPTER, max_new, generator, seen))
+        if not rows:
+            return
+        from pocketrlhf.models.generation import safe_pad_id
+
+        pad = safe_pad_id(self.model, rows[0].job.served.tokenizer)
+        ids, mask = left_pad([r.job.prompt_ids for r in rows], pad, self._input_device())
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        cache = DynamicCache()
+        logits = self._forward(ids, mask, positions, cache, [r.adapter for r in rows])
+        self._sample(rows, logits)
+        batch.add(rows, cache, mask)
+        self._retire(batch)
+
+    def _decode(self, batch) -> None:
+        """One token for every row of the batch."""
+        import torch
+
+        device = batch.mask.device
+        ids = torch.tensor([[r.last] for r in batch.rows], dtype=torch.long, device=device)
+        positions = batch.mask.sum(-1, keepdim=True)
+        batch.mask = torch.cat([batch.mask, batch.mask.new_ones((len(batch), 1))], dim=1)
+        self.batch_sizes.append(len(batch))
+        logits = self._forward(ids, batch.mask, positions, batch.cache, [r.adapter for r in batch.rows])
+        self._sample(batch.rows, logits)
+        self._retire(batch)
+
+    def _sample(self, rows, logits) -> None:
+        import torch
+
+        from pocketrlhf.serve.batching import next_token
+
+        for row, row_logits in zip(rows, logits):
+            p = row.job.params
+            token = next_token(row_logits, row.seen, p.temperature, p.top_k, p.top_p, p.min_p,
+                               p.repetition_penalty, row.generator)
+            row.last = token
+            row.generated += 1
+            if row.seen is not None:
+                row.seen = torch.cat([row.seen, torch.tensor([token], dtype=torch.long)])
+            row.decoder.feed(token)
+
+    def _retire(self, batch) -> None:
+        """Finish the rows that ended (stop, length, cancelled) and drop them from the batch."""
+        alive = []
+        for i, row in enumerate(batch.rows):
+            if row.decoder.finished:
+                self._end(row.job, row.decoder.reason)
+            elif row.job.stream.cancelled:
+                self._end(row.job, "cancelled")
+            elif row.generated >= row.max_new:
+                self._end(row.job, row.decoder.close())
+            else:
+                alive.append(i)
+        batch.keep(alive)
 
     def _switch(self, served: ServedModel):
         import peft
@@ -636,12 +833,7 @@ class Engine:
         from pocketrlhf.models.generation import generation_config, inference_mode
 
         tok, p = job.served.tokenizer, job.params
-        stop_ids = {tok.eos_token_id}
-        with self.tok_lock:
-            for s in job.stops:
-                ids = tok.encode(s, add_special_tokens=False)
-                if len(ids) == 1:
-                    stop_ids.add(ids[0])
+        stop_ids = self._stop_ids(job)
         max_new = p.max_new_tokens
         if self.context_length:
             max_new = min(max_new, self.context_length - len(job.prompt_ids))
@@ -651,10 +843,7 @@ class Engine:
                                 min_p=p.min_p or None, repetition_penalty=p.repetition_penalty,
                                 stop_token_ids=sorted(stop_ids))
         decoder = _Decoder(job.stream, tok, self.tok_lock, stop_ids, job.stops)
-        device = self.model.get_input_embeddings().weight.device
-        if str(device) == "meta":  # offloaded embeddings: accelerate moves inputs itself
-            device = torch.device(self.device)
-        ids = torch.tensor([job.prompt_ids], dtype=torch.long, device=device)
+        ids = torch.tensor([job.prompt_ids], dtype=torch.long, device=self._input_device())
         if p.seed is not None:
             torch.manual_seed(p.seed)
         with self._switch(job.served), inference_mode(self.model):
