@@ -210,3 +210,21 @@ def test_sft_start_with_a_real_sampling_pass_has_ratio_one_and_kl_zero(tmp_path,
     assert row["first_ratio"] == pytest.approx(1.0, abs=1e-5)
     assert row["kl"] == pytest.approx(0.0, abs=1e-5)
     assert row["ratio"] != 1.0  # later minibatches moved away from the sampling policy
+
+
+def test_schedule_free_optimizer_resumes_exactly(tmp_path, digits):
+    """grpo with schedule-free AdamW (evaluated and checkpointed on its averaged weights): a run
+    resumed from such a checkpoint continues the same trajectory and saves the same adapter."""
+    pytest.importorskip("pytorch_optimizer")
+    full, crashed = tmp_path / "full", tmp_path / "crashed"
+    settings = dict(optimizer="schedulefree_adamw", max_steps=4, save_steps=2, eval_at_start=False, learning_rate=1e-3)
+    grpo.train(config(digits, full, **settings))
+    grpo.train(config(digits, crashed, **dict(settings, max_steps=2)))
+    (crashed / "summary.json").unlink()
+    grpo.train(config(digits, crashed, **settings, resume="auto"))
+    assert [r["score"] for r in metrics(full)] == [r["score"] for r in metrics(crashed)]
+    from safetensors.torch import load_file
+
+    a = load_file(str(full / "adapter" / "adapter_model.safetensors"))
+    b = load_file(str(crashed / "adapter" / "adapter_model.safetensors"))
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)

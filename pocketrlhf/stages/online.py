@@ -26,6 +26,7 @@ from typing import Any, Callable, Literal, Protocol
 
 import torch
 
+from pocketrlhf import optimizers
 from pocketrlhf.algorithms.ppo import sequence_kl
 from pocketrlhf.config import option
 from pocketrlhf.data.formats import PromptRow, prompt_rows
@@ -433,6 +434,9 @@ def train(cfg, algorithm: OnlineAlgorithm) -> dict:
     from pocketrlhf.models.loading import load_tokenizer
 
     stage = algorithm.stage
+    if cfg.optimizer == "sophia":  # its Hessian steps need the backward's graph, which these updates do not keep
+        raise ConfigError(f"--optimizer sophia: {stage} does not yet keep the graph its Hessian estimate needs (sft, rm "
+                          "and dpo do): choose another optimizer")
     common.setup_logging()
     accelerator = common.make_accelerator(cfg.device)
     world, rank = accelerator.num_processes, accelerator.process_index
@@ -532,15 +536,18 @@ def train(cfg, algorithm: OnlineAlgorithm) -> dict:
         progress.update(1, score=metrics["score"], kl=metrics.get("kl", 0.0),
                         samples_s=round(metrics["samples_per_s"], 1))
         if len(eval_prompts) and cfg.eval_steps and done % cfg.eval_steps == 0 and done != total_steps:
-            _log_eval(cfg, run, roles, tokenizer, eval_prompts, done)
+            with optimizers.eval_weights(optimizer):  # schedule-free: evaluate the averaged weights
+                _log_eval(cfg, run, roles, tokenizer, eval_prompts, done)
         if cfg.save_steps and done % cfg.save_steps == 0 and done != total_steps:
-            run.save_checkpoint(done, lambda path: (save_weights(path), common.save_torch_state(
-                path, optimizer, scheduler, algorithm.state_dict())),
-                {"total_steps": total_steps, "nonfinite_skipped": nonfinite_skipped})
+            with optimizers.eval_weights(optimizer):  # resume switches back (optimizers.after_resume)
+                run.save_checkpoint(done, lambda path: (save_weights(path), common.save_torch_state(
+                    path, optimizer, scheduler, algorithm.state_dict())),
+                    {"total_steps": total_steps, "nonfinite_skipped": nonfinite_skipped})
     progress.close()
 
     summary = {"steps": total_steps, "final_score": last.get("score"), "final_kl": last.get("kl"), **data_report,
                **before}
+    optimizers.to_eval(optimizer)  # schedule-free: the averaged weights are the result
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:  # saved before the final evaluation: a failing reward there loses no training
         save_weights(run.dir, tokenizer)
