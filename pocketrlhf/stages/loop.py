@@ -69,12 +69,19 @@ def evaluate(module, stage: StageLoss, examples: Sequence[Any], batch_size: int,
     rank, world = accelerator.process_index, accelerator.num_processes
     sums: dict[str, torch.Tensor] = {}
     units = torch.zeros((), device=device)
-    for start in range(rank * batch_size, len(examples), batch_size * world):
+    for i in range(common.eval_rounds(len(examples), batch_size, world)):
+        start = (i * world + rank) * batch_size
         chunk = examples[start:start + batch_size]
+        # A process past the end still runs a forward (of the first examples, counted as nothing)
+        # when the model is sharded: every process must join each forward's weight gathering.
+        if not chunk and not common.is_sharded(module):
+            continue
+        weight = 1.0 if chunk else 0.0
+        chunk = chunk or examples[:batch_size]
         loss, metrics = stage.loss(module, _to(stage.batch(chunk), device))
         for k, v in {"loss": loss, **metrics}.items():
-            sums[k] = sums.get(k, torch.zeros((), device=device)) + v.detach().float()
-        units += stage.units(chunk)
+            sums[k] = sums.get(k, torch.zeros((), device=device)) + v.detach().float() * weight
+        units += stage.units(chunk) * weight
     units = accelerator.reduce(units, "sum").clamp(min=1)
     return {k: (accelerator.reduce(v, "sum") / units).item() for k, v in sums.items()}
 
@@ -127,11 +134,12 @@ class Loop:
                         for k in metrics:  # every process reduces the same metric names below
                             sums.setdefault(k, torch.zeros((), device=device))
                         continue
-                    # DDP averages gradients over processes, hence the factor `world`.
+                    # DDP (and sync_gradients under FSDP) average gradients over processes, hence the factor `world`.
                     acc.backward(loss / global_units * world)
                 for k, v in {"loss": loss, **metrics}.items():
                     sums[k] = sums.get(k, torch.zeros((), device=device)) + v.detach().float()
                 speed.add(int(batch["attention_mask"].sum()) * world)
+            common.sync_gradients(acc, self.module, self.parameters)  # FSDP; DDP did it in backward
             # Gradients are already summed over processes here, so every process sees the same norm.
             grad_norm = float(common.grad_norm(acc, self.parameters, cfg.max_grad_norm))
             if math.isfinite(grad_norm):

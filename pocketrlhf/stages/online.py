@@ -410,7 +410,7 @@ def train(cfg, algorithm: OnlineAlgorithm) -> dict:
 
     stage = algorithm.stage
     common.setup_logging()
-    accelerator = common.make_accelerator(cfg.device)
+    accelerator = common.make_accelerator(cfg.device, stage, common.ONLINE_STRATEGIES)
     world, rank = accelerator.num_processes, accelerator.process_index
     if algorithm.prompts_per_step % world:
         raise ConfigError(f"{algorithm.prompts_per_step} prompts per step must be divisible by the {world} processes")
@@ -505,6 +505,7 @@ def train(cfg, algorithm: OnlineAlgorithm) -> dict:
     progress.close()
 
     summary = {"steps": total_steps, "final_score": last.get("score"), "final_kl": last.get("kl"), **data_report,
+               "distributed": common.strategy(accelerator),
                **before}
     if len(eval_prompts):
         summary.update({f"eval_{k}": v for k, v in _log_eval(cfg, run, roles, tokenizer, eval_prompts,

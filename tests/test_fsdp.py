@@ -1,0 +1,100 @@
+"""FSDP2 under `accelerate launch` on CPU processes (gloo): the frozen 16-bit base is sharded per
+decoder layer, the adapter stays whole; the run reports what it did and trains exactly what one
+process with the same global batch trains. Requested strategies a stage cannot run are refused
+before any work."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from pocketrlhf.config import ConfigError
+from pocketrlhf.stages import common, sft
+from test_distributed import EXAMPLES, ROOT, adapter, train_losses
+
+STEPS = 4
+
+
+def launch(config: str, model, data, out: Path, command: str = "sft", data_flag: str = "--data",
+           launcher: tuple[str, ...] = (), **kw) -> subprocess.CompletedProcess:
+    flags = [f"--{k.replace('_', '-')}={v}" for k, v in kw.items()]
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(EXAMPLES / config),
+           "--num_processes", "2", "--main_process_port", "0", "--num_cpu_threads_per_process", "1",
+           *launcher, "-m", "pocketrlhf", command, "--model", str(model), data_flag, str(data), "--output-dir", str(out),
+           "--device", "cpu", "--batch-size", "4", *flags]
+    full_env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1",
+                    PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    return subprocess.run(cmd, env=full_env, cwd=str(ROOT), capture_output=True, text=True, timeout=300)
+
+
+def sft_args(**over) -> dict:
+    args = dict(quantization="none", packing=False, completion_only=True, seq_length=64, learning_rate=1e-2,
+                max_steps=STEPS, max_grad_norm=1.0, lora_r=8, seed=0, progress=False, eval_fraction=0.05,
+                logging_steps=1)
+    args.update(over)
+    return args
+
+
+def test_sft_under_fsdp_matches_one_process(tmp_path, llama, sft_file):
+    proc = launch("cpu_fsdp.yaml", llama, sft_file, tmp_path / "fsdp", **sft_args())
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "distributed: fsdp over 2 processes (gloo)" in proc.stderr
+    sft.train(sft.SFTConfig(model=str(llama), data=str(sft_file), output_dir=str(tmp_path / "one"), device="cpu",
+                            batch_size=8, **sft_args()))
+    summary = json.loads((tmp_path / "fsdp" / "summary.json").read_text())
+    assert summary["distributed"]["strategy"] == "fsdp" and summary["distributed"]["processes"] == 2
+    assert json.loads((tmp_path / "one" / "summary.json").read_text())["distributed"]["strategy"] == "single"
+    a_loss, b_loss = train_losses(tmp_path / "fsdp"), train_losses(tmp_path / "one")
+    assert [s for s, _ in a_loss] == list(range(1, STEPS + 1))
+    assert [x for _, x in a_loss] == pytest.approx([x for _, x in b_loss], rel=1e-4)
+    a, b = adapter(tmp_path / "fsdp"), adapter(tmp_path / "one")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert (a[k] - b[k]).abs().max().item() < 1e-5, k
+    assert max(t.abs().max().item() for k, t in b.items() if "lora_B" in k) > 1e-3
+    assert summary["eval_loss"] == pytest.approx(json.loads((tmp_path / "one" / "summary.json").read_text())["eval_loss"],
+                                                 rel=1e-4)
+
+
+@pytest.mark.parametrize("env,stage,supported,message", [
+    ({}, "sft", common.OFFLINE_STRATEGIES, None),
+    ({"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2"}, "sft", common.OFFLINE_STRATEGIES, None),
+    ({"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "1"}, "sft", common.OFFLINE_STRATEGIES, "set fsdp_version: 2"),
+    ({"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2", "FSDP_OFFLOAD_PARAMS": "true"}, "dpo",
+     common.OFFLINE_STRATEGIES, "fsdp_offload_params: true"),
+    ({"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2", "FSDP_CPU_RAM_EFFICIENT_LOADING": "true"}, "rm",
+     common.OFFLINE_STRATEGIES, "fsdp_cpu_ram_efficient_loading: true"),
+    ({"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2"}, "ppo", common.ONLINE_STRATEGIES,
+     "ppo does not run under FSDP"),
+    ({"ACCELERATE_USE_DEEPSPEED": "true"}, "sft", common.OFFLINE_STRATEGIES, "sft does not run under DeepSpeed"),
+    ({"ACCELERATE_USE_MEGATRON_LM": "true"}, "grpo", common.ONLINE_STRATEGIES, "accelerate's megatron lm"),
+])
+def test_requested_strategies_are_run_or_refused(env, stage, supported, message):
+    if message is None:
+        assert common.check_strategy(stage, supported, env) == ("fsdp" if env else "")
+        return
+    with pytest.raises(ConfigError, match=message):
+        common.check_strategy(stage, supported, env)
+
+
+@pytest.mark.parametrize("case", ["fsdp1", "grpo", "4bit"])
+def test_a_strategy_the_stage_cannot_run_is_refused_before_any_work(tmp_path, llama, sft_file, case):
+    """Real two-process launches: once, FSDP configs ran as plain DDP without a word."""
+    out = tmp_path / "out"
+    if case == "grpo":
+        # Refused before the model or the prompts are read.
+        proc = launch("cpu_fsdp.yaml", llama, sft_file, out, command="grpo", data_flag="--prompts",
+                      reward_function="pocketrlhf.data.synthetic:exact_match", max_steps=1)
+        expected = "error: grpo does not run under FSDP"
+    elif case == "fsdp1":
+        proc = launch("cpu_fsdp.yaml", llama, sft_file, out, launcher=("--fsdp_version", "1"), max_steps=1)
+        expected = "error: the accelerate config asks for FSDP version 1"
+    else:
+        proc = launch("cpu_fsdp.yaml", llama, sft_file, out, quantization="4bit", max_steps=1)
+        expected = "error: FSDP shards 16-bit bases only, not --quantization 4bit"
+    assert proc.returncode != 0
+    assert expected in proc.stderr, proc.stderr[-3000:]
+    assert not (out / "metrics.jsonl").exists()
