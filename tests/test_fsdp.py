@@ -98,3 +98,45 @@ def test_a_strategy_the_stage_cannot_run_is_refused_before_any_work(tmp_path, ll
     assert proc.returncode != 0
     assert expected in proc.stderr, proc.stderr[-3000:]
     assert not (out / "metrics.jsonl").exists()
+
+
+@pytest.mark.parametrize("command", ["rm", "dpo"])
+def test_preference_stages_under_fsdp_match_one_process(tmp_path, pretrained_llama, sft_adapter, command):
+    """rm (trainable head next to the adapter) and dpo (the reference is the frozen SFT adapter,
+    switched to on the sharded model every micro-batch) under FSDP equal one process. 7 held-out
+    pairs over 2 processes x 4: one process runs an extra forward that counts for nothing."""
+    from safetensors.torch import load_file
+
+    from pocketrlhf.data import synthetic
+    from pocketrlhf.stages import dpo, rm
+
+    from conftest import write_jsonl
+
+    pairs = write_jsonl(tmp_path / "pairs.jsonl", synthetic.preference_rows(56, seed=3))
+    args = dict(max_steps=STEPS, learning_rate=1e-2, max_grad_norm=0.0, lora_r=8, seed=0, progress=False,
+                eval_fraction=0.125, logging_steps=1, sft_adapter=str(sft_adapter))
+    if command == "dpo":
+        args["precompute_ref_logprobs"] = False
+    proc = launch("cpu_fsdp.yaml", pretrained_llama, pairs, tmp_path / "fsdp", command=command, **args)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "distributed: fsdp over 2 processes (gloo)" in proc.stderr
+    stage, config = (rm, rm.RMConfig) if command == "rm" else (dpo, dpo.DPOConfig)
+    # The same global batch as 4 x 2 accumulated, so that the reward statistics (batched by
+    # --batch-size, padding included) are batched alike too.
+    stage.train(config(model=str(pretrained_llama), data=str(pairs), output_dir=str(tmp_path / "one"), device="cpu",
+                       batch_size=4, gradient_accumulation_steps=2, **args))
+    fsdp_run, one = train_losses(tmp_path / "fsdp"), train_losses(tmp_path / "one")
+    assert [x for _, x in fsdp_run] == pytest.approx([x for _, x in one], rel=1e-4)
+    a, b = adapter(tmp_path / "fsdp"), adapter(tmp_path / "one")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert (a[k] - b[k]).abs().max().item() < 1e-4, k
+    s_fsdp, s_one = (json.loads((tmp_path / n / "summary.json").read_text()) for n in ("fsdp", "one"))
+    assert s_fsdp["distributed"]["strategy"] == "fsdp"
+    assert s_fsdp["eval_loss"] == pytest.approx(s_one["eval_loss"], rel=1e-4)
+    assert s_fsdp["eval_accuracy"] == s_one["eval_accuracy"]
+    if command == "rm":
+        head_a = load_file(str(tmp_path / "fsdp" / "adapter" / "head.safetensors"))
+        head_b = load_file(str(tmp_path / "one" / "adapter" / "head.safetensors"))
+        assert (head_a["linear.weight"] - head_b["linear.weight"]).abs().max().item() < 1e-4
+        assert s_fsdp["reward_mean"] == pytest.approx(s_one["reward_mean"], rel=1e-4, abs=1e-5)
