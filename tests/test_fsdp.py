@@ -140,3 +140,43 @@ def test_preference_stages_under_fsdp_match_one_process(tmp_path, pretrained_lla
         head_b = load_file(str(tmp_path / "one" / "adapter" / "head.safetensors"))
         assert (head_a["linear.weight"] - head_b["linear.weight"]).abs().max().item() < 1e-4
         assert s_fsdp["reward_mean"] == pytest.approx(s_one["reward_mean"], rel=1e-4, abs=1e-5)
+
+
+def _crash_copy(full: Path, crashed: Path, step: int) -> None:
+    """What survives a run killed right after checkpoint-``step``: the checkpoint and the metrics so far."""
+    import shutil
+
+    crashed.mkdir()
+    shutil.copytree(full / f"checkpoint-{step}", crashed / f"checkpoint-{step}")
+    shutil.copy(full / "config.yaml", crashed / "config.yaml")
+    shutil.copy(full / ".pocketrlhf-run", crashed / ".pocketrlhf-run")
+    kept = [line for line in (full / "metrics.jsonl").read_text().splitlines() if json.loads(line)["step"] <= step + 1]
+    (crashed / "metrics.jsonl").write_text("".join(line + "\n" for line in kept))
+
+
+def test_fsdp_checkpoints_resume_on_another_number_of_processes(tmp_path, llama, sft_file):
+    """Adapters and optimizer state are whole on every process, so a checkpoint written by 2 FSDP
+    processes continues on 1 process and one written by 1 process continues under FSDP, the same
+    global batch split differently (--batch-size changes with the processes: --resume-ignore-config)."""
+    args = sft_args(save_steps=2, save_total_limit=0, eval_fraction=0.0)
+    proc = launch("cpu_fsdp.yaml", llama, sft_file, tmp_path / "fsdp", **args)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    sft.train(sft.SFTConfig(model=str(llama), data=str(sft_file), output_dir=str(tmp_path / "one"), device="cpu",
+                            batch_size=8, **args))
+    # 2 FSDP processes -> 1 process.
+    _crash_copy(tmp_path / "fsdp", tmp_path / "to_one", 2)
+    sft.train(sft.SFTConfig(model=str(llama), data=str(sft_file), output_dir=str(tmp_path / "to_one"), device="cpu",
+                            batch_size=8, resume="auto", resume_ignore_config=True, **args))
+    # 1 process -> 2 FSDP processes.
+    _crash_copy(tmp_path / "one", tmp_path / "to_fsdp", 2)
+    proc = launch("cpu_fsdp.yaml", llama, sft_file, tmp_path / "to_fsdp", resume="auto", resume_ignore_config="true",
+                  **args)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    reference = train_losses(tmp_path / "one")
+    for name in ("fsdp", "to_one", "to_fsdp"):
+        run = train_losses(tmp_path / name)
+        assert [s for s, _ in run] == list(range(1, STEPS + 1)), name
+        assert [x for _, x in run] == pytest.approx([x for _, x in reference], rel=1e-4), name
+        a, b = adapter(tmp_path / name), adapter(tmp_path / "one")
+        for k in b:
+            assert (a[k] - b[k]).abs().max().item() < 1e-5, (name, k)
