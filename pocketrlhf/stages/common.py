@@ -505,8 +505,8 @@ def strategy(accelerator) -> dict:
     world = accelerator.num_processes
     if world > 1 and requested_strategy() == "fsdp":
         name = "fsdp"
-        sharding = ("FSDP2: frozen base weights sharded over processes per decoder layer (plus one unit for "
-                    "the rest); adapters and heads replicated, gradients all-reduced")
+        sharding = ("FSDP2: frozen base weights sharded over processes per decoder layer (untied embeddings and "
+                    "the output layer as units of their own); adapters and heads replicated, gradients all-reduced")
     else:
         name = "ddp" if world > 1 else "single"
         sharding = "none: every process holds the whole model" if world > 1 else "none"
@@ -579,8 +579,9 @@ def decoder_layers(module: torch.nn.Module) -> list[torch.nn.Module]:
 
 
 def shard(module: torch.nn.Module, accelerator) -> torch.nn.Module:
-    """FSDP2 (``fully_shard``, in place) of the frozen weights: one unit per decoder layer and a
-    root unit for the rest (embeddings, final norm, output layer). Trainable parameters (adapters,
+    """FSDP2 (``fully_shard``, in place) of the frozen weights: one unit per decoder layer, one each
+    for untied input and output embeddings, and a root unit for the rest (final norm; tied
+    embeddings). Trainable parameters (adapters,
     heads) stay whole on every process and out of FSDP (``ignored_params``): they are well under 1%
     of the weights, so the optimizer, checkpoints and a resumption on another number of processes
     work as without sharding; ``sync_gradients`` averages their gradients. Every forward of
@@ -597,15 +598,28 @@ def shard(module: torch.nn.Module, accelerator) -> torch.nn.Module:
     if not layers:
         raise ConfigError(f"FSDP: {type(module).__name__} names no decoder layer class (_no_split_modules); "
                           "this model family cannot be sharded here, use DDP")
-    for layer in layers:
+    for layer in layers + _vocabulary_layers(module):
         fully_shard(layer, mesh=mesh, reshard_after_forward=reshard, ignored_params=trainable)
     fully_shard(module, mesh=mesh, reshard_after_forward=reshard, ignored_params=trainable)
     frozen = [p for p in module.parameters() if not p.requires_grad]
     local = sum(p.to_local().numel() if hasattr(p, "to_local") else p.numel() for p in frozen)
-    log.info("fsdp: %d decoder layers + 1 root unit; this process holds %s of the %s frozen weights (%.0f%%)",
+    log.info("fsdp: %d decoder layers, the vocabulary layers and 1 root unit; this process holds %s of the %s frozen weights (%.0f%%)",
              len(layers), f"{local:,}", f"{sum(p.numel() for p in frozen):,}",
              100 * local / max(sum(p.numel() for p in frozen), 1))
     return module
+
+
+def _vocabulary_layers(module: torch.nn.Module) -> list[torch.nn.Module]:
+    """The input and output embeddings as units of their own when they are not tied: each is
+    gathered only while it runs instead of through the whole step with the root (they are a large
+    share of a small model's weights)."""
+    for m in module.modules():
+        if hasattr(m, "get_output_embeddings") and hasattr(m, "_no_split_modules"):
+            emb, out = m.get_input_embeddings(), m.get_output_embeddings()
+            if emb is None or out is None or emb.weight is out.weight:
+                return []
+            return [emb, out]
+    return []
 
 
 def is_sharded(module: torch.nn.Module) -> bool:
