@@ -180,3 +180,26 @@ def test_fsdp_checkpoints_resume_on_another_number_of_processes(tmp_path, llama,
         a, b = adapter(tmp_path / name), adapter(tmp_path / "one")
         for k in b:
             assert (a[k] - b[k]).abs().max().item() < 1e-5, (name, k)
+
+
+def test_plan_per_process_under_fsdp(tmp_path):
+    """pocketrlhf plan --processes N --strategy fsdp: the base lines are 1/N, plus the gathered layers;
+    what the stages refuse, the planner refuses."""
+    from pocketrlhf import plan as P
+    from test_plan import LLAMA2_7B, write_config
+
+    shape = P.model_shape(P.read_config(str(write_config(tmp_path, LLAMA2_7B))))
+
+    def lines(**kw):
+        setup = P.plan_memory(shape, P.PlanConfig(model="unused", cuda_context="0GB", **kw)).setups[0]
+        return {line.key: line.bytes for line in setup.lines}, setup
+
+    ddp, ddp_setup = lines(processes=4)
+    fsdp, fsdp_setup = lines(processes=4, strategy="fsdp")
+    assert fsdp["base_linear"] == pytest.approx(ddp["base_linear"] / 4)
+    assert fsdp["base_other"] == pytest.approx(ddp["base_other"] / 4)
+    assert "fsdp_gathered" not in ddp and 1e9 < fsdp["fsdp_gathered"] < 2e9  # 4 x the 262M-parameter output layer
+    assert fsdp_setup.peak < ddp_setup.peak - 8e9  # 3/4 of 13.5 GB of bf16 weights saved
+    for bad in (dict(stage="ppo"), dict(quantization="4bit")):
+        with pytest.raises(ConfigError, match="--strategy fsdp"):
+            lines(processes=2, strategy="fsdp", **bad)
