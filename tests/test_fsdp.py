@@ -38,12 +38,16 @@ def sft_args(**over) -> dict:
     return args
 
 
-def test_sft_under_fsdp_matches_one_process(tmp_path, llama, sft_file):
-    proc = launch("cpu_fsdp.yaml", llama, sft_file, tmp_path / "fsdp", **sft_args())
+@pytest.mark.parametrize("quantization", ["none", "4bit"])
+def test_sft_under_fsdp_matches_one_process(tmp_path, llama, sft_file, quantization):
+    """16-bit and 4-bit bases (packed NF4 weights sharded; bitsandbytes restores each gathered
+    weight's quantization state from its layer): the same losses and adapter as one process."""
+    proc = launch("cpu_fsdp.yaml", llama, sft_file, tmp_path / "fsdp", **sft_args(quantization=quantization))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "distributed: fsdp over 2 processes (gloo)" in proc.stderr
+    assert "this process holds" in proc.stderr and "frozen weights (50%)" in proc.stderr
     sft.train(sft.SFTConfig(model=str(llama), data=str(sft_file), output_dir=str(tmp_path / "one"), device="cpu",
-                            batch_size=8, **sft_args()))
+                            batch_size=8, **sft_args(quantization=quantization)))
     summary = json.loads((tmp_path / "fsdp" / "summary.json").read_text())
     assert summary["distributed"]["strategy"] == "fsdp" and summary["distributed"]["processes"] == 2
     assert json.loads((tmp_path / "one" / "summary.json").read_text())["distributed"]["strategy"] == "single"
@@ -52,9 +56,18 @@ def test_sft_under_fsdp_matches_one_process(tmp_path, llama, sft_file):
     assert [x for _, x in a_loss] == pytest.approx([x for _, x in b_loss], rel=1e-4)
     a, b = adapter(tmp_path / "fsdp"), adapter(tmp_path / "one")
     assert a.keys() == b.keys()
+    # 4-bit computes in bf16: a batch split in two rounds a little differently, and Adam turns tiny
+    # gradient differences on near-zero coordinates into lr-sized steps: compared as under DDP
+    # (tests/test_distributed.py), by the share of coordinates off and the relative norm.
+    tolerance = 1e-5 if quantization == "none" else 2e-3
     for k in a:
-        assert (a[k] - b[k]).abs().max().item() < 1e-5, k
-    assert max(t.abs().max().item() for k, t in b.items() if "lora_B" in k) > 1e-3
+        diff = a[k] - b[k]
+        if quantization == "none":
+            assert diff.abs().max().item() < tolerance, k
+        else:
+            assert (diff.abs() > tolerance).float().mean().item() < 0.01, k
+            assert (diff.norm() / b[k].norm()).item() < 0.02, k
+    assert max(t.abs().max().item() for k, t in b.items() if "lora_B" in k) > 5 * tolerance
     assert summary["eval_loss"] == pytest.approx(json.loads((tmp_path / "one" / "summary.json").read_text())["eval_loss"],
                                                  rel=1e-4)
 
@@ -80,7 +93,7 @@ def test_requested_strategies_are_run_or_refused(env, stage, supported, message)
         common.check_strategy(stage, supported, env)
 
 
-@pytest.mark.parametrize("case", ["fsdp1", "grpo", "4bit"])
+@pytest.mark.parametrize("case", ["fsdp1", "grpo", "8bit"])
 def test_a_strategy_the_stage_cannot_run_is_refused_before_any_work(tmp_path, llama, sft_file, case):
     """Real two-process launches: once, FSDP configs ran as plain DDP without a word."""
     out = tmp_path / "out"
@@ -93,8 +106,8 @@ def test_a_strategy_the_stage_cannot_run_is_refused_before_any_work(tmp_path, ll
         proc = launch("cpu_fsdp.yaml", llama, sft_file, out, launcher=("--fsdp_version", "1"), max_steps=1)
         expected = "error: the accelerate config asks for FSDP version 1"
     else:
-        proc = launch("cpu_fsdp.yaml", llama, sft_file, out, quantization="4bit", max_steps=1)
-        expected = "error: FSDP shards 16-bit bases only, not --quantization 4bit"
+        proc = launch("cpu_fsdp.yaml", llama, sft_file, out, quantization="8bit", max_steps=1)
+        expected = "error: FSDP cannot shard an 8-bit base"
     assert proc.returncode != 0
     assert expected in proc.stderr, proc.stderr[-3000:]
     assert not (out / "metrics.jsonl").exists()
@@ -200,6 +213,6 @@ def test_plan_per_process_under_fsdp(tmp_path):
     assert fsdp["base_other"] == pytest.approx(ddp["base_other"] / 4)
     assert "fsdp_gathered" not in ddp and 1e9 < fsdp["fsdp_gathered"] < 2e9  # 4 x the 262M-parameter output layer
     assert fsdp_setup.peak < ddp_setup.peak - 8e9  # 3/4 of 13.5 GB of bf16 weights saved
-    for bad in (dict(stage="ppo"), dict(quantization="4bit")):
+    for bad in (dict(stage="ppo"), dict(quantization="8bit")):
         with pytest.raises(ConfigError, match="--strategy fsdp"):
             lines(processes=2, strategy="fsdp", **bad)

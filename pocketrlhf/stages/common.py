@@ -554,17 +554,16 @@ def make_accelerator(device: str, stage: str = "", strategies: tuple[str, ...] =
 
 
 def check_fsdp_model(cfg: Any, accelerator) -> None:
-    """Refuses, before the base is loaded, a model FSDP here cannot shard: bitsandbytes keeps a
-    4/8-bit weight's quantization state on the parameter object (Params4bit/Int8Params), and FSDP2
-    replaces every sharded parameter by a plain DTensor and all-gathers into plain tensors, so the
-    layer could no longer dequantize. (FSDP1-QLoRA's bnb_4bit_quant_storage trick relies on FSDP1's
-    flat parameters, which pocketrlhf does not use.)"""
-    if strategy(accelerator)["strategy"] != "fsdp":
-        return
-    if getattr(cfg, "quantization", "none") != "none":
-        raise ConfigError(f"FSDP shards 16-bit bases only, not --quantization {cfg.quantization}: FSDP2 replaces each "
-                          "weight by a plain sharded tensor and bitsandbytes' quantization state is lost; use "
-                          "--quantization none (the base is sharded over the processes instead), or DDP")
+    """Refuses, before the base is loaded, a base FSDP cannot shard. FSDP2 replaces each sharded
+    weight by a plain DTensor and gathers it into a plain Parameter. A 4-bit Linear4bit keeps its
+    quantization state on the module too and bitsandbytes puts it back on the gathered weight, so
+    4-bit bases shard (the packed weights; the small quantization constants stay whole on each
+    process). An 8-bit Linear8bitLt reads its int8 data and scales from attributes of the weight
+    object itself (Int8Params.CB/SCB), which the gathered plain Parameter does not carry."""
+    if strategy(accelerator)["strategy"] == "fsdp" and getattr(cfg, "quantization", "none") == "8bit":
+        raise ConfigError("FSDP cannot shard an 8-bit base: bitsandbytes' LLM.int8 layers read their scales from the "
+                          "weight object, which FSDP replaces by a plain sharded tensor; use --quantization 4bit or "
+                          "none, or DDP")
 
 
 def decoder_layers(module: torch.nn.Module) -> list[torch.nn.Module]:
