@@ -511,7 +511,8 @@ def strategy(accelerator) -> dict:
         name = "ddp" if world > 1 else "single"
         sharding = "none: every process holds the whole model" if world > 1 else "none"
     backend = torch.distributed.get_backend() if world > 1 and torch.distributed.is_initialized() else None
-    out = {"strategy": name, "processes": world, "backend": backend, "sharding": sharding}
+    out = {"strategy": name, "processes": world, "backend": backend, "sharding": sharding,
+           "requested": requested_strategy() or None}
     if name == "fsdp":
         out["reshard_after_forward"] = fsdp_options()["reshard_after_forward"]
     return out
@@ -519,7 +520,9 @@ def strategy(accelerator) -> dict:
 
 def describe_strategy(info: dict) -> str:
     if info["strategy"] == "single":
-        return "single process"
+        asked = info.get("requested")
+        return f"single process (accelerate launch asked for {asked}: one process has nothing to shard)" if asked \
+            else "single process"
     return f"{info['strategy']} over {info['processes']} processes ({info['backend']}); sharding: {info['sharding']}"
 
 
@@ -549,7 +552,10 @@ def make_accelerator(device: str, stage: str = "", strategies: tuple[str, ...] =
         os.environ.update(hidden)  # strategy() and the shard step read it back
     if not accelerator.is_main_process:
         log.setLevel(logging.WARNING)  # one copy of the run's messages, not one per process
-    log.info("distributed: %s", describe_strategy(strategy(accelerator)))
+    info = strategy(accelerator)
+    # One process says so only in summary.json (its errors stay one line); several always say what they do.
+    log.log(logging.INFO if info["processes"] > 1 or requested else logging.DEBUG, "distributed: %s",
+            describe_strategy(info))
     return accelerator
 
 
