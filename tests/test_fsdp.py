@@ -180,8 +180,11 @@ def test_fsdp_checkpoints_resume_on_another_number_of_processes(tmp_path, llama,
     _crash_copy(tmp_path / "fsdp", tmp_path / "to_one", 2)
     sft.train(sft.SFTConfig(model=str(llama), data=str(sft_file), output_dir=str(tmp_path / "to_one"), device="cpu",
                             batch_size=8, resume="auto", resume_ignore_config=True, **args))
-    # 1 process -> 2 FSDP processes.
+    # 1 process -> 2 FSDP processes. Without a new --batch-size the global batch would double: refused.
     _crash_copy(tmp_path / "one", tmp_path / "to_fsdp", 2)
+    proc = launch("cpu_fsdp.yaml", llama, sft_file, tmp_path / "to_fsdp", resume="auto", **dict(args, batch_size=8))
+    assert proc.returncode != 0
+    assert "error: the checkpoint was trained with 8 sequences per step on 1 process(es), now 16 on 2" in proc.stderr
     proc = launch("cpu_fsdp.yaml", llama, sft_file, tmp_path / "to_fsdp", resume="auto", resume_ignore_config="true",
                   **args)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

@@ -16,6 +16,7 @@ from typing import Any, Callable, Protocol, Sequence
 
 import torch
 
+from pocketrlhf.config import ConfigError
 from pocketrlhf.errors import DataError
 from pocketrlhf.stages import common
 
@@ -183,10 +184,31 @@ class Loop:
             common.save_torch_state(path, self.optimizer, self.scheduler)
 
         self.run.save_checkpoint(step, write, {"epoch": epoch, "total_steps": total_steps,
-                                               "nonfinite_skipped": self.nonfinite_skipped})
+                                               "nonfinite_skipped": self.nonfinite_skipped,
+                                               "processes": self.accelerator.num_processes,
+                                               "sequences_per_step": sequences_per_step(self.cfg, self.accelerator.num_processes)})
+
+    def check_global_batch(self, state: dict) -> None:
+        """The number of processes is not in config.yaml: a checkpoint resumed on another number of
+        processes with the same --batch-size would silently change the global batch."""
+        recorded = state.get("sequences_per_step")
+        current = sequences_per_step(self.cfg, self.accelerator.num_processes)
+        if recorded is None or recorded == current:
+            return
+        what = (f"{recorded} sequences per step on {state.get('processes')} process(es), now {current} on "
+                f"{self.accelerator.num_processes}")
+        if getattr(self.cfg, "resume_ignore_config", False):
+            common.log.warning("resuming with another global batch (%s)", what)
+            return
+        raise ConfigError(f"the checkpoint was trained with {what}: set --batch-size or --gradient-accumulation-steps "
+                          "so that batch_size x gradient_accumulation_steps x processes is the same, and pass "
+                          "--resume-ignore-config")
 
     def resume(self, load_weights: Callable[[Path], None]) -> int:
         """Restore weights, optimizer, schedule and RNG from the checkpoint cfg.resume names; the step."""
+        checkpoint = self.run.resume_from()
+        if checkpoint is not None:
+            self.check_global_batch(common.read_state(checkpoint))
         step, state, _ = common.resume(self.run, self.optimizer, self.scheduler, load_weights)
         self.nonfinite_skipped = state.get("nonfinite_skipped", 0)
         return step
