@@ -80,6 +80,8 @@ def test_sft_under_fsdp_matches_one_process(tmp_path, llama, sft_file, quantizat
      common.OFFLINE_STRATEGIES, "fsdp_offload_params: true"),
     ({"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2", "FSDP_CPU_RAM_EFFICIENT_LOADING": "true"}, "rm",
      common.OFFLINE_STRATEGIES, "fsdp_cpu_ram_efficient_loading: true"),
+    ({"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2", "ACCELERATE_MIXED_PRECISION": "bf16"}, "sft",
+     common.OFFLINE_STRATEGIES, "mixed_precision: bf16 is not applied under FSDP"),
     ({"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2"}, "ppo", common.ONLINE_STRATEGIES,
      "ppo does not run under FSDP"),
     ({"ACCELERATE_USE_DEEPSPEED": "true"}, "sft", common.OFFLINE_STRATEGIES, "sft does not run under DeepSpeed"),

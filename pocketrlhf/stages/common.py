@@ -474,6 +474,11 @@ def fsdp_options(env: dict | None = None) -> dict:
     for var, message in refused.items():
         if _flag(env, var):
             raise ConfigError(message)
+    precision = env.get("ACCELERATE_MIXED_PRECISION", "no").strip().lower()
+    if precision not in ("", "no"):
+        # accelerate's autocast comes with its prepare_model, which the sharded model does not go through.
+        raise ConfigError(f"mixed_precision: {precision} is not applied under FSDP; set mixed_precision: 'no' (the "
+                          "stages pick their own dtypes: --dtype, --compute-dtype)")
     # FSDP2 takes true/false; FSDP1's strategy names are mapped the way accelerate maps them.
     reshard = env.get("FSDP_RESHARD_AFTER_FORWARD", "true").strip().lower()
     return {"reshard_after_forward": reshard not in ("false", "shard_grad_op", "no_shard", "0")}
