@@ -89,6 +89,11 @@ class PlanConfig:
     )
     gpu_memory: str = option("", "GPU memory to fit in, e.g. 24GB, 24GiB, 80GB (GB = 10^9 bytes, GiB = 2^30)")
     cuda_context: str = option("1GB", "CUDA context and kernel images (about 0.5-1 GB)")
+    processes: int = option(1, "processes (GPUs) the stage runs on; the plan is per process")
+    strategy: Literal["ddp", "fsdp"] = option(
+        "ddp", "ddp: every process holds the whole base; fsdp (sft, rm, dpo; 16/4-bit bases): 1/processes of it "
+        "plus the layers being gathered"
+    )
     json: bool = option(False, "print the plan as JSON instead of a table")
     trust_remote_code: bool = option(False, "allow configs of architectures that ship their own code")
 
@@ -505,6 +510,11 @@ def _check(cfg: PlanConfig) -> None:
     for name in ("lora_r", "batch_size", "seq_length", "generation_batch_size", "max_new_tokens"):
         if getattr(cfg, name) < 1:
             raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(cfg, name)}")
+    if cfg.processes < 1:
+        raise ConfigError(f"--processes must be at least 1, got {cfg.processes}")
+    if cfg.strategy == "fsdp" and (cfg.stage == "ppo" or cfg.quantization == "8bit"):
+        raise ConfigError("--strategy fsdp: the stages shard 16-bit and 4-bit bases of sft, rm and dpo only "
+                          "(README: Several processes or GPUs)")
     if cfg.stage == "ppo" and cfg.max_new_tokens >= cfg.seq_length:
         raise ConfigError(f"--max-new-tokens ({cfg.max_new_tokens}) must be smaller than --seq-length "
                           f"({cfg.seq_length}), which counts the prompt too")
@@ -609,10 +619,19 @@ def _base_lines(setup: Setup, shape: ModelShape, cfg: PlanConfig, copies: int = 
     kind = {"none": cfg.dtype, "8bit": "int8", "4bit": "NF4" + ("+DQ" if cfg.double_quant else "")}[q]
     per_param = linear_weights / max(linear_params, 1)
     times = f" x {copies}" if copies > 1 else ""
-    setup.add("base_linear", f"base{times}: linear layers ({kind}, {per_param:.3g} B/param)", copies * linear_weights)
+    shards = cfg.processes if cfg.strategy == "fsdp" else 1  # stages/common.shard: 1/N of the base per process
+    times += f" / {shards} (FSDP shard)" if shards > 1 else ""
+    setup.add("base_linear", f"base{times}: linear layers ({kind}, {per_param:.3g} B/param)",
+              copies * linear_weights / shards)
     other = ("fp32: upcast for k-bit training" if q != "none" else "fp32") if other_bytes == 4 else cfg.dtype
     what = "embeddings, lm_head, norms" + (", other" if shape.outside_linears else "")
-    setup.add("base_other", f"base{times}: {what} ({other})", copies * unquantized * other_bytes)
+    setup.add("base_other", f"base{times}: {what} ({other})", copies * unquantized * other_bytes / shards)
+    if shards > 1:
+        # The largest unit gathered whole: all-gather output and unsharded copy of the running
+        # unit plus the prefetched next one, ~4 units (bench/fsdp_memory.py measured 4-4.4).
+        layer = sum(lin.in_features * lin.out_features for lin in shape.layer_linears)
+        unit = max(layer, shape.counts.get("embeddings", 0), shape.counts.get("lm_head", 0)) * dtype_bytes
+        setup.add("fsdp_gathered", "FSDP: layers gathered whole while they run (~4 units)", 4 * unit, phase="train")
 
 
 def _adapter_lines(setup: Setup, shape: ModelShape, cfg: PlanConfig, role: str, trainable: bool) -> None:

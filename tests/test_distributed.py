@@ -84,6 +84,8 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path, ll
     summary_ddp = json.loads((tmp_path / "ddp" / "summary.json").read_text())
     summary_one = json.loads((tmp_path / "one" / "summary.json").read_text())
     assert summary_ddp["eval_loss"] == pytest.approx(summary_one["eval_loss"], rel=1e-4)
+    assert summary_ddp["distributed"]["strategy"] == "ddp" and summary_ddp["distributed"]["processes"] == 2
+    assert "distributed: ddp over 2 processes (gloo)" in proc.stderr
 
 
 def test_accelerate_cpu_flag_with_several_processes_is_a_clear_error(tmp_path, llama, sft_file):
@@ -102,11 +104,11 @@ def test_accelerate_cpu_flag_with_several_processes_is_a_clear_error(tmp_path, l
 
 
 @pytest.mark.parametrize("name,kind", [
-    ("cpu_ddp.yaml", "MULTI_GPU"), ("ddp.yaml", "MULTI_GPU"), ("fsdp.yaml", "FSDP"),
+    ("cpu_ddp.yaml", "MULTI_GPU"), ("ddp.yaml", "MULTI_GPU"), ("fsdp.yaml", "FSDP"), ("cpu_fsdp.yaml", "FSDP"),
     ("deepspeed_zero2.yaml", "DEEPSPEED"), ("deepspeed_zero3.yaml", "DEEPSPEED"),
 ])
 def test_example_accelerate_configs_parse(name, kind):
-    """Only parsed: FSDP and DeepSpeed need several GPUs (and deepspeed) to run at all."""
+    """Parsed; cpu_ddp.yaml and cpu_fsdp.yaml also run in tests (test_distributed.py, test_fsdp.py)."""
     from accelerate.commands.config.config_args import load_config_from_file
 
     config = load_config_from_file(str(EXAMPLES / name))

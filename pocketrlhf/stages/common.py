@@ -438,18 +438,122 @@ def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
 def open_run(cfg: Any, stage: str) -> tuple[Any, "Run"]:
     """The opening of an offline stage: logging, the accelerator, the run folder (checked against
     what is in it, marked as ours), the seed. ``run.finished`` holds the summary of a finished run
-    that ``--resume auto`` must not train again."""
+    that ``--resume auto`` must not train again. Offline stages may be sharded (FSDP)."""
     setup_logging()
-    accelerator = make_accelerator(cfg.device)
+    accelerator = make_accelerator(cfg.device, stage, OFFLINE_STRATEGIES)
+    check_fsdp_model(cfg, accelerator)
     run = Run(cfg, stage, accelerator.is_main_process)
     set_seed(cfg.seed)
     return accelerator, run
 
 
-def make_accelerator(device: str):
+# ---------------------------------------------------------------------------------------------
+# Distributed strategy: what `accelerate launch` asked for, and what a stage actually does.
+
+OFFLINE_STRATEGIES = ("single", "ddp", "fsdp")  # sft, rm, dpo (stages/loop.py)
+ONLINE_STRATEGIES = ("single", "ddp")  # ppo, grpo (stages/online.py): generation needs whole weights
+FSDP_STAGES = "sft, rm and dpo"
+# accelerate launch announces a strategy to its processes through these; Accelerator() on a CPU
+# (MULTI_CPU) ignores every one of them, which once let an FSDP config run as plain DDP unnoticed.
+_REQUEST_FLAGS = (("ACCELERATE_USE_DEEPSPEED", "deepspeed"), ("ACCELERATE_USE_FSDP", "fsdp"),
+                  ("ACCELERATE_USE_MEGATRON_LM", "megatron_lm"), ("ACCELERATE_USE_PARALLELISM_CONFIG", "parallelism_config"))
+
+
+def _flag(env: dict, name: str) -> bool:
+    return env.get(name, "false").strip().lower() in ("1", "true", "yes")
+
+
+def requested_strategy(env: dict | None = None) -> str:
+    """The strategy accelerate launch set up for this process: deepspeed, fsdp, megatron_lm,
+    parallelism_config, or "" (plain data parallel, or no launcher at all)."""
+    env = os.environ if env is None else env
+    for var, name in _REQUEST_FLAGS:
+        if _flag(env, var):
+            return name
+    return ""
+
+
+def fsdp_options(env: dict | None = None) -> dict:
+    """The FSDP settings of ``accelerate launch`` that pocketrlhf honours (reshard_after_forward),
+    after refusing, one line each, those it cannot: FSDP1, parameter offload, rank-0-only loading
+    and accelerate's activation checkpointing."""
+    env = os.environ if env is None else env
+    version = env.get("FSDP_VERSION", "1")
+    if version != "2":
+        raise ConfigError(f"the accelerate config asks for FSDP version {version}; pocketrlhf shards with FSDP2 "
+                          "(torch fully_shard) only: set fsdp_version: 2 (see examples/accelerate/fsdp.yaml)")
+    refused = {"FSDP_OFFLOAD_PARAMS": "fsdp_offload_params: true (weights offloaded to the CPU) is not supported; set it false",
+               "FSDP_CPU_RAM_EFFICIENT_LOADING": "fsdp_cpu_ram_efficient_loading: true is not supported (every process "
+                                                 "loads the base, then keeps its shard); set it false",
+               "FSDP_ACTIVATION_CHECKPOINTING": "fsdp_activation_checkpointing: true is not supported; set it false and "
+                                                "pass --gradient-checkpointing"}
+    for var, message in refused.items():
+        if _flag(env, var):
+            raise ConfigError(message)
+    precision = env.get("ACCELERATE_MIXED_PRECISION", "no").strip().lower()
+    if precision not in ("", "no"):
+        # accelerate's autocast comes with its prepare_model, which the sharded model does not go through.
+        raise ConfigError(f"mixed_precision: {precision} is not applied under FSDP; set mixed_precision: 'no' (the "
+                          "stages pick their own dtypes: --dtype, --compute-dtype)")
+    # FSDP2 takes true/false; FSDP1's strategy names are mapped the way accelerate maps them.
+    reshard = env.get("FSDP_RESHARD_AFTER_FORWARD", "true").strip().lower()
+    return {"reshard_after_forward": reshard not in ("false", "shard_grad_op", "no_shard", "0")}
+
+
+def check_strategy(stage: str, supported: tuple[str, ...], env: dict | None = None) -> str:
+    """The requested strategy if ``stage`` can run it (single/ddp when none is named), else a
+    one-line ConfigError, raised before anything is loaded or written."""
+    request = requested_strategy(env)
+    if not request:
+        return ""
+    if request == "fsdp" and "fsdp" in supported:
+        fsdp_options(env)
+        return request
+    if request == "fsdp":
+        raise ConfigError(f"{stage} does not run under FSDP (it generates with whole weights every step); FSDP is "
+                          f"supported by {FSDP_STAGES}: launch {stage} with examples/accelerate/ddp.yaml or cpu_ddp.yaml")
+    if request == "deepspeed":
+        raise ConfigError(f"{stage} does not run under DeepSpeed (README: Several processes or GPUs); use "
+                          + ("examples/accelerate/fsdp.yaml to shard the base, or " if "fsdp" in supported else "")
+                          + "examples/accelerate/ddp.yaml")
+    raise ConfigError(f"{stage} does not run under accelerate's {request.replace('_', ' ')}; use "
+                      "examples/accelerate/ddp.yaml" + (" or fsdp.yaml" if "fsdp" in supported else ""))
+
+
+def strategy(accelerator) -> dict:
+    """What this run actually does across processes, for the log and summary.json:
+    {strategy: single|ddp|fsdp, processes, backend, sharding}."""
+    world = accelerator.num_processes
+    if world > 1 and requested_strategy() == "fsdp":
+        name = "fsdp"
+        sharding = ("FSDP2: frozen base weights sharded over processes per decoder layer (untied embeddings and "
+                    "the output layer as units of their own); adapters and heads replicated, gradients all-reduced")
+    else:
+        name = "ddp" if world > 1 else "single"
+        sharding = "none: every process holds the whole model" if world > 1 else "none"
+    backend = torch.distributed.get_backend() if world > 1 and torch.distributed.is_initialized() else None
+    out = {"strategy": name, "processes": world, "backend": backend, "sharding": sharding,
+           "requested": requested_strategy() or None}
+    if name == "fsdp":
+        out["reshard_after_forward"] = fsdp_options()["reshard_after_forward"]
+    return out
+
+
+def describe_strategy(info: dict) -> str:
+    if info["strategy"] == "single":
+        asked = info.get("requested")
+        return f"single process (accelerate launch asked for {asked}: one process has nothing to shard)" if asked \
+            else "single process"
+    return f"{info['strategy']} over {info['processes']} processes ({info['backend']}); sharding: {info['sharding']}"
+
+
+def make_accelerator(device: str, stage: str = "", strategies: tuple[str, ...] = ONLINE_STRATEGIES):
     """accelerate's Accelerator for ``--device``. Launched as several processes on a machine
     without a GPU, accelerate joins them (gloo) only when told the run is on the CPU, so ``auto``
-    is resolved first: otherwise every process would silently train alone on the same batches."""
+    is resolved first: otherwise every process would silently train alone on the same batches.
+    A strategy the launcher asked for that ``stage`` cannot run (``strategies``) is refused here,
+    before any work; FSDP is applied by pocketrlhf itself (``shard``), so accelerate is never
+    shown it: its own FSDP path needs a GPU and wraps modules it cannot know the shape of."""
     from accelerate import Accelerator
 
     from pocketrlhf.models.loading import resolve_device
@@ -461,14 +565,139 @@ def make_accelerator(device: str):
         # mpirun, starts this one process only: training alone would silently change the global batch.
         raise ConfigError("accelerate launch --cpu --num_processes N starts one process unless mpirun is set up; "
                           "use --config_file examples/accelerate/cpu_ddp.yaml (or --multi_gpu --num_processes N)")
-    accelerator = Accelerator(cpu=resolve_device(device) == "cpu")
+    requested = check_strategy(stage or "this stage", strategies)
+    hidden = {k: os.environ.pop(k) for k in ("ACCELERATE_USE_FSDP",) if requested == "fsdp" and k in os.environ}
+    try:
+        accelerator = Accelerator(cpu=resolve_device(device) == "cpu")
+    finally:
+        os.environ.update(hidden)  # strategy() and the shard step read it back
     if not accelerator.is_main_process:
         log.setLevel(logging.WARNING)  # one copy of the run's messages, not one per process
+    info = strategy(accelerator)
+    # One process says so only in summary.json (its errors stay one line); several always say what they do.
+    log.log(logging.INFO if info["processes"] > 1 or requested else logging.DEBUG, "distributed: %s",
+            describe_strategy(info))
     return accelerator
 
 
+def check_fsdp_model(cfg: Any, accelerator) -> None:
+    """Refuses, before the base is loaded, a base FSDP cannot shard. FSDP2 replaces each sharded
+    weight by a plain DTensor and gathers it into a plain Parameter. A 4-bit Linear4bit keeps its
+    quantization state on the module too and bitsandbytes puts it back on the gathered weight, so
+    4-bit bases shard (the packed weights; the small quantization constants stay whole on each
+    process). An 8-bit Linear8bitLt reads its int8 data and scales from attributes of the weight
+    object itself (Int8Params.CB/SCB), which the gathered plain Parameter does not carry."""
+    if strategy(accelerator)["strategy"] == "fsdp" and getattr(cfg, "quantization", "none") == "8bit":
+        raise ConfigError("FSDP cannot shard an 8-bit base: bitsandbytes' LLM.int8 layers read their scales from the "
+                          "weight object, which FSDP replaces by a plain sharded tensor; use --quantization 4bit or "
+                          "none, or DDP")
+
+
+def decoder_layers(module: torch.nn.Module) -> list[torch.nn.Module]:
+    """The transformer blocks of the model inside ``module`` (its ``_no_split_modules`` classes):
+    FSDP's units, so one block's weights are gathered at a time."""
+    names: set[str] = set()
+    for m in module.modules():
+        names.update(getattr(m, "_no_split_modules", None) or [])
+    layers = [m for m in module.modules() if type(m).__name__ in names]
+    # A block nested in another block (rare) is sharded with its parent.
+    return [m for m in layers if not any(m is not o and any(m is c for c in o.modules()) for o in layers)]
+
+
+def shard(module: torch.nn.Module, accelerator) -> torch.nn.Module:
+    """FSDP2 (``fully_shard``, in place) of the frozen weights: one unit per decoder layer, one each
+    for untied input and output embeddings, and a root unit for the rest (final norm; tied
+    embeddings). Trainable parameters (adapters,
+    heads) stay whole on every process and out of FSDP (``ignored_params``): they are well under 1%
+    of the weights, so the optimizer, checkpoints and a resumption on another number of processes
+    work as without sharding; ``sync_gradients`` averages their gradients. Every forward of
+    ``module`` (training, evaluation, the reference pass with adapters switched) gathers one layer's
+    weights at a time, so all processes must run the same number of forwards."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    device = next(module.parameters()).device
+    mesh = init_device_mesh(device.type, (accelerator.num_processes,))
+    trainable = {p for p in module.parameters() if p.requires_grad}
+    reshard = fsdp_options()["reshard_after_forward"]
+    layers = decoder_layers(module)
+    if not layers:
+        raise ConfigError(f"FSDP: {type(module).__name__} names no decoder layer class (_no_split_modules); "
+                          "this model family cannot be sharded here, use DDP")
+    for layer in layers + _vocabulary_layers(module):
+        fully_shard(layer, mesh=mesh, reshard_after_forward=reshard, ignored_params=trainable)
+    fully_shard(module, mesh=mesh, reshard_after_forward=reshard, ignored_params=trainable)
+    frozen = [p for p in module.parameters() if not p.requires_grad]
+    local = sum(p.to_local().numel() if hasattr(p, "to_local") else p.numel() for p in frozen)
+    log.info("fsdp: %d decoder layers, the vocabulary layers and 1 root unit; this process holds %s of the %s frozen weights (%.0f%%)",
+             len(layers), f"{local:,}", f"{sum(p.numel() for p in frozen):,}",
+             100 * local / max(sum(p.numel() for p in frozen), 1))
+    return module
+
+
+def _vocabulary_layers(module: torch.nn.Module) -> list[torch.nn.Module]:
+    """The input and output embeddings as units of their own when they are not tied: each is
+    gathered only while it runs instead of through the whole step with the root (they are a large
+    share of a small model's weights)."""
+    for m in module.modules():
+        if hasattr(m, "get_output_embeddings") and hasattr(m, "_no_split_modules"):
+            emb, out = m.get_input_embeddings(), m.get_output_embeddings()
+            if emb is None or out is None or emb.weight is out.weight:
+                return []
+            return [emb, out]
+    return []
+
+
+def is_sharded(module: torch.nn.Module) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(module, FSDPModule)
+
+
+def prepare(accelerator, module: torch.nn.Module, cfg: Any, total_steps: int):
+    """(wrapped module, trained parameters, optimizer, scheduler) in the order every engine needs:
+    the model is wrapped first (DDP, or FSDP2 under ``accelerate launch`` with an FSDP config) and
+    the optimizer is built from the parameters of the wrapped model."""
+    if strategy(accelerator)["strategy"] == "fsdp":
+        module = shard(module, accelerator)
+    else:
+        # Weights are already placed by load_base (quantized weights cannot be moved anyway).
+        module = accelerator.prepare_model(module, device_placement=False)
+    params = [p for p in module.parameters() if p.requires_grad]
+    optimizer = build_optimizer(params, cfg, str(params[0].device))
+    scheduler = build_scheduler(optimizer, cfg, total_steps)
+    return module, params, optimizer, scheduler
+
+
+def sync_gradients(accelerator, module: torch.nn.Module, params: list[torch.nn.Parameter]) -> None:
+    """Under FSDP the replicated trainable parameters' gradients are averaged here, once per step
+    (DDP does it in backward). One flat all-reduce; a missing gradient counts as zero on every
+    process alike."""
+    if accelerator.num_processes == 1 or not is_sharded(module):
+        return
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([g.reshape(-1) for g in grads]).float()
+    torch.distributed.all_reduce(flat)  # SUM: gloo has no AVG
+    flat /= accelerator.num_processes
+    offset = 0
+    for p, g in zip(params, grads):
+        n = g.numel()
+        p.grad = flat[offset:offset + n].view_as(g).to(g.dtype)
+        offset += n
+
+
+def eval_rounds(n: int, batch_size: int, world: int) -> int:
+    """Forwards each process runs to evaluate ``n`` examples sharded over ``world`` processes (the
+    same on every process: a sharded model's forward is collective)."""
+    return math.ceil(n / (batch_size * world))
+
+
 def no_sync(accelerator, model, active: bool):
-    return accelerator.no_sync(model) if active and accelerator.num_processes > 1 else nullcontext()
+    # Under FSDP the frozen weights get no gradient and the trainable ones are averaged once per
+    # step (sync_gradients): there is nothing to skip.
+    if not active or accelerator.num_processes == 1 or is_sharded(model):
+        return nullcontext()
+    return accelerator.no_sync(model)
 
 
 def grad_norm(accelerator, params: list[torch.nn.Parameter], max_norm: float) -> torch.Tensor:

@@ -275,17 +275,15 @@ def train(cfg: DPOConfig) -> dict:
     share_prompt = cfg.share_prompt and supports_attention_bias(model)
     if cfg.share_prompt and not share_prompt:
         log.info("this model or adapter cannot share the prompt between answers; running them as separate rows")
-    params = [p for p in model.parameters() if p.requires_grad]
-    device = params[0].device
-    optimizer = common.build_optimizer(params, cfg, str(device))
-    scheduler = common.build_scheduler(optimizer, cfg, total_steps)
+    device = next(p for p in model.parameters() if p.requires_grad).device
     logps = PairLogps(model)
     stage = DPOLoss(cfg, tokenizer.pad_token_id, logps, adapters, reference, share_prompt)
     if cfg.precompute_ref_logprobs:  # before any checkpoint is loaded: the reference never trains anyway
         sets = with_reference(run.dir / REFERENCE_CACHE, {"train": train_set, "eval": eval_set}, stage, cfg, device,
                               accelerator)
         train_set, eval_set = sets["train"], sets["eval"]
-    module = accelerator.prepare_model(logps, device_placement=False)
+    # Wrapped after the reference pass: the main process runs that alone, which a sharded model cannot.
+    module, params, optimizer, scheduler = common.prepare(accelerator, logps, cfg, total_steps)
     loop = Loop(cfg, run, accelerator, module, params, optimizer, scheduler, stage, train_set, eval_set,
                 write_checkpoint=lambda path: save_adapter(model, path / "adapter"))
     start_step = loop.resume(lambda path: load_adapter_weights(model, path / "adapter"))
@@ -296,7 +294,7 @@ def train(cfg: DPOConfig) -> dict:
     last = loop.fit(start_step, steps_per_epoch, total_steps)
 
     summary = {"train_loss": last.get("loss"), "train_accuracy": last.get("accuracy"), "steps": total_steps,
-               **data_report}
+               **data_report, "distributed": common.strategy(accelerator)}
     if eval_set:
         metrics = loop.evaluate()
         run.log(total_steps, metrics, split="eval")

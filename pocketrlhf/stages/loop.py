@@ -17,6 +17,7 @@ from typing import Any, Callable, Protocol, Sequence
 import torch
 
 from pocketrlhf import optimizers
+from pocketrlhf.config import ConfigError
 from pocketrlhf.errors import DataError
 from pocketrlhf.stages import common
 
@@ -70,12 +71,19 @@ def evaluate(module, stage: StageLoss, examples: Sequence[Any], batch_size: int,
     rank, world = accelerator.process_index, accelerator.num_processes
     sums: dict[str, torch.Tensor] = {}
     units = torch.zeros((), device=device)
-    for start in range(rank * batch_size, len(examples), batch_size * world):
+    for i in range(common.eval_rounds(len(examples), batch_size, world)):
+        start = (i * world + rank) * batch_size
         chunk = examples[start:start + batch_size]
+        # A process past the end still runs a forward (of the first examples, counted as nothing)
+        # when the model is sharded: every process must join each forward's weight gathering.
+        if not chunk and not common.is_sharded(module):
+            continue
+        weight = 1.0 if chunk else 0.0
+        chunk = chunk or examples[:batch_size]
         loss, metrics = stage.loss(module, _to(stage.batch(chunk), device))
         for k, v in {"loss": loss, **metrics}.items():
-            sums[k] = sums.get(k, torch.zeros((), device=device)) + v.detach().float()
-        units += stage.units(chunk)
+            sums[k] = sums.get(k, torch.zeros((), device=device)) + v.detach().float() * weight
+        units += stage.units(chunk) * weight
     units = accelerator.reduce(units, "sum").clamp(min=1)
     return {k: (accelerator.reduce(v, "sum") / units).item() for k, v in sums.items()}
 
@@ -129,11 +137,12 @@ class Loop:
                         for k in metrics:  # every process reduces the same metric names below
                             sums.setdefault(k, torch.zeros((), device=device))
                         continue
-                    # DDP averages gradients over processes, hence the factor `world`.
+                    # DDP (and sync_gradients under FSDP) average gradients over processes, hence the factor `world`.
                     acc.backward(loss / global_units * world, create_graph=hessian)
                 for k, v in {"loss": loss, **metrics}.items():
                     sums[k] = sums.get(k, torch.zeros((), device=device)) + v.detach().float()
                 speed.add(int(batch["attention_mask"].sum()) * world)
+            common.sync_gradients(acc, self.module, self.parameters)  # FSDP; DDP did it in backward
             # Gradients are already summed over processes here, so every process sees the same norm.
             grad_norm = float(common.grad_norm(acc, self.parameters, cfg.max_grad_norm))
             if math.isfinite(grad_norm):
@@ -182,10 +191,31 @@ class Loop:
                 common.save_torch_state(path, self.optimizer, self.scheduler)
 
         self.run.save_checkpoint(step, write, {"epoch": epoch, "total_steps": total_steps,
-                                               "nonfinite_skipped": self.nonfinite_skipped})
+                                               "nonfinite_skipped": self.nonfinite_skipped,
+                                               "processes": self.accelerator.num_processes,
+                                               "sequences_per_step": sequences_per_step(self.cfg, self.accelerator.num_processes)})
+
+    def check_global_batch(self, state: dict) -> None:
+        """The number of processes is not in config.yaml: a checkpoint resumed on another number of
+        processes with the same --batch-size would silently change the global batch."""
+        recorded = state.get("sequences_per_step")
+        current = sequences_per_step(self.cfg, self.accelerator.num_processes)
+        if recorded is None or recorded == current:
+            return
+        what = (f"{recorded} sequences per step on {state.get('processes')} process(es), now {current} on "
+                f"{self.accelerator.num_processes}")
+        if getattr(self.cfg, "resume_ignore_config", False):
+            common.log.warning("resuming with another global batch (%s)", what)
+            return
+        raise ConfigError(f"the checkpoint was trained with {what}: set --batch-size or --gradient-accumulation-steps "
+                          "so that batch_size x gradient_accumulation_steps x processes is the same, and pass "
+                          "--resume-ignore-config")
 
     def resume(self, load_weights: Callable[[Path], None]) -> int:
         """Restore weights, optimizer, schedule and RNG from the checkpoint cfg.resume names; the step."""
+        checkpoint = self.run.resume_from()
+        if checkpoint is not None:
+            self.check_global_batch(common.read_state(checkpoint))
         step, state, _ = common.resume(self.run, self.optimizer, self.scheduler, load_weights)
         self.nonfinite_skipped = state.get("nonfinite_skipped", 0)
         return step

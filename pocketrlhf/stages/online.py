@@ -438,7 +438,7 @@ def train(cfg, algorithm: OnlineAlgorithm) -> dict:
         raise ConfigError(f"--optimizer sophia: {stage} does not yet keep the graph its Hessian estimate needs (sft, rm "
                           "and dpo do): choose another optimizer")
     common.setup_logging()
-    accelerator = common.make_accelerator(cfg.device)
+    accelerator = common.make_accelerator(cfg.device, stage, common.ONLINE_STRATEGIES)
     world, rank = accelerator.num_processes, accelerator.process_index
     if algorithm.prompts_per_step % world:
         raise ConfigError(f"{algorithm.prompts_per_step} prompts per step must be divisible by the {world} processes")
@@ -546,6 +546,7 @@ def train(cfg, algorithm: OnlineAlgorithm) -> dict:
     progress.close()
 
     summary = {"steps": total_steps, "final_score": last.get("score"), "final_kl": last.get("kl"), **data_report,
+               "distributed": common.strategy(accelerator),
                **before}
     optimizers.to_eval(optimizer)  # schedule-free: the averaged weights are the result
     accelerator.wait_for_everyone()

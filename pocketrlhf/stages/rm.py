@@ -115,11 +115,8 @@ def train(cfg: RMConfig) -> dict:
     device = next(p for p in model.parameters() if p.requires_grad).device
     head = ScalarHead(hidden_size(model), init="reward").to(device)
     pair_scores = PairScoreModel(model, head)
-    params = [p for p in pair_scores.parameters() if p.requires_grad]
-    optimizer = common.build_optimizer(params, cfg, str(device))
-    scheduler = common.build_scheduler(optimizer, cfg, total_steps)
     share_prompt = cfg.share_prompt and supports_attention_bias(model)
-    module = accelerator.prepare_model(pair_scores, device_placement=False)
+    module, params, optimizer, scheduler = common.prepare(accelerator, pair_scores, cfg, total_steps)
     stage = RewardLoss(tokenizer.pad_token_id, cfg.margin, share_prompt)
 
     def write_weights(path: Path) -> None:
@@ -136,7 +133,8 @@ def train(cfg: RMConfig) -> dict:
     log.info("rm: %d train / %d eval pairs, %d steps", len(train_set), len(eval_set), total_steps)
     last = loop.fit(start_step, steps_per_epoch, total_steps)
 
-    summary = {"train_loss": last.get("loss"), "train_accuracy": last.get("accuracy"), "steps": total_steps, **data_report}
+    summary = {"train_loss": last.get("loss"), "train_accuracy": last.get("accuracy"), "steps": total_steps, **data_report,
+               "distributed": common.strategy(accelerator)}
     if eval_set:
         metrics = loop.evaluate()
         run.log(total_steps, metrics, split="eval")

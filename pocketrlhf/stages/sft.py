@@ -90,11 +90,7 @@ def train(cfg: SFTConfig) -> dict:
     steps_per_epoch, total_steps = plan_steps(cfg, len(train_set), accelerator.num_processes)
 
     model = build_policy(cfg, tokenizer, total_steps)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = common.build_optimizer(params, cfg, str(params[0].device))
-    scheduler = common.build_scheduler(optimizer, cfg, total_steps)
-    # Weights are already placed by load_base (quantized weights cannot be moved anyway).
-    module = accelerator.prepare_model(LMWithHeads(model), device_placement=False)
+    module, params, optimizer, scheduler = common.prepare(accelerator, LMWithHeads(model), cfg, total_steps)
     loop = Loop(cfg, run, accelerator, module, params, optimizer, scheduler, SFTLoss(tokenizer.pad_token_id),
                 train_set, eval_set, write_checkpoint=lambda path: save_adapter(model, path / "adapter"))
     start_step = loop.resume(lambda path: load_adapter_weights(model, path / "adapter"))
@@ -103,7 +99,8 @@ def train(cfg: SFTConfig) -> dict:
              f"{sum(p.numel() for p in params):,}")
     last = loop.fit(start_step, steps_per_epoch, total_steps)
 
-    summary = {"train_loss": last.get("loss"), "steps": total_steps, **data_report}
+    summary = {"train_loss": last.get("loss"), "steps": total_steps, **data_report,
+               "distributed": common.strategy(accelerator)}
     if eval_set:
         metrics = loop.evaluate()
         metrics["perplexity"] = math.exp(min(metrics["loss"], 50.0))

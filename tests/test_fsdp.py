@@ -1,0 +1,223 @@
+"""FSDP2 under `accelerate launch` on CPU processes (gloo): the frozen 16-bit base is sharded per
+decoder layer, the adapter stays whole; the run reports what it did and trains exactly what one
+process with the same global batch trains. Requested strategies a stage cannot run are refused
+before any work."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from pocketrlhf.config import ConfigError
+from pocketrlhf.stages import common, sft
+from test_distributed import EXAMPLES, ROOT, adapter, train_losses
+
+STEPS = 4
+
+
+def launch(config: str, model, data, out: Path, command: str = "sft", data_flag: str = "--data",
+           launcher: tuple[str, ...] = (), **kw) -> subprocess.CompletedProcess:
+    flags = [f"--{k.replace('_', '-')}={v}" for k, v in kw.items()]
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(EXAMPLES / config),
+           "--num_processes", "2", "--main_process_port", "0", "--num_cpu_threads_per_process", "1",
+           *launcher, "-m", "pocketrlhf", command, "--model", str(model), data_flag, str(data), "--output-dir", str(out),
+           "--device", "cpu", "--batch-size", "4", *flags]
+    full_env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1",
+                    PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    return subprocess.run(cmd, env=full_env, cwd=str(ROOT), capture_output=True, text=True, timeout=300)
+
+
+def sft_args(**over) -> dict:
+    args = dict(quantization="none", packing=False, completion_only=True, seq_length=64, learning_rate=1e-2,
+                max_steps=STEPS, max_grad_norm=1.0, lora_r=8, seed=0, progress=False, eval_fraction=0.05,
+                logging_steps=1)
+    args.update(over)
+    return args
+
+
+@pytest.mark.parametrize("quantization", ["none", "4bit"])
+def test_sft_under_fsdp_matches_one_process(tmp_path, llama, sft_file, quantization):
+    """16-bit and 4-bit bases (packed NF4 weights sharded; bitsandbytes restores each gathered
+    weight's quantization state from its layer): the same losses and adapter as one process."""
+    proc = launch("cpu_fsdp.yaml", llama, sft_file, tmp_path / "fsdp", **sft_args(quantization=quantization))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "distributed: fsdp over 2 processes (gloo)" in proc.stderr
+    assert "this process holds" in proc.stderr and "frozen weights (50%)" in proc.stderr
+    sft.train(sft.SFTConfig(model=str(llama), data=str(sft_file), output_dir=str(tmp_path / "one"), device="cpu",
+                            batch_size=8, **sft_args(quantization=quantization)))
+    summary = json.loads((tmp_path / "fsdp" / "summary.json").read_text())
+    assert summary["distributed"]["strategy"] == "fsdp" and summary["distributed"]["processes"] == 2
+    assert json.loads((tmp_path / "one" / "summary.json").read_text())["distributed"]["strategy"] == "single"
+    a_loss, b_loss = train_losses(tmp_path / "fsdp"), train_losses(tmp_path / "one")
+    assert [s for s, _ in a_loss] == list(range(1, STEPS + 1))
+    assert [x for _, x in a_loss] == pytest.approx([x for _, x in b_loss], rel=1e-4)
+    a, b = adapter(tmp_path / "fsdp"), adapter(tmp_path / "one")
+    assert a.keys() == b.keys()
+    # 4-bit computes in bf16: a batch split in two rounds a little differently, and Adam turns tiny
+    # gradient differences on near-zero coordinates into lr-sized steps: compared as under DDP
+    # (tests/test_distributed.py), by the share of coordinates off and the relative norm.
+    tolerance = 1e-5 if quantization == "none" else 2e-3
+    for k in a:
+        diff = a[k] - b[k]
+        if quantization == "none":
+            assert diff.abs().max().item() < tolerance, k
+        else:
+            assert (diff.abs() > tolerance).float().mean().item() < 0.01, k
+            assert (diff.norm() / b[k].norm()).item() < 0.02, k
+    assert max(t.abs().max().item() for k, t in b.items() if "lora_B" in k) > 5 * tolerance
+    assert summary["eval_loss"] == pytest.approx(json.loads((tmp_path / "one" / "summary.json").read_text())["eval_loss"],
+                                                 rel=1e-4)
+
+
+@pytest.mark.parametrize("env,stage,supported,message", [
+    ({}, "sft", common.OFFLINE_STRATEGIES, None),
+    ({"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2"}, "sft", common.OFFLINE_STRATEGIES, None),
+    ({"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "1"}, "sft", common.OFFLINE_STRATEGIES, "set fsdp_version: 2"),
+    ({"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2", "FSDP_OFFLOAD_PARAMS": "true"}, "dpo",
+     common.OFFLINE_STRATEGIES, "fsdp_offload_params: true"),
+    ({"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2", "FSDP_CPU_RAM_EFFICIENT_LOADING": "true"}, "rm",
+     common.OFFLINE_STRATEGIES, "fsdp_cpu_ram_efficient_loading: true"),
+    ({"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2", "ACCELERATE_MIXED_PRECISION": "bf16"}, "sft",
+     common.OFFLINE_STRATEGIES, "mixed_precision: bf16 is not applied under FSDP"),
+    ({"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2"}, "ppo", common.ONLINE_STRATEGIES,
+     "ppo does not run under FSDP"),
+    ({"ACCELERATE_USE_DEEPSPEED": "true"}, "sft", common.OFFLINE_STRATEGIES, "sft does not run under DeepSpeed"),
+    ({"ACCELERATE_USE_MEGATRON_LM": "true"}, "grpo", common.ONLINE_STRATEGIES, "accelerate's megatron lm"),
+])
+def test_requested_strategies_are_run_or_refused(env, stage, supported, message):
+    if message is None:
+        assert common.check_strategy(stage, supported, env) == ("fsdp" if env else "")
+        return
+    with pytest.raises(ConfigError, match=message):
+        common.check_strategy(stage, supported, env)
+
+
+@pytest.mark.parametrize("case", ["fsdp1", "grpo", "8bit"])
+def test_a_strategy_the_stage_cannot_run_is_refused_before_any_work(tmp_path, llama, sft_file, case):
+    """Real two-process launches: once, FSDP configs ran as plain DDP without a word."""
+    out = tmp_path / "out"
+    if case == "grpo":
+        # Refused before the model or the prompts are read.
+        proc = launch("cpu_fsdp.yaml", llama, sft_file, out, command="grpo", data_flag="--prompts",
+                      reward_function="pocketrlhf.data.synthetic:exact_match", max_steps=1)
+        expected = "error: grpo does not run under FSDP"
+    elif case == "fsdp1":
+        proc = launch("cpu_fsdp.yaml", llama, sft_file, out, launcher=("--fsdp_version", "1"), max_steps=1)
+        expected = "error: the accelerate config asks for FSDP version 1"
+    else:
+        proc = launch("cpu_fsdp.yaml", llama, sft_file, out, quantization="8bit", max_steps=1)
+        expected = "error: FSDP cannot shard an 8-bit base"
+    assert proc.returncode != 0
+    assert expected in proc.stderr, proc.stderr[-3000:]
+    assert not (out / "metrics.jsonl").exists()
+
+
+@pytest.mark.parametrize("command", ["rm", "dpo"])
+def test_preference_stages_under_fsdp_match_one_process(tmp_path, pretrained_llama, sft_adapter, command):
+    """rm (trainable head next to the adapter) and dpo (the reference is the frozen SFT adapter,
+    switched to on the sharded model every micro-batch) under FSDP equal one process. 7 held-out
+    pairs over 2 processes x 4: one process runs an extra forward that counts for nothing."""
+    from safetensors.torch import load_file
+
+    from pocketrlhf.data import synthetic
+    from pocketrlhf.stages import dpo, rm
+
+    from conftest import write_jsonl
+
+    pairs = write_jsonl(tmp_path / "pairs.jsonl", synthetic.preference_rows(56, seed=3))
+    args = dict(max_steps=STEPS, learning_rate=1e-2, max_grad_norm=0.0, lora_r=8, seed=0, progress=False,
+                eval_fraction=0.125, logging_steps=1, sft_adapter=str(sft_adapter))
+    if command == "dpo":
+        args["precompute_ref_logprobs"] = False
+    proc = launch("cpu_fsdp.yaml", pretrained_llama, pairs, tmp_path / "fsdp", command=command, **args)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "distributed: fsdp over 2 processes (gloo)" in proc.stderr
+    stage, config = (rm, rm.RMConfig) if command == "rm" else (dpo, dpo.DPOConfig)
+    # The same global batch as 4 x 2 accumulated, so that the reward statistics (batched by
+    # --batch-size, padding included) are batched alike too.
+    stage.train(config(model=str(pretrained_llama), data=str(pairs), output_dir=str(tmp_path / "one"), device="cpu",
+                       batch_size=4, gradient_accumulation_steps=2, **args))
+    fsdp_run, one = train_losses(tmp_path / "fsdp"), train_losses(tmp_path / "one")
+    assert [x for _, x in fsdp_run] == pytest.approx([x for _, x in one], rel=1e-4)
+    a, b = adapter(tmp_path / "fsdp"), adapter(tmp_path / "one")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert (a[k] - b[k]).abs().max().item() < 1e-4, k
+    s_fsdp, s_one = (json.loads((tmp_path / n / "summary.json").read_text()) for n in ("fsdp", "one"))
+    assert s_fsdp["distributed"]["strategy"] == "fsdp"
+    assert s_fsdp["eval_loss"] == pytest.approx(s_one["eval_loss"], rel=1e-4)
+    assert s_fsdp["eval_accuracy"] == s_one["eval_accuracy"]
+    if command == "rm":
+        head_a = load_file(str(tmp_path / "fsdp" / "adapter" / "head.safetensors"))
+        head_b = load_file(str(tmp_path / "one" / "adapter" / "head.safetensors"))
+        assert (head_a["linear.weight"] - head_b["linear.weight"]).abs().max().item() < 1e-4
+        assert s_fsdp["reward_mean"] == pytest.approx(s_one["reward_mean"], rel=1e-4, abs=1e-5)
+
+
+def _crash_copy(full: Path, crashed: Path, step: int) -> None:
+    """What survives a run killed right after checkpoint-``step``: the checkpoint and the metrics so far."""
+    import shutil
+
+    crashed.mkdir()
+    shutil.copytree(full / f"checkpoint-{step}", crashed / f"checkpoint-{step}")
+    shutil.copy(full / "config.yaml", crashed / "config.yaml")
+    shutil.copy(full / ".pocketrlhf-run", crashed / ".pocketrlhf-run")
+    kept = [line for line in (full / "metrics.jsonl").read_text().splitlines() if json.loads(line)["step"] <= step + 1]
+    (crashed / "metrics.jsonl").write_text("".join(line + "\n" for line in kept))
+
+
+def test_fsdp_checkpoints_resume_on_another_number_of_processes(tmp_path, llama, sft_file):
+    """Adapters and optimizer state are whole on every process, so a checkpoint written by 2 FSDP
+    processes continues on 1 process and one written by 1 process continues under FSDP, the same
+    global batch split differently (--batch-size changes with the processes: --resume-ignore-config)."""
+    args = sft_args(save_steps=2, save_total_limit=0, eval_fraction=0.0)
+    proc = launch("cpu_fsdp.yaml", llama, sft_file, tmp_path / "fsdp", **args)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    sft.train(sft.SFTConfig(model=str(llama), data=str(sft_file), output_dir=str(tmp_path / "one"), device="cpu",
+                            batch_size=8, **args))
+    # 2 FSDP processes -> 1 process.
+    _crash_copy(tmp_path / "fsdp", tmp_path / "to_one", 2)
+    sft.train(sft.SFTConfig(model=str(llama), data=str(sft_file), output_dir=str(tmp_path / "to_one"), device="cpu",
+                            batch_size=8, resume="auto", resume_ignore_config=True, **args))
+    # 1 process -> 2 FSDP processes. Without a new --batch-size the global batch would double: refused.
+    _crash_copy(tmp_path / "one", tmp_path / "to_fsdp", 2)
+    proc = launch("cpu_fsdp.yaml", llama, sft_file, tmp_path / "to_fsdp", resume="auto", **dict(args, batch_size=8))
+    assert proc.returncode != 0
+    assert "error: the checkpoint was trained with 8 sequences per step on 1 process(es), now 16 on 2" in proc.stderr
+    proc = launch("cpu_fsdp.yaml", llama, sft_file, tmp_path / "to_fsdp", resume="auto", resume_ignore_config="true",
+                  **args)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    reference = train_losses(tmp_path / "one")
+    for name in ("fsdp", "to_one", "to_fsdp"):
+        run = train_losses(tmp_path / name)
+        assert [s for s, _ in run] == list(range(1, STEPS + 1)), name
+        assert [x for _, x in run] == pytest.approx([x for _, x in reference], rel=1e-4), name
+        a, b = adapter(tmp_path / name), adapter(tmp_path / "one")
+        for k in b:
+            assert (a[k] - b[k]).abs().max().item() < 1e-5, (name, k)
+
+
+def test_plan_per_process_under_fsdp(tmp_path):
+    """pocketrlhf plan --processes N --strategy fsdp: the base lines are 1/N, plus the gathered layers;
+    what the stages refuse, the planner refuses."""
+    from pocketrlhf import plan as P
+    from test_plan import LLAMA2_7B, write_config
+
+    shape = P.model_shape(P.read_config(str(write_config(tmp_path, LLAMA2_7B))))
+
+    def lines(**kw):
+        setup = P.plan_memory(shape, P.PlanConfig(model="unused", cuda_context="0GB", **kw)).setups[0]
+        return {line.key: line.bytes for line in setup.lines}, setup
+
+    ddp, ddp_setup = lines(processes=4)
+    fsdp, fsdp_setup = lines(processes=4, strategy="fsdp")
+    assert fsdp["base_linear"] == pytest.approx(ddp["base_linear"] / 4)
+    assert fsdp["base_other"] == pytest.approx(ddp["base_other"] / 4)
+    assert "fsdp_gathered" not in ddp and 1e9 < fsdp["fsdp_gathered"] < 2e9  # 4 x the 262M-parameter output layer
+    assert fsdp_setup.peak < ddp_setup.peak - 8e9  # 3/4 of 13.5 GB of bf16 weights saved
+    for bad in (dict(stage="ppo"), dict(quantization="8bit")):
+        with pytest.raises(ConfigError, match="--strategy fsdp"):
+            lines(processes=2, strategy="fsdp", **bad)
