@@ -420,9 +420,14 @@ def layer_activation_bytes(shape: ModelShape, adapted_in_layer: list[Linear], r:
     return norms + attention + mlp + adapters
 
 
-def checkpointed_layer_bytes(shape: ModelShape, regime: Regime) -> float:
-    """With gradient checkpointing each decoder layer keeps only its input hidden state."""
-    return float(regime.stream * shape.hidden_size)
+def checkpointed_layer_bytes(shape: ModelShape, regime: Regime, quantization: str = "none") -> float:
+    """With gradient checkpointing each decoder layer keeps only its input hidden state, and on an
+    8-bit base the inputs of its int8 layers: bitsandbytes keeps them on the autograd context
+    (``ctx.A``, ``ctx.tensors``), outside ``save_for_backward``, which checkpointing cannot free
+    (measured: the StackLLaMA step of bench/published_setups.py)."""
+    kept = {(_group(shape, lin) or lin.name): lin.in_features for lin in shape.layer_linears} \
+        if quantization == "8bit" else {}
+    return float(regime.stream * (shape.hidden_size + sum(kept.values())))
 
 
 def model_extra_bytes(shape: ModelShape, regime: Regime) -> float:
@@ -541,7 +546,8 @@ def activation_bytes(shape: ModelShape, cfg: PlanConfig, sequences: int, tokens:
     head = n * shape.hidden_size * (4 + (regime.stream if regime.stream != 4 else 0)) if head_on_trunk else 0.0
     adapted = targeted(shape.layer_linears, cfg.target_modules)
     if checkpointing:
-        per_token = shape.num_layers * checkpointed_layer_bytes(shape, regime) + final_norm_bytes(shape, regime)
+        per_token = (shape.num_layers * checkpointed_layer_bytes(shape, regime, cfg.quantization)
+                     + final_norm_bytes(shape, regime))
         if shape.family == "gpt2":
             per_token += regime.stream * shape.hidden_size  # the token embeddings stay referenced (measured)
     else:

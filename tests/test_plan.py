@@ -343,6 +343,10 @@ SFT_CASES = [
     ("llama", "8bit", "bfloat16", False, False, "q_proj,v_proj", "adamw", True, "float16"),
     ("gpt_neox", "none", "float32", False, True, "all-linear", "paged_adamw_8bit", False, "bfloat16"),
     ("gpt2", "none", "bfloat16", True, False, "all-linear", "paged_adamw", False, "bfloat16"),
+    # 8-bit with checkpointing: bitsandbytes' int8 layers keep their inputs outside autograd's saved
+    # tensors, so checkpointing does not free them.
+    ("llama", "8bit", "bfloat16", True, False, "q_proj,v_proj", "adamw", False, "float32"),
+    ("gpt_neox", "8bit", "bfloat16", True, True, "all-linear", "adamw", False, "bfloat16"),
 ]
 
 
