@@ -75,7 +75,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (add_harness_args, chosen_sides, count_parameters, machine, markdown_table, now,  # noqa: E402
                      print_settings, ratios, run_rounds, run_worker, save_summary, steady_rate)
-from ppo_vs_trl import PhaseClock  # noqa: E402
+from ppo_vs_trl import PhaseClock, train_timed  # noqa: E402
 
 SIZES = {
     # ~1.1M parameters: 4 layers of 128 (MLP 512, 8 heads), vocabulary ~300 (a wider base did not learn to
@@ -239,14 +239,8 @@ def run_trl(a, files: dict, out: Path, setup: str) -> dict:
     trainer = trainer_cls(model=files["model"], reward_funcs=[exact_match], args=args,
                           train_dataset=Dataset.from_list(rows), processing_class=tok, peft_config=peft_config,
                           callbacks=[clock])
-    phases = PhaseClock()
-    trainer._generate_single_turn = phases.wrap("generation", trainer._generate_single_turn)
-    trainer._generate_and_score_completions = phases.wrap("rollout", trainer._generate_and_score_completions)
-    trainer._calculate_rewards = phases.wrap("reward function", trainer._calculate_rewards)
-    trainer.training_step = phases.wrap("training step", trainer.training_step)
-    trainer.train()
+    p = train_timed(trainer)
     wall2, cpu2 = now()
-    p = phases.seconds
     gen, rollout, step, reward = p["generation"], p["rollout"], p["training step"], p["reward function"]
     history = [h for h in trainer.state.log_history if "completions/mean_length" in h]
     reward_key = "rewards/exact_match/mean"

@@ -97,6 +97,18 @@ class PhaseClock:
         return timed
 
 
+def train_timed(trainer) -> dict[str, list[float]]:
+    """Run a trl online trainer with its generation, rollout, reward and training-step phases
+    timed; the seconds of each phase (wall, CPU)."""
+    phases = PhaseClock()
+    trainer._generate_single_turn = phases.wrap("generation", trainer._generate_single_turn)
+    trainer._generate_and_score_completions = phases.wrap("rollout", trainer._generate_and_score_completions)
+    trainer._calculate_rewards = phases.wrap("reward function", trainer._calculate_rewards)
+    trainer.training_step = phases.wrap("training step", trainer.training_step)
+    trainer.train()
+    return phases.seconds
+
+
 # ---------------------------------------------------------------------------------------------
 # Workers (each in its own process).
 
@@ -178,14 +190,8 @@ def run_trl(a, files: dict, out: Path, setup: str) -> dict:
     trainer = RLOOTrainer(model=files["model"], reward_funcs=[sentiment], args=args,
                           train_dataset=Dataset.from_list(prompts), processing_class=tok, peft_config=peft_config,
                           callbacks=[clock])
-    phases = PhaseClock()
-    trainer._generate_single_turn = phases.wrap("generation", trainer._generate_single_turn)
-    trainer._generate_and_score_completions = phases.wrap("rollout", trainer._generate_and_score_completions)
-    trainer._calculate_rewards = phases.wrap("reward function", trainer._calculate_rewards)
-    trainer.training_step = phases.wrap("training step", trainer.training_step)
-    trainer.train()
+    p = train_timed(trainer)
     wall2, cpu2 = now()
-    p = phases.seconds
     gen, rollout, step, reward = p["generation"], p["rollout"], p["training step"], p["reward function"]
     history = [h for h in trainer.state.log_history if "completions/mean_length" in h]
     settings = {k: getattr(args, k) for k in ("gradient_checkpointing", "bf16", "num_generations", "num_iterations",

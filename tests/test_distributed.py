@@ -38,6 +38,22 @@ def launch_two_processes(model, data, out: Path, device: str, command: str = "sf
     return subprocess.run(cmd, env=env, cwd=str(ROOT), capture_output=True, text=True, timeout=300)
 
 
+def assert_same_adapter(a: dict, b: dict, quantization: str, tolerance: float) -> None:
+    """Adapters of two runs that took the same steps: equal within ``tolerance`` on a 16-bit base;
+    on a quantized one (rounding differs with the batch split, and Adam turns tiny gradient
+    differences on near-zero coordinates into lr-sized steps) by the share of coordinates off and
+    the relative norm."""
+    for k in a:
+        diff = a[k] - b[k]
+        if quantization == "none":
+            assert diff.abs().max().item() < tolerance, k
+        else:
+            assert (diff.abs() > tolerance).float().mean().item() < 0.01, k
+            assert (diff.norm() / b[k].norm()).item() < 0.02, k
+    # LoRA B starts at zero: the comparison means something only if training moved it far past the tolerance.
+    assert max(t.abs().max().item() for k, t in b.items() if "lora_B" in k) > 5 * tolerance
+
+
 def train_losses(run_dir: Path) -> list[tuple[int, float]]:
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     return [(r["step"], r["loss"]) for r in rows if r["split"] == "train"]
@@ -71,15 +87,7 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path, ll
         assert a == pytest.approx(b, rel=1e-4)
     a, b = adapter(tmp_path / "ddp"), adapter(tmp_path / "one")
     assert a.keys() == b.keys()
-    for k in a:
-        diff = a[k] - b[k]
-        if quantization == "none":
-            assert diff.abs().max().item() < tolerance, k
-        else:
-            assert (diff.abs() > tolerance).float().mean().item() < 0.01, k
-            assert (diff.norm() / b[k].norm()).item() < 0.02, k
-    # LoRA B starts at zero: the comparison means something only if training moved it far past the tolerance.
-    assert max(t.abs().max().item() for k, t in b.items() if "lora_B" in k) > 5 * tolerance
+    assert_same_adapter(a, b, quantization, tolerance)
     # Both processes evaluated their share of the held-out set; the reduced loss is the one-process loss.
     summary_ddp = json.loads((tmp_path / "ddp" / "summary.json").read_text())
     summary_one = json.loads((tmp_path / "one" / "summary.json").read_text())
