@@ -386,3 +386,17 @@ def test_both_mixed_adapter_paths_match_peft(server):
     torch.testing.assert_close(fast, want, atol=1e-5, rtol=1e-5)
     assert torch.equal(slow, want)
     assert not torch.allclose(plain[1], want[1])  # row 1 (base) differs from the active adapter's answer
+
+
+def test_a_whole_last_row_without_its_newline_is_kept(tmp_path):
+    """Only a cut-off row (a crash mid-write) is dropped at start; a whole row written by another
+    tool without a final newline is kept, and the next vote starts on a line of its own."""
+    from pocketrlhf.serve.feedback import FeedbackFile
+
+    path = tmp_path / "votes.jsonl"
+    path.write_text('{"prompt": "a", "chosen": "x", "rejected": "y"}\n{"prompt": "b", "chosen": "x", "rejected": "y"}')
+    FeedbackFile(path)
+    assert [json.loads(line)["prompt"] for line in path.read_text().splitlines()] == ["a", "b"]
+    path.write_text('{"prompt": "a", "chosen": "x", "rejected": "y"}\n{"prompt": "b", "cho')
+    FeedbackFile(path)
+    assert [json.loads(line)["prompt"] for line in path.read_text().splitlines()] == ["a"]

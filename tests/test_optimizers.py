@@ -161,3 +161,13 @@ def test_ppo_refuses_sophia_in_one_line(tmp_path, llama, prompts_file):
     with pytest.raises(ConfigError, match="^--optimizer sophia: ppo does not yet"):
         ppo.train(cfg)
     assert not (tmp_path / "metrics.jsonl").exists()
+
+
+def test_sophia_on_several_processes_is_refused():
+    """Its Hessian estimate is not averaged across processes: replicated adapters would drift apart."""
+    from types import SimpleNamespace
+
+    from pocketrlhf.stages import common
+
+    with pytest.raises(ConfigError, match="sophia runs on one process only"):
+        common.prepare(SimpleNamespace(num_processes=2), torch.nn.Linear(2, 2), SimpleNamespace(optimizer="sophia"), 1)

@@ -180,7 +180,8 @@ def _plain_lora(module) -> bool:
 
     return (not getattr(module, "lora_variant", None) and not getattr(module, "lora_embedding_A", None)
             and not hasattr(module, "_hf_hook") and not getattr(module, "merged_adapters", None)
-            and all(isinstance(m, torch.nn.Linear) for m in module.lora_A.values()))
+            and all(isinstance(m, torch.nn.Linear) for m in module.lora_A.values())
+            and all(getattr(m, "bias", None) is None for m in module.lora_B.values()))  # lora_bias: peft's path
 
 
 class MixedAdapters:

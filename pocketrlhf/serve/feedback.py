@@ -126,7 +126,13 @@ class FeedbackFile:
             if data.endswith(b"\n"):
                 return
             keep = data.rfind(b"\n") + 1
-            f.truncate(keep)
+            try:
+                json.loads(data[keep:])
+            except ValueError:
+                f.truncate(keep)
+            else:  # a whole row without its newline (written by hand or another tool): keep it
+                f.write(b"\n")
+                return
         log.warning("%s: dropped an unfinished last line (%d bytes) left by a crash", self.path, len(data) - keep)
 
     def append(self, rows: list[dict]) -> None:

@@ -658,6 +658,11 @@ def prepare(accelerator, module: torch.nn.Module, cfg: Any, total_steps: int):
     """(wrapped module, trained parameters, optimizer, scheduler) in the order every engine needs:
     the model is wrapped first (DDP, or FSDP2 under ``accelerate launch`` with an FSDP config) and
     the optimizer is built from the parameters of the wrapped model."""
+    if getattr(cfg, "optimizer", "") == "sophia" and accelerator.num_processes > 1:
+        # Its Hessian estimate differentiates the averaged gradient, whose all-reduce autograd does not
+        # see: each process would step by its own estimate and the replicated adapters would drift apart.
+        raise ConfigError("--optimizer sophia runs on one process only (its Hessian estimate is not averaged "
+                          "across processes yet): choose another optimizer or launch one process")
     if strategy(accelerator)["strategy"] == "fsdp":
         module = shard(module, accelerator)
     else:
@@ -667,6 +672,17 @@ def prepare(accelerator, module: torch.nn.Module, cfg: Any, total_steps: int):
     optimizer = build_optimizer(params, cfg, str(params[0].device))
     scheduler = build_scheduler(optimizer, cfg, total_steps)
     return module, params, optimizer, scheduler
+
+
+def finite_everywhere(accelerator, loss: torch.Tensor) -> bool:
+    """Whether ``loss`` is finite on EVERY process, so that all of them skip (or stop) together: a
+    process leaving a backward alone would hang the others in its all-reduce (DDP) or in the
+    layers' weight gathering (FSDP)."""
+    finite = bool(torch.isfinite(loss.detach()).all())
+    if accelerator.num_processes > 1:
+        flag = torch.tensor([0.0 if finite else 1.0], device=accelerator.device)
+        finite = accelerator.reduce(flag, "sum").item() == 0
+    return finite
 
 
 def sync_gradients(accelerator, module: torch.nn.Module, params: list[torch.nn.Parameter]) -> None:

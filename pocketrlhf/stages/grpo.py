@@ -261,7 +261,7 @@ class GRPO:
                             if kl is not None:
                                 per_token = per_token + kl
                             loss = aggregate(per_token, mb_mask, how, sequences, tokens, cfg.max_new_tokens)
-                        if not online.finite_everywhere(accelerator, loss):
+                        if not common.finite_everywhere(accelerator, loss):
                             if not cfg.skip_nonfinite:
                                 raise NonFiniteError(f"the policy loss is not finite (iteration {iteration + 1}, "
                                                      f"minibatch {start // per_minibatch + 1})")

@@ -74,10 +74,9 @@ def evaluate(module, stage: StageLoss, examples: Sequence[Any], batch_size: int,
     for i in range(common.eval_rounds(len(examples), batch_size, world)):
         start = (i * world + rank) * batch_size
         chunk = examples[start:start + batch_size]
-        # A process past the end still runs a forward (of the first examples, counted as nothing)
-        # when the model is sharded: every process must join each forward's weight gathering.
-        if not chunk and not common.is_sharded(module):
-            continue
+        # A process past the end still runs a forward (of the first examples, counted as nothing):
+        # every process must join each forward's collectives (FSDP's weight gathering; DDP's buffer
+        # broadcast on its first forward after training).
         weight = 1.0 if chunk else 0.0
         chunk = chunk or examples[:batch_size]
         loss, metrics = stage.loss(module, _to(stage.batch(chunk), device))
@@ -126,7 +125,7 @@ class Loop:
                 batch = _to(self.stage.batch([self.train_set[i] for i in ids]), device)
                 with common.no_sync(acc, self.module, j < len(batches) - 1), optimizers.hessian_pass(hessian):
                     loss, metrics = self.stage.loss(self.module, batch)
-                    if not torch.isfinite(loss.detach()).all():
+                    if not common.finite_everywhere(acc, loss):
                         if not skip:
                             raise self.run.nonfinite(f"the loss of micro-batch {j + 1} of {len(batches)} is "
                                                      f"{loss.detach().float().item()}", step + 1,

@@ -581,16 +581,6 @@ def stop_together(accelerator, failure: BaseException | None) -> None:
         raise failure
 
 
-def finite_everywhere(accelerator, loss: torch.Tensor) -> bool:
-    """Whether ``loss`` is finite on EVERY process: all of them then skip (or stop) together,
-    where one process alone leaving the backward all-reduce would hang the others."""
-    finite = bool(torch.isfinite(loss.detach()).all())
-    if accelerator.num_processes > 1:
-        flag = torch.tensor([0.0 if finite else 1.0], device=accelerator.device)
-        finite = accelerator.reduce(flag, "sum").item() == 0
-    return finite
-
-
 def _log_eval(cfg, run, roles, tokenizer, eval_prompts, step) -> dict:
     metrics, samples = evaluate(cfg, roles, tokenizer, eval_prompts)
     run.log(step, metrics, split="eval")

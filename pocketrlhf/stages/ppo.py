@@ -180,7 +180,7 @@ def ppo_update(cfg: PPOConfig, roles: Roles, module, r: Rollout, old: dict, adva
     skipped = 0
 
     def finite(loss: torch.Tensor, what: str, epoch: int, start: int) -> bool:
-        if online.finite_everywhere(accelerator, loss):
+        if common.finite_everywhere(accelerator, loss):
             return True
         if not cfg.skip_nonfinite:
             raise NonFiniteError(f"the {what} loss is {loss.detach().float().item()} (PPO epoch {epoch + 1}, "
