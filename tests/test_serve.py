@@ -501,3 +501,24 @@ def test_a_4bit_base_answers_a_batch_mixing_adapters_and_the_base(odd_llama, tmp
         assert max(eng.batch_sizes) >= 2
     finally:
         eng.close()
+
+
+def test_text_held_back_for_a_stop_string_is_sent_when_the_reply_ends(llama):
+    """A reply ending in the first character(s) of a stop string, then EOS: those characters were
+    held back in case the stop string followed; EOS makes them the reply's end, so they are sent."""
+    import threading
+
+    from pocketrlhf.models.loading import load_tokenizer
+    from pocketrlhf.serve.engine import Stream, _Decoder
+
+    tok = load_tokenizer(str(llama))
+    stream = Stream("m", 0)
+    decoder = _Decoder(stream, tok, threading.Lock(), {tok.eos_token_id}, ("```",))
+    for token in tok("use `x`", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]:
+        if decoder.feed(token):
+            break
+    sent = []
+    while not stream._queue.empty():
+        sent.append(stream._queue.get_nowait())
+    assert "".join(x for x in sent if isinstance(x, str)) == "use `x`"
+    assert decoder.reason == "stop"

@@ -400,6 +400,10 @@ class _Decoder:
             self.stream.started = time.monotonic()
         self.stream.completion_tokens += 1
         if token in self.stop_ids:
+            # Text held back as a possible start of a stop string is the reply's end after all.
+            if self.ids:
+                text = self.decode()
+                self._emit(text, len(text))
             self.finish("stop")
             return True
         self.ids.append(token)
