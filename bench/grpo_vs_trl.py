@@ -75,7 +75,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (add_harness_args, chosen_sides, count_parameters, machine, markdown_table, now,  # noqa: E402
                      print_settings, ratios, run_rounds, run_worker, save_summary, steady_rate)
-from ppo_vs_trl import PhaseClock, train_timed  # noqa: E402
+from ppo_vs_trl import PhaseClock, record_steps, train_timed  # noqa: E402
 
 SIZES = {
     # ~1.1M parameters: 4 layers of 128 (MLP 512, 8 heads), vocabulary ~300 (a wider base did not learn to
@@ -146,7 +146,7 @@ def per_batch(a) -> int:
 
 def run_ours(a, files: dict, out: Path, dtype: str = "auto") -> dict:
     from pocketrlhf.models import generation
-    from pocketrlhf.stages import common, grpo, online
+    from pocketrlhf.stages import grpo, online
 
     rloo = algorithm(a.worker) == "rloo"
     dtype = "bfloat16" if a.worker.endswith("-bf16") else dtype
@@ -161,19 +161,8 @@ def run_ours(a, files: dict, out: Path, dtype: str = "auto") -> dict:
         lr_scheduler="constant", warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0, lora_r=LORA_R,
         lora_alpha=LORA_ALPHA, lora_dropout=0.0, target_modules="all-linear", logging_steps=1, progress=False, seed=0)
     clock = PhaseClock()
-    ends: list[tuple[float, float]] = []
-    lengths: list[float] = []
-    rewards: list[float] = []
-    log = common.Run.log
-
-    def clocked_log(self, step, metrics, split="train"):  # logged right after each step's update
-        if split == "train":
-            ends.append(now())
-            lengths.append(metrics["response_length"])
-            rewards.append(metrics["score"])
-        return log(self, step, metrics, split)
-
-    common.Run.log = clocked_log
+    ends, recorded = record_steps("response_length", "score")
+    lengths, rewards = recorded["response_length"], recorded["score"]
     generation.sample = clock.wrap("generation", generation.sample)
     online.generate_rollouts = clock.wrap("generation + scoring", online.generate_rollouts)
     online.reference_logprobs = clock.wrap("reference pass", online.reference_logprobs)

@@ -97,6 +97,26 @@ class PhaseClock:
         return timed
 
 
+def record_steps(*metric_names: str) -> tuple[list[tuple[float, float]], dict[str, list[float]]]:
+    """Patch pocketrlhf's run log so that each training step's log records the time (wall, CPU),
+    right after the step's update, and the named metrics; (times, {metric: values})."""
+    from pocketrlhf.stages import common
+
+    ends: list[tuple[float, float]] = []
+    values: dict[str, list[float]] = {name: [] for name in metric_names}
+    log = common.Run.log
+
+    def clocked_log(self, step, metrics, split="train"):
+        if split == "train":
+            ends.append(now())
+            for name in metric_names:
+                values[name].append(metrics[name])
+        return log(self, step, metrics, split)
+
+    common.Run.log = clocked_log
+    return ends, values
+
+
 def train_timed(trainer) -> dict[str, list[float]]:
     """Run a trl online trainer with its generation, rollout, reward and training-step phases
     timed; the seconds of each phase (wall, CPU)."""
@@ -115,7 +135,7 @@ def train_timed(trainer) -> dict[str, list[float]]:
 
 def run_ours(a, files: dict, out: Path, dtype: str = "auto") -> dict:
     from pocketrlhf.models import generation
-    from pocketrlhf.stages import common, ppo
+    from pocketrlhf.stages import online, ppo
 
     cfg = ppo.PPOConfig(
         model=files["model"], dtype=dtype, prompts=files["prompts"], reward_function=REWARD, output_dir=str(out / "run"), device="cpu",
@@ -125,19 +145,11 @@ def run_ours(a, files: dict, out: Path, dtype: str = "auto") -> dict:
         learning_rate=a.lr, lr_scheduler="constant", max_grad_norm=1.0, lora_r=LORA_R, lora_alpha=LORA_ALPHA,
         lora_dropout=0.0, target_modules="all-linear", logging_steps=1, progress=False, seed=0)
     clock = PhaseClock()
-    ends: list[tuple[float, float]] = []
-    lengths: list[float] = []
-    log = common.Run.log
-
-    def clocked_log(self, step, metrics, split="train"):  # logged right after each PPO step's update
-        if split == "train":
-            ends.append(now())
-            lengths.append(metrics["response_length"])
-        return log(self, step, metrics, split)
-
-    common.Run.log = clocked_log
+    ends, recorded = record_steps("response_length")
+    lengths = recorded["response_length"]
     generation.sample = clock.wrap("generation", generation.sample)
-    ppo.generate_rollouts = clock.wrap("generation + scoring", ppo.generate_rollouts)
+    # The online loop (stages/online.py) calls its own generate_rollouts: wrapping ppo's name would time nothing.
+    online.generate_rollouts = clock.wrap("generation + scoring", online.generate_rollouts)
     ppo.old_policy_pass = clock.wrap("old/reference/value pass", ppo.old_policy_pass)
     ppo.ppo_update = clock.wrap("update", ppo.ppo_update)
     wall, cpu = now()

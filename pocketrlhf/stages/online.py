@@ -133,13 +133,11 @@ class RewardSource:
     name: str  # module:function, file.py:function, or the reward adapter's folder
     weight: float
     score: Callable[..., torch.Tensor]  # (ids, attn, prompts, responses, columns, group_size, prompt_lengths) -> [N]
-    needs: tuple[str, ...] = ()  # dataset columns the function cannot run without
 
 
 @dataclass
 class Rewards:
     sources: list[RewardSource]
-    adapter: Any = None  # the RewardAdapter, when one of the sources is a reward model
 
     def __call__(self, ids, attn, prompts, responses, columns: dict[str, list], group_size: int = 1,
                  prompt_lengths: torch.Tensor | None = None):
@@ -150,11 +148,15 @@ class Rewards:
 
 
 
-def check_reward_columns(functions: list[str], prompts: "Prompts", source: str) -> None:
+def reward_columns(functions: list[str]) -> dict[str, tuple[str, ...]]:
+    """The data columns each reward function cannot run without."""
+    return {spec: rule_reward(load_reward_function(spec), spec).needs for spec in functions}
+
+
+def check_reward_columns(needs_of: dict[str, tuple[str, ...]], prompts: "Prompts", source: str) -> None:
     """Every column a reward function needs is in the prompts (checked before any model loads)."""
     available = list(prompts.columns[0]) if len(prompts) else []
-    for spec in functions:
-        needs = rule_reward(load_reward_function(spec), spec).needs
+    for spec, needs in needs_of.items():
         missing = [c for c in needs if c not in available]
         if missing:
             raise ConfigError(f"reward function {spec} needs the column{'s' if len(missing) > 1 else ''} "
@@ -177,19 +179,16 @@ def build_rewards(model, functions: list[str], weights: list[float], reward_adap
     sources = []
     for spec, weight in zip(functions, weights):
         fn = rule_reward(load_reward_function(spec), spec)
-        sources.append(RewardSource(spec, weight, lambda i, a, p, r, c, g, n, fn=fn: fn(i, a, p, r, columns=c),
-                                    fn.needs))
-    scorer = None
+        sources.append(RewardSource(spec, weight, lambda i, a, p, r, c, g, n, fn=fn: fn(i, a, p, r, columns=c)))
     if reward_adapter:
         model, scorer = load_reward_adapter(model, reward_adapter, name=REWARD)
-        share = share_prompt
 
         def adapter_score(ids, attn, prompts, responses, columns, group_size, prompt_lengths):
-            return scorer(ids, attn, normalize=normalize, group_size=group_size if share else 1,
+            return scorer(ids, attn, normalize=normalize, group_size=group_size if share_prompt else 1,
                           prompt_lengths=prompt_lengths)
 
         sources.append(RewardSource(reward_adapter, weights[-1], adapter_score))
-    return model, Rewards(sources, scorer)
+    return model, Rewards(sources)
 
 
 def reward_adapter_warnings(reward_adapter: str) -> list[str]:
@@ -353,14 +352,20 @@ def micro_batches(n: int, batch_size: int, group_size: int) -> list[slice]:
 
 
 @torch.no_grad()
-def reference_logprobs(cfg, roles: Roles, r: Rollout) -> torch.Tensor:
-    """log pi_ref of the sampled tokens [N, T]: the reference adapter (or adapters off) on the same base."""
+def adapter_logprobs(cfg, roles: Roles, r: Rollout, adapter: str | None) -> torch.Tensor:
+    """Log-probs [N, T] of the sampled tokens under ``adapter`` (None: adapters off) on the shared
+    base, in micro-batches of whole groups, without gradients."""
     parts = []
     for s in micro_batches(r.input_ids.shape[0], cfg.batch_size, r.group_size):
-        with roles.adapters.use(roles.reference):
+        with roles.adapters.use(adapter):
             parts.append(rows_logprobs(roles.model, r.input_ids[s], r.attention_mask[s], r.response_mask[s],
                                        r.prompt_lengths[s], cfg.temperature, r.group_size, cfg.share_prompt).logprobs)
     return torch.cat(parts)
+
+
+def reference_logprobs(cfg, roles: Roles, r: Rollout) -> torch.Tensor:
+    """log pi_ref of the sampled tokens [N, T]: the reference adapter (or adapters off) on the same base."""
+    return adapter_logprobs(cfg, roles, r, roles.reference)
 
 
 @torch.no_grad()
@@ -369,14 +374,9 @@ def evaluate(cfg, roles: Roles, tokenizer, prompts: Prompts) -> tuple[dict, list
     prompts, one answer each, plus a few samples to look at. Prompt i is answered from the same
     random stream at every evaluation (less noisy curves)."""
     r = generate_rollouts(cfg, roles, tokenizer, prompts, [row_seed(cfg.seed, -1, i) for i in range(len(prompts))])
-    logprobs = []
-    for s in micro_batches(r.input_ids.shape[0], cfg.batch_size, 1):
-        with roles.adapters.use(POLICY):
-            logprobs.append(rows_logprobs(roles.model, r.input_ids[s], r.attention_mask[s], r.response_mask[s],
-                                          r.prompt_lengths[s], cfg.temperature, 1, False).logprobs)
     mask = r.response_mask.float()
     kept = r.kept if r.kept is not None else torch.ones_like(r.has_eos)  # --skip-nonfinite drops unscored answers
-    seq_kl = sequence_kl(torch.cat(logprobs), reference_logprobs(cfg, roles, r), mask)
+    seq_kl = sequence_kl(adapter_logprobs(cfg, roles, r, POLICY), reference_logprobs(cfg, roles, r), mask)
     metrics = {"score": r.raw_scores[kept].mean().item(), "kl": seq_kl[kept].mean().item(),
                "eos_fraction": r.has_eos[kept].float().mean().item(), "response_length": mask.sum(1)[kept].mean().item()}
     if len(r.reward_parts) > 1:
@@ -455,9 +455,10 @@ def train(cfg, algorithm: OnlineAlgorithm) -> dict:
     steps_per_epoch = max(len(train_prompts) // per_step, 1)
     total_steps = cfg.max_steps if cfg.max_steps > 0 else max(1, math.ceil(cfg.epochs * steps_per_epoch))
 
-    check_reward_columns(algorithm.reward_functions(cfg), train_prompts, cfg.prompts)
+    needs_of = reward_columns(algorithm.reward_functions(cfg))
+    check_reward_columns(needs_of, train_prompts, cfg.prompts)
     if len(eval_prompts):
-        check_reward_columns(algorithm.reward_functions(cfg), eval_prompts, cfg.eval_prompts or cfg.prompts)
+        check_reward_columns(needs_of, eval_prompts, cfg.eval_prompts or cfg.prompts)
     roles = algorithm.build_roles(cfg, total_steps)
     device = roles.trainable[0].device
     optimizer = common.build_optimizer(roles.trainable, cfg, str(device))
