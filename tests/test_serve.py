@@ -264,6 +264,50 @@ def test_bodies_over_the_limit_get_413(server):
     assert r.status_code == 413
 
 
+def test_requests_a_browser_was_tricked_into_sending_are_refused(server):
+    port = server.url.rsplit(":", 1)[1]
+    # A form POST from another site (text/plain needs no CORS preflight) is not read as JSON.
+    r = httpx.post(server.url + "/v1/chat/completions", headers={**AUTH, "Content-Type": "text/plain"},
+                   content=json.dumps({"messages": ask("hi")}))
+    assert r.status_code == 415 and error_of(r)["code"] == "unsupported_media_type"
+    # A cross-origin POST is refused before any route runs; the server's own page is not.
+    r = post(server, "/feedback/vote", {"id": "x", "choice": "a"}, headers={**AUTH, "Origin": "https://evil.example"})
+    assert r.status_code == 403 and error_of(r)["code"] == "cross_site_request"
+    r = post(server, "/v1/chat/completions", {"messages": ask("hi"), "temperature": 0},
+             headers={**AUTH, "Origin": f"http://127.0.0.1:{port}"})
+    assert r.status_code == 200
+    # A DNS name rebound to 127.0.0.1 arrives with its own Host: refused, even on /health.
+    r = httpx.get(server.url + "/health", headers={"Host": f"evil.example:{port}"})
+    assert r.status_code == 403 and "--allowed-hosts" in error_of(r)["message"]
+    assert httpx.get(server.url + "/health", headers={"Host": f"localhost:{port}"}).status_code == 200
+
+
+@pytest.mark.parametrize("bound, allowed, host, ok", [
+    ("127.0.0.1", "", "127.0.0.1:8000", True), ("127.0.0.1", "", "[::1]:8000", True), ("::1", "", "localhost", True),
+    ("127.0.0.1", "", "attacker.example:8000", False), ("127.0.0.1", "box.lan", "box.lan:8000", True),
+    ("127.0.0.1", "*", "anything:1", True), ("0.0.0.0", "", "10.1.2.3:8000", True),
+    ("0.0.0.0", "box.lan", "10.1.2.3:8000", False),
+])
+def test_host_names_the_server_answers_to(bound, allowed, host, ok):
+    from pocketrlhf.serve.api import allowed_host_names, cross_site_refusal
+
+    hosts = allowed_host_names(ServeConfig(model="m", host=bound, allowed_hosts=allowed))
+    assert (cross_site_refusal("GET", {"host": host}, hosts, ()) is None) == ok
+
+
+@pytest.mark.parametrize("method, origin, cors, ok", [
+    ("POST", None, (), True), ("POST", "http://127.0.0.1:8000", (), True), ("POST", "http://127.0.0.1:9999", (), False),
+    ("POST", "null", (), False), ("POST", "https://app.example", ("https://app.example",), True),
+    ("POST", "https://other.example", ("https://app.example",), False), ("POST", "https://x.example", ("*",), True),
+    ("GET", "https://x.example", (), True),
+])
+def test_state_changing_requests_must_come_from_the_servers_own_origin(method, origin, cors, ok):
+    from pocketrlhf.serve.api import cross_site_refusal
+
+    headers = {"host": "127.0.0.1:8000"} | ({"origin": origin} if origin else {})
+    assert (cross_site_refusal(method, headers, ("127.0.0.1",), cors) is None) == ok
+
+
 def test_unknown_routes_and_methods_are_openai_shaped(server):
     r = httpx.get(server.url + "/v1/nothing", headers=AUTH)
     assert r.status_code == 404 and error_of(r)["message"] == "no route GET /v1/nothing"

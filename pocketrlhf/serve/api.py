@@ -46,7 +46,78 @@ class ServeConfig(ServingOptions):
                                 "(JSONL preference pairs that rm and dpo read)")
     web: bool = option(True, "serve the web page (chat, compare, votes) at /")
     cors_origins: str = option("", "comma-separated origins allowed by CORS, or * (empty: no CORS headers)")
+    allowed_hosts: str = option("", "comma-separated names clients may reach the server by (the Host header), or *; "
+                                "empty: localhost, 127.0.0.1 and ::1 when listening on a loopback address, any otherwise")
     log_level: Literal["debug", "info", "warning", "error"] = option("info", "server log verbosity")
+
+
+# ---------------------------------------------------------------------------------------------
+# Requests a browser was tricked into sending.
+
+LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
+
+
+def _host_name(host: str) -> str:
+    """The name part of a Host header or an origin's authority: ``[::1]:8000`` -> ``::1``."""
+    host = host.strip().lower()
+    if host.startswith("["):
+        return host[1:].partition("]")[0]
+    return host.rpartition(":")[0] if host.count(":") == 1 else host
+
+
+def allowed_host_names(cfg: "ServeConfig") -> tuple[str, ...] | None:
+    """The Host names the server answers to, or None for any."""
+    names = tuple(n.strip().lower() for n in cfg.allowed_hosts.split(",") if n.strip())
+    if "*" in names:
+        return None
+    if _is_loopback(cfg.host):
+        return LOOPBACK_NAMES + names
+    return names or None
+
+
+def cross_site_refusal(method: str, headers: dict[str, str], hosts: tuple[str, ...] | None,
+                       cors_origins: tuple[str, ...]) -> str | None:
+    """Why a request must be refused, or None.
+
+    A server on 127.0.0.1 without an API key trusts whoever can connect, and any web page the
+    user opens can make the browser connect: a page on another site can POST a form (no CORS
+    preflight for form content types, so votes could be written into the feedback file), and a
+    DNS name rebound to 127.0.0.1 makes the browser treat the server as that page's own origin,
+    able to read replies. The Host header foils rebinding (the browser sends the attacker's
+    name), and a cross-origin Origin on a request that changes state foils forms and fetches.
+    """
+    host = headers.get("host", "")
+    if hosts is not None and _host_name(host) not in hosts:
+        return (f"Host '{host}' is not one this server answers to ({', '.join(hosts)}); "
+                "start it with --allowed-hosts NAME to reach it by another name")
+    origin = headers.get("origin")
+    if method in ("GET", "HEAD", "OPTIONS") or origin is None:
+        return None
+    authority = origin.partition("://")[2]
+    if authority.lower() == host.lower() or "*" in cors_origins or origin in cors_origins:
+        return None
+    return f"cross-origin {method} from {origin} refused (allow it with --cors-origins {origin})"
+
+
+class CrossSiteGuard:
+    """ASGI middleware applying ``cross_site_refusal`` to every HTTP request (pages and static files
+    included); refusals are OpenAI-shaped 403s."""
+
+    def __init__(self, app, hosts: tuple[str, ...] | None, cors_origins: tuple[str, ...]):
+        self.app, self.hosts, self.cors_origins = app, hosts, cors_origins
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http":
+            headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+            why = cross_site_refusal(scope["method"], headers, self.hosts, self.cors_origins)
+            if why:
+                from fastapi.responses import JSONResponse
+
+                log.warning("refused %s %s: %s", scope["method"], scope["path"], why)
+                body = APIError(403, why, "invalid_request_error", code="cross_site_request").body()
+                await JSONResponse(body, status_code=403)(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -280,11 +351,13 @@ def create_app(load: Callable[[], Any], cfg: ServeConfig, api_key: str = ""):
 
     app = FastAPI(title="pocketrlhf", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.pocket = state
-    if cfg.cors_origins:
+    origins = [o.strip() for o in cfg.cors_origins.split(",") if o.strip()]
+    if origins:
         from fastapi.middleware.cors import CORSMiddleware
 
-        origins = [o.strip() for o in cfg.cors_origins.split(",") if o.strip()]
         app.add_middleware(CORSMiddleware, allow_origins=origins, allow_methods=["*"], allow_headers=["*"])
+    # Added last, so it runs first: a refused request never reaches CORS or a route.
+    app.add_middleware(CrossSiteGuard, hosts=allowed_host_names(cfg), cors_origins=tuple(origins))
 
     @app.exception_handler(APIError)
     async def api_error(request: Request, e: APIError):
@@ -320,6 +393,11 @@ def create_app(load: Callable[[], Any], cfg: ServeConfig, api_key: str = ""):
         return state.engine
 
     async def read_json(request: Request) -> dict:
+        # A form's content types need no CORS preflight; JSON does, so only JSON bodies are read.
+        kind = request.headers.get("content-type", "").partition(";")[0].strip().lower()
+        if kind != "application/json":
+            raise APIError(415, f"the body must be JSON sent with 'Content-Type: application/json' (got "
+                           f"'{kind or 'none'}')", code="unsupported_media_type")
         limit = cfg.max_body_bytes
         too_large = APIError(413, f"request body larger than {limit} bytes (--max-body-bytes)", code="request_too_large")
         length = request.headers.get("content-length", "")
