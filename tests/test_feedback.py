@@ -269,6 +269,36 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def test_a_page_open_across_a_server_restart_can_still_vote(adapters, tmp_path):
+    votes = tmp_path / "votes.jsonl"
+    cfg = ServeConfig(model=str(adapters["stack"]), adapters=f"chat={adapters['chat']}", device="cpu",
+                      feedback_file=str(votes), max_tokens=8)
+
+    def start():
+        app = create_app(lambda: Engine.load(cfg, parse_adapters(cfg.adapters)), cfg, api_key=KEY)
+        srv = BackgroundServer(app)
+        wait_ready(srv.url)
+        return srv
+
+    srv = start()
+    try:
+        pending, texts, _ = run_compare(srv.url, max_tokens=3)
+        done, _, _ = run_compare(srv.url, prompt="bye", max_tokens=3)
+        assert vote(srv.url, {"comparison": done, "vote": "tie"}).status_code == 200
+    finally:
+        srv.stop()
+    srv = start()
+    try:
+        r = vote(srv.url, {"comparison": pending, "vote": "better", "winner": 1})
+        assert r.status_code == 200, r.text
+        assert lines(votes)[-1] | {"chosen": texts[1], "rejected": texts[0], "comparison": pending} == lines(votes)[-1]
+        assert vote(srv.url, {"comparison": done, "vote": "tie"}).json()["error"]["code"] == "already_voted"
+        assert vote(srv.url, {"comparison": pending, "vote": "tie"}).json()["error"]["code"] == "already_voted"
+    finally:
+        srv.stop()
+    assert len(lines(votes)) == 2
+
+
 def test_kill_9_while_voting_leaves_a_file_rm_reads(adapters, tmp_path):
     votes = tmp_path / "fb" / "votes.jsonl"
     port = free_port()

@@ -26,7 +26,8 @@ from typing import Any, Callable, Literal
 from pocketrlhf.config import option
 from pocketrlhf.errors import ConfigError, PocketError
 from pocketrlhf.serve.engine import SamplingParams, ServingOptions
-from pocketrlhf.serve.feedback import VOTES, Comparisons, FeedbackFile, summary, valid_annotator, vote_rows
+from pocketrlhf.serve.feedback import (VOTES, Comparisons, FeedbackFile, journal_path, summary, valid_annotator,
+                                      vote_rows)
 
 log = logging.getLogger("pocketrlhf")
 
@@ -591,8 +592,9 @@ def create_app(load: Callable[[], Any], cfg: ServeConfig, api_key: str = ""):
 
     # -- the web page and its votes ------------------------------------------------------------
 
-    comparisons = Comparisons()
     votes = FeedbackFile(cfg.feedback_file) if cfg.feedback_file else None
+    comparisons = (Comparisons(journal=FeedbackFile(journal_path(votes.path)), voted={r.get("comparison") for r in votes.rows()})
+                   if votes else Comparisons())
     app.state.comparisons = comparisons
 
     if cfg.web:
@@ -674,6 +676,11 @@ def create_app(load: Callable[[], Any], cfg: ServeConfig, api_key: str = ""):
                         running -= 1
                         continue
                     yield _sse(item)
+                if c.complete:
+                    try:
+                        await asyncio.to_thread(comparisons.finished, c)
+                    except OSError as e:  # still votable until the server stops
+                        log.warning("cannot journal comparison %s to %s: %s", c.id, comparisons.journal.path, e)
                 yield _sse({"done": True, "complete": c.complete})
                 yield "data: [DONE]\n\n"
             finally:
@@ -701,7 +708,8 @@ def create_app(load: Callable[[], Any], cfg: ServeConfig, api_key: str = ""):
                          "1 to 64 letters, digits or . _ : -")
         c = comparisons.get(cid)
         if c is None:
-            raise APIError(404, f"no comparison '{cid[:80]}' (unknown, or forgotten after a restart)",
+            raise APIError(404, f"no comparison '{cid[:80]}' (unknown, unfinished when the server stopped, or older "
+                           "than the newest 10000)",
                            param="comparison", code="comparison_not_found")
         winner = None
         if kind == "better":

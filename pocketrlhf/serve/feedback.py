@@ -12,6 +12,10 @@ by a crash (a power cut mid-write) is cut off when the server next opens the fil
 
 Ties and both-bad votes are kept (``vote``: "tie" / "both_bad", the answers under ``answers``,
 no chosen/rejected) and skipped by the preference loaders with a count.
+
+Each finished comparison is also appended to a journal beside the votes file
+(``votes.comparisons.jsonl``), so that a page still open when the server restarts can vote on
+what it shows; the votes already in the file say which comparisons have had their vote.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ import re
 import threading
 import time
 import uuid
+from collections.abc import Iterable
 from pathlib import Path
 
 log = logging.getLogger("pocketrlhf")
@@ -54,23 +59,65 @@ class Comparison:
     def complete(self) -> bool:
         return all(self.finished)
 
+    def record(self) -> dict:
+        return {"id": self.id, "prompt": self.prompt, "system": self.system, "models": self.models,
+                "sampling": self.sampling, "anonymous": self.anonymous, "answers": self.answers,
+                "created": self.created}
+
+    @classmethod
+    def from_record(cls, row: dict) -> Comparison | None:
+        """A journalled comparison, or None for a row that is not one (edited by hand, another tool)."""
+        try:
+            models, answers = [str(m) for m in row["models"]], [str(a) for a in row["answers"]]
+            c = cls(str(row["id"]), str(row["prompt"]), str(row.get("system", "")), models, dict(row["sampling"]),
+                    bool(row["anonymous"]), answers, [True] * len(answers), float(row.get("created", 0)))
+        except (KeyError, TypeError, ValueError):
+            return None
+        return c if 2 <= len(models) == len(answers) <= 4 else None
+
+
+def journal_path(feedback_file: str | Path) -> Path:
+    path = Path(feedback_file).expanduser()
+    return path.with_name(path.stem + ".comparisons.jsonl")
+
 
 class Comparisons:
-    """The comparisons a vote may still name (the newest ``limit``; older ones are forgotten)."""
+    """The comparisons a vote may still name (the newest ``limit``; older ones are forgotten).
 
-    def __init__(self, limit: int = 10_000):
+    With a ``journal``, finished comparisons outlive the server: they are read back at start,
+    those named in ``voted`` (the ids in the votes file) marked as voted.
+    """
+
+    def __init__(self, limit: int = 10_000, journal: FeedbackFile | None = None, voted: Iterable[str] = ()):
         self.limit = limit
+        self.journal = journal
         self._items: collections.OrderedDict[str, Comparison] = collections.OrderedDict()
         self._lock = threading.Lock()
+        if journal is not None:
+            voted = set(voted)
+            for row in journal.rows():
+                c = Comparison.from_record(row)
+                if c is not None:
+                    c.voted = c.id in voted
+                    self._add(c)
+
+    def _add(self, c: Comparison) -> None:
+        self._items[c.id] = c
+        self._items.move_to_end(c.id)
+        while len(self._items) > self.limit:
+            self._items.popitem(last=False)
 
     def new(self, prompt: str, system: str, models: list[str], sampling: dict, anonymous: bool) -> Comparison:
         c = Comparison(f"cmp-{uuid.uuid4().hex}", prompt, system, list(models), dict(sampling), anonymous,
                        [""] * len(models), [False] * len(models))
         with self._lock:
-            self._items[c.id] = c
-            while len(self._items) > self.limit:
-                self._items.popitem(last=False)
+            self._add(c)
         return c
+
+    def finished(self, c: Comparison) -> None:
+        """Journal a comparison whose answers all finished (only those can be voted on)."""
+        if self.journal is not None and c.complete:
+            self.journal.append([c.record()])
 
     def get(self, cid: str) -> Comparison | None:
         with self._lock:
