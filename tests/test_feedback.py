@@ -272,10 +272,10 @@ def free_port() -> int:
 def test_a_page_open_across_a_server_restart_can_still_vote(adapters, tmp_path):
     votes = tmp_path / "votes.jsonl"
     cfg = ServeConfig(model=str(adapters["stack"]), adapters=f"chat={adapters['chat']}", device="cpu",
-                      feedback_file=str(votes), max_tokens=8)
+                      feedback_file=str(votes), max_tokens=8, max_batch=1)  # the one-at-a-time path, too
 
     def start():
-        app = create_app(lambda: Engine.load(cfg, parse_adapters(cfg.adapters)), cfg, api_key=KEY)
+        app = create_app(lambda: Engine.load(cfg, parse_adapters(cfg.adapters), max_batch=cfg.max_batch), cfg, api_key=KEY)
         srv = BackgroundServer(app)
         wait_ready(srv.url)
         return srv
