@@ -124,7 +124,8 @@ def evaluate(cfg: EvaluationConfig) -> dict:
         answers_text[name] = tok.batch_decode(answers, skip_special_tokens=True)
         prompts_text = tok.batch_decode(prompt_ids, skip_special_tokens=True)
         if reward is not None:
-            rm_scores[name] = torch.cat([reward(ids[i:i + cfg.batch_size], attn[i:i + cfg.batch_size])
+            rm_scores[name] = torch.cat([reward(ids[i:i + cfg.batch_size], attn[i:i + cfg.batch_size],
+                                                response_mask=mask[i:i + cfg.batch_size])
                                          for i in range(0, len(answers), cfg.batch_size)])
             row["reward_model_score"] = rm_scores[name].mean().item()
         if truth is not None:
