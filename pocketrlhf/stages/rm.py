@@ -21,6 +21,7 @@ from pocketrlhf.config import AdapterOptions, ModelOptions, TrainOptions, option
 from pocketrlhf.data.formats import PREFERENCE_FORMATS, preference_pairs, sft_pairs
 from pocketrlhf.data.loading import load_records
 from pocketrlhf.data.rows import read_rows
+from pocketrlhf.models.loading import is_seq2seq
 from pocketrlhf.data.templates import TemplateName
 from pocketrlhf.data.tokenize import (PreferenceExample, collate_preferences, collate_shared_prompt, tokenize_pair,
                                      tokenize_preferences)
@@ -73,7 +74,7 @@ class RewardLoss:
 
 def prepare_pairs(cfg: RMConfig, tokenizer) -> tuple[list[PreferenceExample], list[PreferenceExample], dict]:
     rows = read_rows("preference", preference_pairs, cfg.data, cfg.eval_data, cfg.eval_fraction, cfg.seed,
-                     cfg.template, tokenizer)
+                     cfg.template, tokenizer, is_seq2seq(cfg.model))
     train = tokenize_preferences(tokenizer, rows.train, cfg.max_length, rows.skipped)
     evals = tokenize_preferences(tokenizer, rows.held_out, cfg.max_length, rows.skipped)
     if rows.skipped.total:

@@ -15,8 +15,8 @@ import torch
 from pocketrlhf.config import AdapterOptions, ModelOptions, TrainOptions, option
 from pocketrlhf.data.formats import sft_pairs
 from pocketrlhf.data.rows import read_rows
-from pocketrlhf.data.templates import TemplateName, check_seq2seq_template
-from pocketrlhf.errors import ConfigError, DataError
+from pocketrlhf.data.templates import TemplateName
+from pocketrlhf.errors import ConfigError
 from pocketrlhf.data.tokenize import TokenExample, collate, pack, tokenize_sft
 from pocketrlhf.models.policy import build_policy
 from pocketrlhf.models.spec import BaseSpec
@@ -48,15 +48,11 @@ def prepare_data(cfg: SFTConfig, tokenizer, seq2seq: bool = False) -> tuple[list
     if seq2seq and cfg.packing:
         raise ConfigError("--packing does not apply to an encoder-decoder base (each input goes to the encoder, its "
                           "target to the decoder): pass --packing false")
-    rows = read_rows("SFT", sft_pairs, cfg.data, cfg.eval_data, cfg.eval_fraction, cfg.seed, cfg.template, tokenizer)
+    rows = read_rows("SFT", sft_pairs, cfg.data, cfg.eval_data, cfg.eval_fraction, cfg.seed, cfg.template, tokenizer,
+                     seq2seq)
     pairs, eval_pairs, skipped = rows.train, rows.held_out, rows.skipped
     completion_only = cfg.completion_only
     if seq2seq:
-        check_seq2seq_template(rows.template)
-        bare = sum(1 for p in pairs + eval_pairs if not p.prompt)
-        if bare:
-            raise DataError(f"{cfg.data}: {bare} rows have no prompt (a bare text column?); an encoder-decoder base "
-                            "trains input -> target: give prompt+completion, question+response_j or messages rows")
         if not completion_only:
             log.info("encoder-decoder base: the loss covers the decoder's target only (the input is the encoder's), "
                      "whatever --completion-only says")
