@@ -349,3 +349,21 @@ def test_dpo_loss_on_a_batch_equals_the_formula_by_hand(tiny_t5):
     assert abs(loss.item() - by_hand.item()) < 1e-4 and abs(loss.item() - 3 * 0.6931) > 1e-3
     loss.backward()
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for n, p in model.named_parameters() if "encoder" in n)
+
+
+def test_the_pipeline_runs_every_stage_on_a_t5_base(tmp_path, tiny_t5, seq2seq_data):
+    """sft (packing off without being told), rm, ppo with the reward adapter and the value on the
+    decoder, dpo and the evaluation (sampling, KL to the SFT adapter, reward-model scores)."""
+    from pocketrlhf.pipeline import Pipeline, PipelineConfig
+
+    from test_pipeline import tiny_pipeline
+
+    data = {k: str(v) for k, v in seq2seq_data.items()}
+    cfg = tiny_pipeline(tiny_t5, data, tmp_path / "run")
+    cfg["sft"].pop("packing")
+    Pipeline(PipelineConfig(**cfg)).run()
+    results = json.loads((tmp_path / "run" / "evaluation" / "results.json").read_text())
+    assert set(results) == {"base", "sft", "ppo", "dpo"}
+    assert results["sft"]["kl_to_sft"] == 0.0 and results["ppo"]["kl_to_sft"] > 0
+    assert all(0 <= row["eos_fraction"] <= 1 and "reward_model_score" in row for row in results.values())
+    assert json.loads((tmp_path / "run" / "sft" / "summary.json").read_text())["train_loss"] > 0
