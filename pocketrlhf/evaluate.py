@@ -66,7 +66,8 @@ def evaluate(cfg: EvaluationConfig) -> dict:
     from pocketrlhf.data.tokenize import encode
     from pocketrlhf.models.adapters import AdapterSet, load_adapter, spec_mismatch
     from pocketrlhf.models.generation import row_seed, sample
-    from pocketrlhf.models.loading import load_base, load_tokenizer
+    from pocketrlhf.data.templates import check_seq2seq_template
+    from pocketrlhf.models.loading import is_seq2seq, load_base, load_tokenizer
     from pocketrlhf.models.roles import load_reward_adapter, load_reward_function, rule_reward
 
     setup_logging()
@@ -75,6 +76,8 @@ def evaluate(cfg: EvaluationConfig) -> dict:
     out_dir = Path(cfg.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     tok = load_tokenizer(cfg.model, cfg.trust_remote_code)
+    if is_seq2seq(cfg.model):
+        check_seq2seq_template(cfg.template)
     rows, _ = prompt_rows(load_records(cfg.prompts), cfg.prompts, cfg.template, tok)
     encoded = [(encode(tok, r.prompt, special=True), r.columns) for r in rows]
     encoded = [(ids, columns) for ids, columns in encoded if len(ids) <= cfg.max_prompt_length][:cfg.samples]
@@ -124,7 +127,8 @@ def evaluate(cfg: EvaluationConfig) -> dict:
         answers_text[name] = tok.batch_decode(answers, skip_special_tokens=True)
         prompts_text = tok.batch_decode(prompt_ids, skip_special_tokens=True)
         if reward is not None:
-            rm_scores[name] = torch.cat([reward(ids[i:i + cfg.batch_size], attn[i:i + cfg.batch_size])
+            rm_scores[name] = torch.cat([reward(ids[i:i + cfg.batch_size], attn[i:i + cfg.batch_size],
+                                                response_mask=mask[i:i + cfg.batch_size])
                                          for i in range(0, len(answers), cfg.batch_size)])
             row["reward_model_score"] = rm_scores[name].mean().item()
         if truth is not None:

@@ -129,6 +129,7 @@ class Pipeline:
     def stage_config(self, stage: str):
         """The typed config of ``stage``, wired to the outputs of the stages before it."""
         from pocketrlhf.evaluate import EvaluationConfig
+        from pocketrlhf.models.loading import is_seq2seq
         from pocketrlhf.stages import dpo, grpo, ppo, rm, sft
 
         sft_adapter = self.adapter("sft")
@@ -147,7 +148,11 @@ class Pipeline:
                       "progress": self.cfg.progress, "overwrite": True, **self.cfg.data}
             return from_dict(stackexchange.StackExchangeConfig, values, f"{self.source}: data")
         if stage == "sft":
-            return self._training_stage("sft", sft.SFTConfig, {"data": self.prepared("finetune"), "eval_data": held_out})
+            wiring = {"data": self.prepared("finetune"), "eval_data": held_out}
+            if is_seq2seq(self.cfg.model):  # packing has no meaning there (sft refuses it when asked for)
+                log.info("encoder-decoder base: sft runs without packing (input -> target examples)")
+                wiring["packing"] = False
+            return self._training_stage("sft", sft.SFTConfig, wiring)
         if stage == "rm":
             return self._training_stage("rm", rm.RMConfig, {"data": self.prepared("reward"), "eval_data": held_out,
                                                             "sft_adapter": sft_adapter})

@@ -36,6 +36,19 @@ def llama(tiny_models) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_t5(tmp_path_factory) -> Path:
+    """A tiny encoder-decoder as flan-t5 (gated-gelu, untied output layer), review-task tokenizer
+    that ends encoder inputs with EOS; the decoder starts with the pad token."""
+    return build_tiny_model(tmp_path_factory.mktemp("seq2seq") / "t5", "t5", texts=synthetic.corpus(), vocab_size=320)
+
+
+@pytest.fixture(scope="session")
+def tiny_bart(tmp_path_factory) -> Path:
+    """A tiny BART (learned positions, tied output layer); the decoder starts with EOS."""
+    return build_tiny_model(tmp_path_factory.mktemp("seq2seq") / "bart", "bart", texts=synthetic.corpus(), vocab_size=320)
+
+
+@pytest.fixture(scope="session")
 def odd_llama(tmp_path_factory) -> Path:
     """A llama whose MLP width (176) is not a multiple of 64: bitsandbytes' CPU 4-bit inference
     kernel cannot hold it."""

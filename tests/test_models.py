@@ -274,15 +274,44 @@ def test_random_checkpoint_refuses_an_unknown_quantization(tmp_path):
         write_random_checkpoint(tiny_config("llama", vocab_size=64), tmp_path / "m", quantization="8bit")
 
 
-def test_an_encoder_decoder_base_is_a_clear_error(tmp_path):
-    """A T5-family base (as flan-t5: gated-gelu) fails in one line that says why, before loading."""
-    from transformers import T5Config, T5ForConditionalGeneration
+@pytest.mark.parametrize("quantization", ["none", "8bit", "4bit"])
+def test_an_encoder_decoder_base_loads_as_seq2seq(tiny_t5, quantization):
+    """A T5-family base (as flan-t5: gated-gelu) loads with AutoModelForSeq2SeqLM in every precision,
+    its ``wo`` projections left in fp32 and unquantized as transformers keeps them, and LoRA adapts
+    encoder and decoder with peft's seq2seq task type."""
+    import peft
+    from transformers import AutoModelForSeq2SeqLM
 
+    from pocketrlhf.models.loading import is_seq2seq
+
+    model = load_base(str(tiny_t5), quantization, device="cpu")
+    assert type(model).__name__ == "T5ForConditionalGeneration"
+    assert is_seq2seq(model) and is_seq2seq(str(tiny_t5)) and is_seq2seq(model.config)
+    wo = dict(model.named_modules())["decoder.block.0.layer.2.DenseReluDense.wo"]
+    assert type(wo) is torch.nn.Linear and wo.weight.dtype == torch.float32
+    quantized = [type(m).__name__ for n, m in model.named_modules() if n.endswith("DenseReluDense.wi_0")]
+    assert set(quantized) == {{"none": "Linear", "8bit": "Linear8bitLt", "4bit": "Linear4bit"}[quantization]}
+    ids = torch.tensor([[5, 6, 7, 0]])
+    labels = torch.tensor([[8, 9, 0]])
+    loss = model(input_ids=ids, labels=labels).loss
+    reference = AutoModelForSeq2SeqLM.from_pretrained(str(tiny_t5), dtype=torch.float32)(input_ids=ids, labels=labels).loss
+    assert torch.isfinite(loss) and abs(loss.item() - reference.item()) < (1e-5 if quantization == "none" else 0.2)
+    wrapped = attach_adapter(model, make_peft_config("lora", r=4))
+    assert isinstance(wrapped, peft.PeftModelForSeq2SeqLM) and is_seq2seq(wrapped)
+    adapted = {n.split(".")[-1] for n, m in wrapped.named_modules() if hasattr(m, "lora_A")}
+    assert adapted == {"q", "k", "v", "o", "wi_0", "wi_1", "wo"}
+    assert any(n.startswith("base_model.model.encoder.") and hasattr(m, "lora_A") for n, m in wrapped.named_modules())
+
+
+def test_a_causal_base_is_not_seq2seq(llama, tiny_bart):
+    from pocketrlhf.models.loading import is_seq2seq
+
+    assert not is_seq2seq(str(llama)) and not is_seq2seq(load_base(str(llama), device="cpu"))
+    assert is_seq2seq(str(tiny_bart)) and type(load_base(str(tiny_bart), device="cpu")).__name__ == "BartForConditionalGeneration"
+
+
+def test_virtual_token_adapters_are_refused_on_an_encoder_decoder(tiny_t5):
     from pocketrlhf.errors import ModelLoadError
-    from pocketrlhf.models.loading import load_base
 
-    cfg = T5Config(vocab_size=64, d_model=32, d_kv=8, d_ff=64, num_layers=1, num_heads=2,
-                   feed_forward_proj="gated-gelu", decoder_start_token_id=0)
-    T5ForConditionalGeneration(cfg).save_pretrained(tmp_path / "t5", safe_serialization=True)
-    with pytest.raises(ModelLoadError, match=r"encoder-decoder model \(t5\).*not supported yet"):
-        load_base(str(tmp_path / "t5"), device="cpu")
+    with pytest.raises(ModelLoadError, match="prompt_tuning is not supported on an encoder-decoder base"):
+        attach_adapter(load_base(str(tiny_t5), device="cpu"), make_peft_config("prompt_tuning", num_virtual_tokens=4))

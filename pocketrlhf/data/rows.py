@@ -103,10 +103,33 @@ def _row_groups(rows: list, qids: list | None) -> list[int]:
 
 
 def read_rows(kind: str, parse: Callable, data: str, eval_data: str, eval_fraction: float, seed: int, template: str,
-              tokenizer) -> Rows:
+              tokenizer, seq2seq: bool = False) -> Rows:
     """Rows of ``data`` turned into texts by ``parse`` (formats.sft_pairs, preference_pairs or
     prompts), and held-out rows from ``eval_data`` or a seeded ``eval_fraction`` of ``data``'s
-    prompts (never a prompt or qid of the training rows); every row left out is counted."""
+    prompts (never a prompt or qid of the training rows); every row left out is counted. For an
+    encoder-decoder base (``seq2seq``) every row needs a prompt, rendered in a format it can take."""
+    rows = _read_rows(kind, parse, data, eval_data, eval_fraction, seed, template, tokenizer)
+    if seq2seq:
+        check_seq2seq_rows(rows, data)
+    return rows
+
+
+def check_seq2seq_rows(rows: Rows, data: str) -> None:
+    """An encoder-decoder reads input -> target: a one-line error for a chat format or a row without
+    a prompt (a bare text column, a preference pair with no shared prompt)."""
+    from pocketrlhf.data.templates import check_seq2seq_template
+    from pocketrlhf.errors import DataError
+
+    check_seq2seq_template(rows.template)
+    bare = sum(1 for r in rows.train + rows.held_out if not isinstance(r, str) and not r.prompt)
+    if bare:
+        raise DataError(f"{data}: {bare} rows have no prompt (a bare text column?); an encoder-decoder base reads "
+                        "input -> target: give prompt+completion, prompt+chosen+rejected, question+response_j or "
+                        "messages rows")
+
+
+def _read_rows(kind: str, parse: Callable, data: str, eval_data: str, eval_fraction: float, seed: int, template: str,
+               tokenizer) -> Rows:
     formats = {"SFT": SFT_FORMATS, "preference": PREFERENCE_FORMATS, "prompt": PROMPT_FORMATS}[kind]
     ds = load_records(data)
     fmt = detect(ds.column_names, formats, data, kind)

@@ -90,6 +90,22 @@ def render(messages: list[Message], fmt: str = "auto", tokenizer=None, add_gener
     return _render_builtin(FORMATS[fmt], messages, add_generation_prompt)
 
 
+# What an encoder-decoder base can take: its input text goes to the encoder as it is written, its
+# target to the decoder. Chat formats (auto, chatml, vicuna, llama-2) are decoder-only conventions:
+# a T5 tokenizer has no chat template, nor ChatML's tokens.
+SEQ2SEQ_TEMPLATES = ("plain", "stackllama")
+
+
+def check_seq2seq_template(template: str) -> None:
+    """A one-line error for a prompt format an encoder-decoder base cannot use."""
+    from pocketrlhf.errors import ConfigError
+
+    if template not in SEQ2SEQ_TEMPLATES:
+        raise ConfigError(f"prompt format '{template}' needs a decoder-only chat template; an encoder-decoder base takes "
+                          "--template plain or stackllama (the input text goes to the encoder, the answer is the "
+                          "decoder's target)")
+
+
 def prompt_text(prompt: str, fmt: str = "plain", tokenizer=None) -> str:
     """A single user prompt, opened for the answer (``Question: q\\n\\nAnswer: `` for stackllama)."""
     if fmt == "plain":

@@ -103,9 +103,21 @@ def make_peft_config(
 
 
 def attach_adapter(model: torch.nn.Module, peft_config, name: str = "default"):
-    """Add a fresh trainable adapter. ``model`` may be a plain transformers model or a PeftModel."""
+    """Add a fresh trainable adapter. ``model`` may be a plain transformers model or a PeftModel.
+
+    The peft task type follows the base: SEQ_2_SEQ_LM on an encoder-decoder (``is_seq2seq``), where
+    ``all-linear`` adapts encoder and decoder alike (T5: q, k, v, o, wi_0, wi_1, wo; BART: q/k/v/out_proj,
+    fc1, fc2), the output layer excepted."""
     import peft
 
+    from pocketrlhf.models.loading import is_seq2seq
+
+    if is_seq2seq(model):
+        if peft_config.is_prompt_learning:
+            method = str(getattr(peft_config.peft_type, "value", peft_config.peft_type)).lower()
+            raise ModelLoadError(f"--adapter {method} is not supported on an encoder-decoder base yet; use lora, "
+                                 "loha, lokr, adalora or ia3")
+        peft_config.task_type = "SEQ_2_SEQ_LM"
     try:
         with warnings.catch_warnings():
             # peft reads attributes transformers 5 deprecates: notices no user can act on.

@@ -12,6 +12,17 @@ Every stage and role (SFT loss, reward, value, policy, reference, DPO) gets its 
 * Log-probs are aligned with tokens: ``logprobs[b, t] = log p(x_t | x_<t)`` computed from the
   hidden state at t-1, in fp32, with logits divided by the sampling temperature; 0 where the
   mask is 0 (and always at t = 0).
+
+Encoder-decoder bases (T5, BART: ``models.loading.is_seq2seq``) keep the same row layout,
+[prompt ; response] with a ``response_mask``, so that every stage runs them unchanged. Each row
+is split there (``split_rows``): the prompt goes to the encoder, once per distinct prompt in the
+batch (a DPO pair's two answers, GRPO's G completions, share it), and the decoder reads
+``[decoder_start, r_0 .. r_{n-1}]``. Decoder state j is put at row position (last prompt
+token) + j, so ``hidden[:, t-1]`` predicts token t exactly as for a causal LM, and the last real
+position holds the state after the final response token (EOS): where rewards are read and where
+``token_aligned`` values come from. Positions before the last prompt token hold zeros. The
+encoder output is computed inside every call, under the adapter active then: never reused
+across adapters (policy, reference, reward differ as soon as an adapter touches the encoder).
 """
 
 from __future__ import annotations
@@ -76,9 +87,99 @@ def _prompt_learning(peft_model) -> tuple[bool, int]:
     return True, added
 
 
-def final_hidden_states(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """Last-layer hidden states [B, T, d] (after the final norm) with the active adapter applied."""
+def is_seq2seq_model(model: torch.nn.Module) -> bool:
+    from pocketrlhf.models.loading import is_seq2seq
+
+    return is_seq2seq(unwrap(model)[1])
+
+
+def response_mask_after(attention_mask: torch.Tensor, prompt_lengths: torch.Tensor) -> torch.Tensor:
+    """The response mask of right-padded rows whose first ``prompt_lengths`` tokens are the prompt."""
+    positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
+    return attention_mask.long() * (positions[None, :] >= prompt_lengths.to(attention_mask.device)[:, None]).long()
+
+
+@dataclass
+class Seq2SeqRows:
+    """[prompt ; response] rows split for an encoder-decoder; see the module docstring."""
+
+    encoder_ids: torch.Tensor  # [B, P] prompt tokens, right-padded with 0
+    encoder_mask: torch.Tensor  # [B, P]
+    decoder_ids: torch.Tensor  # [B, N + 1] decoder start + response tokens, right-padded
+    decoder_mask: torch.Tensor  # [B, N + 1]
+    rows: torch.Tensor  # [K]: row of each real decoder state ...
+    states: torch.Tensor  # [K]: ... its index in the decoder output ...
+    positions: torch.Tensor  # [K]: ... and its position in the [B, T] layout
+
+
+def decoder_start_id(lm: torch.nn.Module) -> int:
+    start = getattr(lm.config, "decoder_start_token_id", None)
+    if start is None:
+        start = getattr(getattr(lm, "generation_config", None), "decoder_start_token_id", None)
+    if start is None:
+        raise ValueError("this encoder-decoder model's config names no decoder_start_token_id")
+    return int(start)
+
+
+def split_rows(input_ids: torch.Tensor, attention_mask: torch.Tensor, response_mask: torch.Tensor,
+               start_id: int) -> Seq2SeqRows:
+    """Encoder and decoder inputs of [prompt ; response] rows (left or right padded): the prompt
+    is every real token outside ``response_mask``, the response must follow it directly."""
+    attn = attention_mask.bool()
+    resp = response_mask.bool() & attn
+    prompt = attn & ~resp
+    prompt_len, resp_len = prompt.sum(1), resp.sum(1)
+    if bool((prompt_len == 0).any()):
+        raise ValueError("an encoder-decoder base needs a prompt (its encoder input) in every row: data without a "
+                         "prompt/response split (a bare text column) cannot train or score it")
+    n, width = input_ids.shape
+    device = input_ids.device
+    enc_ids = torch.zeros((n, int(prompt_len.max())), dtype=torch.long, device=device)
+    enc_mask = torch.zeros_like(enc_ids)
+    pb, pt = prompt.nonzero(as_tuple=True)
+    pc = prompt.long().cumsum(1)[pb, pt] - 1
+    enc_ids[pb, pc] = input_ids[pb, pt]
+    enc_mask[pb, pc] = 1
+    dec_width = int(resp_len.max()) + 1
+    dec_ids = torch.full((n, dec_width), start_id, dtype=torch.long, device=device)
+    rb, rt = resp.nonzero(as_tuple=True)
+    rc = resp.long().cumsum(1)[rb, rt] - 1
+    dec_ids[rb, rc + 1] = input_ids[rb, rt]
+    dec_mask = (torch.arange(dec_width, device=device)[None, :] <= resp_len[:, None]).long()
+    last_prompt = (torch.arange(width, device=device)[None, :] * prompt.long()).max(1).values
+    if not bool((rt == last_prompt[rb] + 1 + rc).all()):
+        raise ValueError("every response must follow its prompt directly (no prompt token after the response starts)")
+    db, dj = dec_mask.nonzero(as_tuple=True)
+    return Seq2SeqRows(enc_ids, enc_mask, dec_ids, dec_mask, db, dj, last_prompt[db] + dj)
+
+
+def seq2seq_hidden_states(lm: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                          response_mask: torch.Tensor) -> torch.Tensor:
+    """Decoder states [B, T, d] of an encoder-decoder in the row layout (module docstring). Rows
+    with the same prompt share one encoder pass."""
+    split = split_rows(input_ids, attention_mask, response_mask, decoder_start_id(lm))
+    unique, inverse = torch.unique(torch.cat([split.encoder_ids, split.encoder_mask], dim=1), dim=0,
+                                   return_inverse=True)
+    width = split.encoder_ids.shape[1]
+    enc_ids, enc_mask = unique[:, :width], unique[:, width:]
+    encoded = lm.get_encoder()(input_ids=enc_ids, attention_mask=enc_mask).last_hidden_state
+    decoded = lm.get_decoder()(input_ids=split.decoder_ids, attention_mask=split.decoder_mask,
+                               encoder_hidden_states=encoded[inverse], encoder_attention_mask=enc_mask[inverse],
+                               use_cache=False).last_hidden_state
+    hidden = decoded.new_zeros(input_ids.shape[0], input_ids.shape[1], decoded.shape[-1])
+    return hidden.index_put((split.rows, split.positions), decoded[split.rows, split.states])
+
+
+def final_hidden_states(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                        response_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Last-layer hidden states [B, T, d] (after the final norm) with the active adapter applied.
+    ``response_mask`` says where each row's prompt ends: needed for an encoder-decoder base, whose
+    decoder states these are (module docstring); a causal LM ignores it."""
     peft_model, lm = unwrap(model)
+    if is_seq2seq_model(lm):
+        if response_mask is None:
+            raise ValueError("an encoder-decoder base needs the response mask (where each prompt ends)")
+        return seq2seq_hidden_states(lm, input_ids, attention_mask, response_mask)
     ids, position_ids = model_inputs(input_ids, attention_mask)
     prompt_learning, added = _prompt_learning(peft_model)
     if prompt_learning:
@@ -97,6 +198,8 @@ def supports_attention_bias(model: torch.nn.Module) -> bool:
     peft_model, lm = unwrap(model)
     if peft_model is not None and any(c.is_prompt_learning for c in peft_model.peft_config.values()):
         return False
+    if is_seq2seq_model(lm):
+        return False  # the prompt is shared through the encoder instead (seq2seq_hidden_states)
     cfg = lm.config
     if getattr(cfg, "sliding_window", None) and getattr(cfg, "use_sliding_window", True) is not False:
         return False  # a 4D mask is used as given: the window would not be applied
@@ -126,8 +229,8 @@ def pair_hidden_states(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -
     prompt and to itself only), the model runs once per pair on it: the prompt is computed once."""
     from pocketrlhf.data.tokenize import PROMPT
 
-    if "shared_ids" not in batch:
-        return final_hidden_states(model, batch["input_ids"], batch["attention_mask"])
+    if "shared_ids" not in batch:  # (an encoder-decoder encodes each pair's prompt once here)
+        return final_hidden_states(model, batch["input_ids"], batch["attention_mask"], batch.get("response_mask"))
     seg = batch["shared_segments"]
     query, key = seg.unsqueeze(2), seg.unsqueeze(1)
     causal = torch.ones(seg.shape[1], seg.shape[1], dtype=torch.bool, device=seg.device).tril()
@@ -142,7 +245,10 @@ def group_hidden_states(model: torch.nn.Module, input_ids: torch.Tensor, attenti
     ``group_size`` rows answers one prompt (GRPO's G completions), computed with the prompt once
     per group: one row holds the prompt and then every response, a response attending to the
     prompt and to itself only, positions continuing from the prompt. The same numbers as
-    ``final_hidden_states`` on the rows (up to float rounding), with fewer tokens."""
+    ``final_hidden_states`` on the rows (up to float rounding), with fewer tokens. An
+    encoder-decoder runs each group's prompt through its encoder once instead."""
+    if is_seq2seq_model(model):
+        return final_hidden_states(model, input_ids, attention_mask, response_mask_after(attention_mask, prompt_lengths))
     n, width = input_ids.shape
     if n % group_size:
         raise ValueError(f"{n} rows do not split into groups of {group_size}")
@@ -182,8 +288,13 @@ def group_hidden_states(model: torch.nn.Module, input_ids: torch.Tensor, attenti
 def output_logits(model: torch.nn.Module, hidden: torch.Tensor) -> torch.Tensor:
     """Vocabulary logits from final hidden states, with the family's output scaling."""
     _, lm = unwrap(model)
-    logits = lm.get_output_embeddings()(hidden)
     cfg = lm.config
+    if getattr(cfg, "scale_decoder_outputs", False):  # T5 with a tied output layer (transformers 5.23)
+        hidden = hidden * (cfg.d_model ** -0.5)
+    logits = lm.get_output_embeddings()(hidden)
+    bias = getattr(lm, "final_logits_bias", None)  # BART
+    if isinstance(bias, torch.Tensor):
+        logits = logits + bias.to(logits.dtype).view(-1)
     scale = getattr(cfg, "logit_scale", None)
     if isinstance(scale, (int, float)) and scale != 1:
         logits = logits * scale
@@ -223,10 +334,10 @@ def response_logprobs(
     Only the masked positions go through the output layer, in chunks, so a long prompt or a large
     vocabulary costs no full [B, T, V] fp32 tensor.
     """
+    if hidden is None:
+        hidden = final_hidden_states(model, input_ids, attention_mask, response_mask)
     if response_mask is None:
         response_mask = attention_mask
-    if hidden is None:
-        hidden = final_hidden_states(model, input_ids, attention_mask)
     wanted = (response_mask[:, 1:] * attention_mask[:, 1:]).bool()
     rows = hidden[:, :-1][wanted]
     targets = input_ids[:, 1:][wanted]

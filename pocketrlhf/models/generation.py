@@ -1,4 +1,7 @@
 """Batched sampling from a (peft) causal LM: left-padded prompts, explicit sampling settings.
+An encoder-decoder (``models.loading.is_seq2seq``) gets its prompts right-padded as encoder input
+(its positions then start at 0 whatever the padding) and answers with decoder tokens, returned
+without the decoder start token: the same response ids as a causal LM's.
 
 transformers fills every generation field we leave unset from the model folder's
 generation_config.json (``min_new_tokens``, ``no_repeat_ngram_size``, ``suppress_tokens``,
@@ -15,7 +18,7 @@ import contextlib
 import torch
 
 from pocketrlhf.data.tokenize import left_pad
-from pocketrlhf.models.forward import unwrap
+from pocketrlhf.models.forward import is_seq2seq_model, unwrap
 
 
 def safe_pad_id(model, tokenizer) -> int:
@@ -33,7 +36,14 @@ def generation_config(tokenizer, model, max_new_tokens: int, temperature: float 
 
     sample = temperature > 0
     eos = [tokenizer.eos_token_id] + [t for t in (stop_token_ids or []) if t != tokenizer.eos_token_id]
+    _, lm = unwrap(model)
+    start = {}
+    if is_seq2seq_model(lm):
+        from pocketrlhf.models.forward import decoder_start_id
+
+        start = {"decoder_start_token_id": decoder_start_id(lm)}
     return GenerationConfig(
+        **start,
         do_sample=sample,
         temperature=temperature if sample else 1.0,
         top_k=top_k if sample else None,
@@ -141,6 +151,17 @@ def row_seed(*parts: int) -> int:
     return h
 
 
+def right_pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded ids and attention mask (an encoder's input)."""
+    width = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    attn = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, s in enumerate(sequences):
+        ids[row, :len(s)] = torch.tensor(s, dtype=torch.long)
+        attn[row, :len(s)] = 1
+    return ids, attn
+
+
 def sample(model, tokenizer, prompt_ids: list[list[int]], max_new_tokens: int, temperature: float = 1.0,
            top_p: float = 1.0, top_k: int = 0, batch_size: int = 64, stop_token_ids: list[int] | None = None,
            streamer=None, row_seeds: list[int] | None = None, **extra) -> list[list[int]]:
@@ -158,15 +179,17 @@ def sample(model, tokenizer, prompt_ids: list[list[int]], max_new_tokens: int, t
     cfg = generation_config(tokenizer, model, max_new_tokens, 0.0 if seeded else temperature, top_p, top_k,
                             stop_token_ids=stop_token_ids, **extra)
     eos_ids = set(cfg.eos_token_id)
+    seq2seq = is_seq2seq_model(lm)
     out: list[list[int]] = []
     with inference_mode(model):
         for start in range(0, len(prompt_ids), batch_size):
             chunk = prompt_ids[start:start + batch_size]
-            ids, attn = left_pad(chunk, cfg.pad_token_id)
+            ids, attn = (right_pad if seq2seq else left_pad)(chunk, cfg.pad_token_id)
             processors = LogitsProcessorList(
                 [SeededSampling(row_seeds[start:start + batch_size], temperature)] if seeded else [])
             generated = model.generate(input_ids=ids.to(device), attention_mask=attn.to(device),
                                        generation_config=cfg, streamer=streamer, logits_processor=processors)
-            for row in generated[:, ids.shape[1]:].tolist():
+            # A causal LM returns prompt + answer, an encoder-decoder decoder start + answer.
+            for row in generated[:, 1 if seq2seq else ids.shape[1]:].tolist():
                 out.append(truncate_after_eos(row, eos_ids)[0])
     return out

@@ -113,14 +113,15 @@ def load_tokenizer(path: str, trust_remote_code: bool = False, revision: str | N
 
 def load_base(spec: BaseSpec | str, *args: Any, training: bool = True, revision: str | None = None,
               max_memory: dict | None = None, **fields: Any) -> torch.nn.Module:
-    """The frozen base causal LM that ``spec`` describes, on its device, with every parameter's
-    requires_grad off. A path with BaseSpec's fields (in BaseSpec's order, or by name) may stand
+    """The frozen base language model that ``spec`` describes, on its device, with every
+    parameter's requires_grad off: a causal LM, or an encoder-decoder (T5, BART) when the folder's
+    config.json says ``is_encoder_decoder`` (see ``is_seq2seq``). A path with BaseSpec's fields (in BaseSpec's order, or by name) may stand
     for the spec in short scripts: ``load_base("models/llama", "4bit", device="cpu")``.
 
     ``max_memory`` (accelerate's per-device caps, e.g. ``{0: "8GiB", "cpu": "30GiB"}``) spreads the
     weights with ``device_map="auto"`` instead; layers placed on the CPU stay unquantized there.
     """
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
     spec = spec if isinstance(spec, BaseSpec) else BaseSpec(spec, *args, **fields)
     model, quantization, dtype, device = spec.path, spec.quantization, spec.dtype, spec.device
@@ -131,7 +132,6 @@ def load_base(spec: BaseSpec | str, *args: Any, training: bool = True, revision:
         check_safetensors(model)
         # Absolute, so that adapter_config.json's base_model_name_or_path works from any folder.
         model = str(Path(model).expanduser().resolve())
-        check_decoder_only(model)
         stored = checkpoint_quantization(model)
         if stored:  # transformers loads a pre-quantized checkpoint as it is stored, whatever else is asked
             if quantization != stored:
@@ -155,8 +155,11 @@ def load_base(spec: BaseSpec | str, *args: Any, training: bool = True, revision:
             qcfg.llm_int8_enable_fp32_cpu_offload = True
     if qcfg is not None:
         kwargs["quantization_config"] = qcfg
+    # transformers keeps T5's ``wo`` projections in fp32 (``_keep_in_fp32_modules``) in every
+    # precision, unquantized under LLM.int8/NF4 too: nothing here overrides that.
+    auto = AutoModelForSeq2SeqLM if is_seq2seq(model, revision=revision) else AutoModelForCausalLM
     try:
-        lm = AutoModelForCausalLM.from_pretrained(model, **kwargs)
+        lm = auto.from_pretrained(model, **kwargs)
     except ValueError as e:
         if "trust_remote_code" in str(e):
             raise ModelLoadError(f"{model} needs its own Python code to load; re-run with --trust-remote-code if you trust it") from None
@@ -174,18 +177,38 @@ def load_base(spec: BaseSpec | str, *args: Any, training: bool = True, revision:
     return lm
 
 
-def check_decoder_only(path: str) -> None:
-    """A one-line error for an encoder-decoder base (T5, BART...): every stage here runs causal
-    LMs, and transformers' own message ("Unrecognized configuration class") does not say why."""
+def is_seq2seq(model_or_config: Any, revision: str | None = None) -> bool:
+    """Whether a base is an encoder-decoder (T5, BART...): the one question every part of
+    pocketrlhf asks before treating a base as a causal LM. Takes a model (peft-wrapped or not), a
+    transformers config, a config.json dict, or a model folder / hub id (its config.json is read;
+    a hub id is asked of the hub cache only)."""
+    if isinstance(model_or_config, (str, Path)):
+        return bool(_folder_config(str(model_or_config), revision).get("is_encoder_decoder"))
+    if isinstance(model_or_config, dict):
+        return bool(model_or_config.get("is_encoder_decoder"))
+    config = getattr(model_or_config, "config", model_or_config)
+    if isinstance(config, dict):  # peft's PeftModel.config is the base's config, as a dict at times
+        return bool(config.get("is_encoder_decoder"))
+    return bool(getattr(config, "is_encoder_decoder", False))
+
+
+def _folder_config(path: str, revision: str | None = None) -> dict:
     import json
 
-    try:
-        config = json.loads((Path(path) / "config.json").read_text())
-    except (OSError, ValueError):
-        return
-    if config.get("is_encoder_decoder"):
-        raise ModelLoadError(f"{path} is an encoder-decoder model ({config.get('model_type', '?')}): pocketrlhf trains "
-                             "decoder-only (causal) language models so far; encoder-decoder bases are not supported yet")
+    local = Path(path).expanduser() / "config.json"
+    if local.is_file():
+        try:
+            return json.loads(local.read_text())
+        except ValueError:
+            return {}
+    if is_local(path):
+        return {}
+    try:  # a hub id: its config.json, from the cache or the hub as transformers would
+        from transformers import AutoConfig
+
+        return AutoConfig.from_pretrained(path, revision=revision).to_dict()
+    except Exception:  # noqa: BLE001 - loading will report what is wrong, in its own words
+        return {}
 
 
 def checkpoint_quantization(path: str) -> str | None:

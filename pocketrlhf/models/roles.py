@@ -22,7 +22,7 @@ import torch
 from pocketrlhf.errors import ConfigError, ModelLoadError, RewardFunctionError
 from pocketrlhf.models.adapters import AdapterSet, read_adapter_info
 from pocketrlhf.models.forward import (final_hidden_states, group_hidden_states, last_token_index, pair_hidden_states,
-                                       supports_attention_bias)
+                                       response_mask_after, supports_attention_bias)
 from pocketrlhf.models.heads import HEAD_FILE, ScalarHead
 from pocketrlhf.models.policy import add_frozen_adapter
 
@@ -41,8 +41,11 @@ class ScoreModel(torch.nn.Module):
         self.model = model
         self.head = head
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        return read_at_last_token(self.head, final_hidden_states(self.model, input_ids, attention_mask), attention_mask)
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                response_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """``response_mask`` (where each prompt ends) is needed by an encoder-decoder base only."""
+        hidden = final_hidden_states(self.model, input_ids, attention_mask, response_mask)
+        return read_at_last_token(self.head, hidden, attention_mask)
 
 
 class PairScoreModel(torch.nn.Module):
@@ -70,14 +73,19 @@ class RewardAdapter:
 
     @torch.no_grad()
     def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, normalize: bool = False,
-                 group_size: int = 1, prompt_lengths: torch.Tensor | None = None) -> torch.Tensor:
+                 group_size: int = 1, prompt_lengths: torch.Tensor | None = None,
+                 response_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Scores [B]; rows in groups of ``group_size`` answering one prompt of ``prompt_lengths``
-        tokens run that prompt once (see ``forward.group_hidden_states``)."""
+        tokens run that prompt once (see ``forward.group_hidden_states``). An encoder-decoder base
+        needs to know where each prompt ends: ``response_mask``, or ``prompt_lengths`` of
+        right-padded rows."""
+        if response_mask is None and prompt_lengths is not None:
+            response_mask = response_mask_after(attention_mask, prompt_lengths)
         with AdapterSet(self.model).use(self.adapter):
             if group_size > 1 and prompt_lengths is not None and supports_attention_bias(self.model):
                 hidden = group_hidden_states(self.model, input_ids, attention_mask, prompt_lengths, group_size)
-            else:
-                hidden = final_hidden_states(self.model, input_ids, attention_mask)
+            else:  # (an encoder-decoder encodes each distinct prompt once here)
+                hidden = final_hidden_states(self.model, input_ids, attention_mask, response_mask)
         scores = read_at_last_token(self.head, hidden, attention_mask)
         return (scores - self.mean) / max(self.std, 1e-6) if normalize else scores
 

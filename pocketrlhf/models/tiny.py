@@ -25,6 +25,14 @@ ARCHITECTURES: dict[str, dict] = {
     "gpt2": dict(model_type="gpt2"),
 }
 
+# Encoder-decoder bases (``is_seq2seq``): T5 as flan-t5 (gated-gelu, untied output layer, which
+# also means no d_model**-0.5 rescaling of the decoder output) and BART (learned positions, tied
+# output layer with a final_logits_bias).
+SEQ2SEQ_ARCHITECTURES: dict[str, dict] = {
+    "t5": dict(model_type="t5", feed_forward_proj="gated-gelu", tie_word_embeddings=False),
+    "bart": dict(model_type="bart"),
+}
+
 DEFAULT_CORPUS = (
     "the quick brown fox jumps over the lazy dog . a good movie with a great story and wonderful actors . "
     "a bad film , boring and awful , with terrible acting . Question : what is this ? Answer : it is a test . "
@@ -32,9 +40,11 @@ DEFAULT_CORPUS = (
 )
 
 
-def train_tokenizer(texts: Iterable[str], vocab_size: int = 512, pad_token: bool = True, chatml: bool = True):
-    """A byte-level BPE tokenizer (any text encodes, no unknown tokens)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+def train_tokenizer(texts: Iterable[str], vocab_size: int = 512, pad_token: bool = True, chatml: bool = True,
+                    eos_after_text: bool = False):
+    """A byte-level BPE tokenizer (any text encodes, no unknown tokens). ``eos_after_text``: text
+    encoded with special tokens ends with EOS, as T5's and BART's tokenizers end the encoder input."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
     specials = [EOS] + ([PAD] if pad_token else []) + (CHATML if chatml else [])
@@ -48,6 +58,10 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 512, pad_token: bool
         show_progress=False,
     )
     tok.train_from_iterator(list(texts) + [DEFAULT_CORPUS], trainer=trainer)
+    if eos_after_text:
+        eos = (EOS, tok.token_to_id(EOS))
+        tok.post_processor = processors.TemplateProcessing(single=f"$A {EOS}", pair=f"$A {EOS} $B {EOS}",
+                                                           special_tokens=[eos])
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok,
         eos_token=EOS,
@@ -62,13 +76,24 @@ def tiny_config(arch: str, vocab_size: int, hidden_size: int = 64, layers: int =
                 pad_token_id: int | None = None):
     from transformers import AutoConfig
 
-    if arch not in ARCHITECTURES:
-        raise ValueError(f"unknown tiny architecture '{arch}' (one of {', '.join(ARCHITECTURES)})")
-    spec = dict(ARCHITECTURES[arch])
+    if arch not in ARCHITECTURES and arch not in SEQ2SEQ_ARCHITECTURES:
+        raise ValueError(f"unknown tiny architecture '{arch}' (one of {', '.join([*ARCHITECTURES, *SEQ2SEQ_ARCHITECTURES])})")
+    spec = dict(ARCHITECTURES.get(arch) or SEQ2SEQ_ARCHITECTURES[arch])
     model_type = spec.pop("model_type")
     inter = intermediate_size or 2 * hidden_size
     ids = dict(eos_token_id=eos_token_id, bos_token_id=eos_token_id, pad_token_id=pad_token_id)
-    if model_type == "gpt2":
+    if model_type == "t5":
+        # T5 starts the decoder with the pad token; every dropout off as in the causal configs.
+        kw = dict(d_model=hidden_size, d_kv=hidden_size // heads, d_ff=inter, num_layers=layers, num_heads=heads,
+                  dropout_rate=0.0, decoder_start_token_id=pad_token_id)
+        ids.pop("bos_token_id")
+    elif model_type == "bart":
+        # BART starts the decoder with EOS.
+        kw = dict(d_model=hidden_size, encoder_layers=layers, decoder_layers=layers, encoder_attention_heads=heads,
+                  decoder_attention_heads=heads, encoder_ffn_dim=inter, decoder_ffn_dim=inter,
+                  max_position_embeddings=max_positions, dropout=0.0, attention_dropout=0.0, activation_dropout=0.0,
+                  decoder_start_token_id=eos_token_id, forced_eos_token_id=None)
+    elif model_type == "gpt2":
         kw = dict(n_embd=hidden_size, n_layer=layers, n_head=heads, n_inner=inter, n_positions=max_positions,
                   resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
     elif model_type == "gpt_neox":
@@ -95,24 +120,30 @@ def build_tiny_model(
     chat_template: str | None = None,
     output_scale: float = 10.0,
 ) -> Path:
-    """Write ``config.json``, ``model.safetensors`` and tokenizer files for a random tiny model."""
-    from transformers import AutoModelForCausalLM
+    """Write ``config.json``, ``model.safetensors`` and tokenizer files for a random tiny model
+    (``arch`` from ARCHITECTURES, or SEQ2SEQ_ARCHITECTURES for an encoder-decoder)."""
+    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    tok = train_tokenizer(texts, vocab_size=vocab_size, pad_token=pad_token)
+    seq2seq = arch in SEQ2SEQ_ARCHITECTURES
+    tok = train_tokenizer(texts, vocab_size=vocab_size, pad_token=pad_token or seq2seq, eos_after_text=seq2seq)
     if chat_template:
         tok.chat_template = chat_template
     cfg = tiny_config(arch, vocab_size=len(tok), hidden_size=hidden_size, layers=layers, heads=heads,
                       intermediate_size=intermediate_size, eos_token_id=tok.eos_token_id,
                       pad_token_id=tok.pad_token_id)
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    model = (AutoModelForSeq2SeqLM if seq2seq else AutoModelForCausalLM).from_config(cfg, dtype=torch.float32)
     with torch.no_grad():
         # With HF's init (std 0.02) behind the final norm, a frozen random output layer caps every
         # logit near +-2.5: no adapter could then make the model confident. Real pretrained
-        # models have large output weights; so do ours.
-        model.get_output_embeddings().weight.mul_(output_scale)
+        # models have large output weights; so do ours. (T5 starts from std 1, BART ties it to its
+        # input embeddings: both get the causal models' std 0.02 * output_scale.)
+        if seq2seq:
+            model.get_output_embeddings().weight.normal_(0.0, 0.02 * output_scale)
+        else:
+            model.get_output_embeddings().weight.mul_(output_scale)
     model.generation_config.pad_token_id = tok.pad_token_id
     model.save_pretrained(str(out), safe_serialization=True)
     tok.save_pretrained(str(out))
@@ -128,6 +159,8 @@ def pretrain_tiny_model(model_dir: str | Path, texts: list[str], steps: int = 20
 
     model_dir = Path(model_dir)
     tok = AutoTokenizer.from_pretrained(str(model_dir))
+    if json.loads((model_dir / "config.json").read_text()).get("is_encoder_decoder"):
+        raise ValueError("pretrain_tiny_model trains causal models only")
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
     ids = [t for text in texts for t in tok(text)["input_ids"] + [tok.eos_token_id]]
     n = len(ids) // seq_length

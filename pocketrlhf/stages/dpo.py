@@ -33,6 +33,7 @@ from pocketrlhf.algorithms.stats import accuracy_report, describe_accuracy
 from pocketrlhf.config import AdapterOptions, ModelOptions, TrainOptions, option
 from pocketrlhf.data.formats import Skipped, preference_pairs
 from pocketrlhf.data.rows import read_rows
+from pocketrlhf.models.loading import is_seq2seq
 from pocketrlhf.data.templates import TemplateName
 from pocketrlhf.data.tokenize import PreferenceExample, collate_preferences, collate_shared_prompt, tokenize_preferences
 from pocketrlhf.errors import ConfigError, DataError
@@ -96,7 +97,7 @@ def tokenize(tokenizer, pairs, max_length: int, skipped: Skipped) -> list[DPOExa
 
 def prepare_data(cfg: DPOConfig, tokenizer) -> tuple[list[DPOExample], list[DPOExample], dict]:
     rows = read_rows("preference", preference_pairs, cfg.data, cfg.eval_data, cfg.eval_fraction, cfg.seed,
-                     cfg.template, tokenizer)
+                     cfg.template, tokenizer, is_seq2seq(cfg.model))
     template, skipped = rows.template, rows.skipped
     train = tokenize(tokenizer, rows.train, cfg.max_length, skipped)
     evals = tokenize(tokenizer, rows.held_out, cfg.max_length, Skipped())

@@ -31,6 +31,7 @@ from pocketrlhf.algorithms.ppo import sequence_kl
 from pocketrlhf.config import option
 from pocketrlhf.data.formats import PromptRow, prompt_rows
 from pocketrlhf.data.rows import read_rows
+from pocketrlhf.models.loading import is_seq2seq
 from pocketrlhf.data.templates import TemplateName
 from pocketrlhf.data.tokenize import TokenExample, collate, encode
 from pocketrlhf.diagnostics import reward_model_warnings
@@ -87,7 +88,7 @@ class Prompts:
 
 def prepare_prompts(cfg, tokenizer) -> tuple[Prompts, Prompts, dict]:
     rows = read_rows("prompt", prompt_rows, cfg.prompts, cfg.eval_prompts, cfg.eval_fraction, cfg.seed, cfg.template,
-                     tokenizer)
+                     tokenizer, is_seq2seq(cfg.model))
     skipped = rows.skipped
 
     def tokenize(items: list[PromptRow], label: str) -> Prompts:

@@ -126,7 +126,7 @@ class ActorCritic(torch.nn.Module):
         from pocketrlhf.models.forward import final_hidden_states, response_logprobs, token_aligned
 
         if role == VALUE:
-            hidden = final_hidden_states(self.model, input_ids, attention_mask)
+            hidden = final_hidden_states(self.model, input_ids, attention_mask, response_mask)
             return {"values": token_aligned(self.value_head(hidden))}
         out = response_logprobs(self.model, input_ids, attention_mask, response_mask, temperature,
                                 return_hidden=self.shared_trunk, return_entropy=return_entropy)

@@ -21,6 +21,7 @@ from pocketrlhf.config import AdapterOptions, ModelOptions, TrainOptions, option
 from pocketrlhf.data.formats import PREFERENCE_FORMATS, preference_pairs, sft_pairs
 from pocketrlhf.data.loading import load_records
 from pocketrlhf.data.rows import read_rows
+from pocketrlhf.models.loading import is_seq2seq
 from pocketrlhf.data.templates import TemplateName
 from pocketrlhf.data.tokenize import (PreferenceExample, collate_preferences, collate_shared_prompt, tokenize_pair,
                                      tokenize_preferences)
@@ -73,7 +74,7 @@ class RewardLoss:
 
 def prepare_pairs(cfg: RMConfig, tokenizer) -> tuple[list[PreferenceExample], list[PreferenceExample], dict]:
     rows = read_rows("preference", preference_pairs, cfg.data, cfg.eval_data, cfg.eval_fraction, cfg.seed,
-                     cfg.template, tokenizer)
+                     cfg.template, tokenizer, is_seq2seq(cfg.model))
     train = tokenize_preferences(tokenizer, rows.train, cfg.max_length, rows.skipped)
     evals = tokenize_preferences(tokenizer, rows.held_out, cfg.max_length, rows.skipped)
     if rows.skipped.total:
@@ -184,15 +185,25 @@ class ScoreConfig(ModelOptions):
     normalize: bool = option(False, "report (reward - mean) / std with the statistics saved at training")
 
 
-def _score_tokens(scorer, pad_id: int, token_rows: list[list[int]], cfg: "ScoreConfig", device) -> list[float]:
+def split_tokens(example) -> tuple[list[int], list[int]]:
+    """(prompt, answer) ids of a ``tokenize_pair(..., completion_only=True)`` example."""
+    cut = example.loss_mask.index(1) if 1 in example.loss_mask else len(example.input_ids)
+    return example.input_ids[:cut], example.input_ids[cut:]
+
+
+def _score_tokens(scorer, pad_id: int, token_rows: list[tuple[list[int], list[int]]], cfg: "ScoreConfig",
+                  device) -> list[float]:
+    """Scores of (prompt, answer) token rows; the answer's place is what an encoder-decoder needs."""
     from pocketrlhf.data.tokenize import TokenExample, collate
 
     scores: list[float] = []
     for start in range(0, len(token_rows), cfg.batch_size):
         # Keep the end of long texts: the reward is read at the final EOS.
-        chunk = [TokenExample(r[-cfg.max_length:], r[-cfg.max_length:]) for r in token_rows[start:start + cfg.batch_size]]
+        chunk = [TokenExample((p + a)[-cfg.max_length:], ([0] * len(p) + [1] * len(a))[-cfg.max_length:])
+                 for p, a in token_rows[start:start + cfg.batch_size]]
         batch = collate(chunk, pad_id)
-        scores += scorer(batch["input_ids"].to(device), batch["attention_mask"].to(device), cfg.normalize).tolist()
+        scores += scorer(batch["input_ids"].to(device), batch["attention_mask"].to(device), cfg.normalize,
+                         response_mask=batch["loss_mask"].to(device)).tolist()
     return scores
 
 
@@ -223,8 +234,8 @@ def score(cfg: ScoreConfig) -> dict:
         pairs, skipped = preference_pairs(ds, cfg.input, template, tokenizer, placeholders=True)
         present = [i for i, p in enumerate(pairs) if p is not None]
         examples = tokenize_preferences(tokenizer, [pairs[i] for i in present], None, skipped)
-        chosen = _score_tokens(scorer, pad, [e.prompt_ids + e.chosen_ids for e in examples], cfg, device)
-        rejected = _score_tokens(scorer, pad, [e.prompt_ids + e.rejected_ids for e in examples], cfg, device)
+        chosen = _score_tokens(scorer, pad, [(e.prompt_ids, e.chosen_ids) for e in examples], cfg, device)
+        rejected = _score_tokens(scorer, pad, [(e.prompt_ids, e.rejected_ids) for e in examples], cfg, device)
         scores = [{"score_chosen": None, "score_rejected": None} for _ in pairs]
         for i, c, r in zip(present, chosen, rejected):
             scores[i] = {"score_chosen": c, "score_rejected": r}
@@ -232,7 +243,7 @@ def score(cfg: ScoreConfig) -> dict:
     else:
         texts, skipped = sft_pairs(ds, cfg.input, template, tokenizer, placeholders=True)
         present = [i for i, t in enumerate(texts) if t is not None]
-        tokens = [tokenize_pair(tokenizer, texts[i].prompt, texts[i].completion, False).input_ids for i in present]
+        tokens = [split_tokens(tokenize_pair(tokenizer, texts[i].prompt, texts[i].completion, True)) for i in present]
         scores = [{"score": None} for _ in texts]
         for i, s in zip(present, _score_tokens(scorer, pad, tokens, cfg, device)):
             scores[i] = {"score": s}

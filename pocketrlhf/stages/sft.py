@@ -16,6 +16,7 @@ from pocketrlhf.config import AdapterOptions, ModelOptions, TrainOptions, option
 from pocketrlhf.data.formats import sft_pairs
 from pocketrlhf.data.rows import read_rows
 from pocketrlhf.data.templates import TemplateName
+from pocketrlhf.errors import ConfigError
 from pocketrlhf.data.tokenize import TokenExample, collate, pack, tokenize_sft
 from pocketrlhf.models.policy import build_policy
 from pocketrlhf.models.spec import BaseSpec
@@ -41,13 +42,24 @@ class SFTConfig(ModelOptions, AdapterOptions, TrainOptions):
 # ---------------------------------------------------------------------------------------------
 
 
-def prepare_data(cfg: SFTConfig, tokenizer) -> tuple[list[TokenExample], list[TokenExample], dict]:
-    """Training and eval examples (packed or not), plus a report of what was skipped."""
-    rows = read_rows("SFT", sft_pairs, cfg.data, cfg.eval_data, cfg.eval_fraction, cfg.seed, cfg.template, tokenizer)
+def prepare_data(cfg: SFTConfig, tokenizer, seq2seq: bool = False) -> tuple[list[TokenExample], list[TokenExample], dict]:
+    """Training and eval examples (packed or not), plus a report of what was skipped. For an
+    encoder-decoder base (``seq2seq``) each example is input -> target, the loss on the target."""
+    if seq2seq and cfg.packing:
+        raise ConfigError("--packing does not apply to an encoder-decoder base (each input goes to the encoder, its "
+                          "target to the decoder): pass --packing false")
+    rows = read_rows("SFT", sft_pairs, cfg.data, cfg.eval_data, cfg.eval_fraction, cfg.seed, cfg.template, tokenizer,
+                     seq2seq)
     pairs, eval_pairs, skipped = rows.train, rows.held_out, rows.skipped
+    completion_only = cfg.completion_only
+    if seq2seq:
+        if not completion_only:
+            log.info("encoder-decoder base: the loss covers the decoder's target only (the input is the encoder's), "
+                     "whatever --completion-only says")
+        completion_only = True
     max_len = None if cfg.packing else cfg.seq_length
-    train = tokenize_sft(tokenizer, pairs, cfg.completion_only, max_len, skipped)
-    evals = tokenize_sft(tokenizer, eval_pairs, cfg.completion_only, max_len, skipped) if eval_pairs else []
+    train = tokenize_sft(tokenizer, pairs, completion_only, max_len, skipped)
+    evals = tokenize_sft(tokenizer, eval_pairs, completion_only, max_len, skipped) if eval_pairs else []
     if cfg.packing:
         train = pack(train, cfg.seq_length, cfg.seed)
         evals = pack(evals, cfg.seq_length, cfg.seed) if evals and sum(len(e.input_ids) for e in evals) >= cfg.seq_length else []
@@ -80,13 +92,13 @@ class SFTLoss:
 def train(cfg: SFTConfig) -> dict:
     from pocketrlhf.models.adapters import load_adapter_weights, save_adapter, write_adapter_info
     from pocketrlhf.models.forward import LMWithHeads
-    from pocketrlhf.models.loading import load_tokenizer
+    from pocketrlhf.models.loading import is_seq2seq, load_tokenizer
 
     accelerator, run = common.open_run(cfg, "sft")
     if run.finished is not None:  # --resume auto on a finished run: never trained again
         return run.finished
     tokenizer = load_tokenizer(cfg.model, cfg.trust_remote_code)
-    train_set, eval_set, data_report = prepare_data(cfg, tokenizer)
+    train_set, eval_set, data_report = prepare_data(cfg, tokenizer, is_seq2seq(cfg.model))
     steps_per_epoch, total_steps = plan_steps(cfg, len(train_set), accelerator.num_processes)
 
     model = build_policy(cfg, tokenizer, total_steps)

@@ -1,0 +1,369 @@
+"""Encoder-decoder bases (T5 as flan-t5, BART): the one log-prob function, sampling, and every
+training stage on them, in 16-bit and quantized."""
+
+import json
+
+import pytest
+import torch
+
+from pocketrlhf.models.adapters import AdapterSet, attach_adapter, make_peft_config
+from pocketrlhf.models.forward import (final_hidden_states, group_hidden_states, output_logits, pair_hidden_states,
+                                       response_logprobs)
+from pocketrlhf.models.loading import load_base, load_tokenizer
+
+PROMPTS = ["Write a review of the movie Night Train.", "a dull ending .", "the story"]
+ANSWERS = ["the story was really great .", "bad", "a good movie with a great story and wonderful actors ."]
+
+
+def rows(tok, prompts, answers, side="right"):
+    """[prompt ; answer EOS] rows padded on ``side``, and their response mask."""
+    pairs = [(tok(p)["input_ids"], tok(a, add_special_tokens=False)["input_ids"] + [tok.eos_token_id])
+             for p, a in zip(prompts, answers)]
+    width = max(len(p) + len(a) for p, a in pairs)
+    ids = torch.full((len(pairs), width), tok.pad_token_id)
+    attn, resp = torch.zeros_like(ids), torch.zeros_like(ids)
+    for i, (p, a) in enumerate(pairs):
+        start = 0 if side == "right" else width - len(p) - len(a)
+        ids[i, start:start + len(p) + len(a)] = torch.tensor(p + a)
+        attn[i, start:start + len(p) + len(a)] = 1
+        resp[i, start + len(p):start + len(p) + len(a)] = 1
+    return pairs, ids, attn, resp
+
+
+def perturbed_lora(model, name="default", seed=0, scale=0.3):
+    """A LoRA (encoder and decoder) whose B matrices are not zero, so that it changes the outputs."""
+    model = attach_adapter(model, make_peft_config("lora", r=4, alpha=8), name)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if f"lora_B.{name}." in n:
+                p.copy_(torch.randn(p.shape, generator=g) * scale)
+    return model
+
+
+def direct(model, pairs):
+    """Per row: transformers' own log p(answer | prompt), and its decoder's last-layer state after
+    the whole answer (EOS included)."""
+    from pocketrlhf.models.forward import decoder_start_id, unwrap
+
+    start = decoder_start_id(unwrap(model)[1])
+    lps, states = [], []
+    for p, a in pairs:
+        out = model(input_ids=torch.tensor([p]), labels=torch.tensor([a]))
+        lps.append(torch.log_softmax(out.logits.float(), -1)[0].gather(-1, torch.tensor(a)[:, None])[:, 0])
+        after = model(input_ids=torch.tensor([p]), decoder_input_ids=torch.tensor([[start] + a]), output_hidden_states=True)
+        states.append(after.decoder_hidden_states[-1][0])
+    return lps, states
+
+
+@pytest.mark.parametrize("arch,quantization", [("t5", "none"), ("t5", "4bit"), ("bart", "none"), ("bart", "8bit")])
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_logprobs_equal_the_models_own_token_by_token(tiny_t5, tiny_bart, arch, quantization, side):
+    """Our log-probs of [prompt ; answer] rows are transformers' ``model(input_ids=prompt,
+    labels=answer)`` ones, with an adapter on encoder and decoder; the last real position holds
+    the decoder state after EOS (where rewards and values are read)."""
+    path = str(tiny_t5 if arch == "t5" else tiny_bart)
+    tok = load_tokenizer(path)
+    model = perturbed_lora(load_base(path, quantization, device="cpu", training=False))
+    model.eval()
+    pairs, ids, attn, resp = rows(tok, PROMPTS, ANSWERS, side)
+    with torch.no_grad():
+        out = response_logprobs(model, ids, attn, resp, return_hidden=True)
+        want, states = direct(model, pairs)
+    tol = 1e-4 if quantization == "none" else 2e-2  # bnb computes in bfloat16: batch shapes round differently
+    for i in range(len(pairs)):
+        torch.testing.assert_close(out.logprobs[i][resp[i].bool()], want[i], atol=tol, rtol=tol)
+        last = int(attn[i].nonzero().max())
+        torch.testing.assert_close(out.hidden[i, last].float(), states[i][-1].float(), atol=tol, rtol=tol)
+    assert (out.logprobs[~resp.bool()] == 0).all()
+
+
+def test_t5_with_a_tied_output_layer_rescales_before_it(tmp_path):
+    """transformers 5.23's T5 multiplies the decoder output by d_model**-0.5 before a tied output
+    layer (``scale_decoder_outputs``): our logits must do the same."""
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    cfg = T5Config(vocab_size=64, d_model=64, d_kv=16, d_ff=128, num_layers=1, num_heads=4, dropout_rate=0.0,
+                   decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)
+    assert cfg.scale_decoder_outputs
+    T5ForConditionalGeneration(cfg).save_pretrained(tmp_path / "t5", safe_serialization=True)
+    model = load_base(str(tmp_path / "t5"), device="cpu", training=False)
+    prompt, answer = [5, 6, 7, 1], [9, 10, 1]
+    ids, attn = torch.tensor([prompt + answer]), torch.ones(1, 7, dtype=torch.long)
+    resp = torch.tensor([[0] * 4 + [1] * 3])
+    with torch.no_grad():
+        ours = response_logprobs(model, ids, attn, resp).logprobs[0, 4:]
+        logits = model(input_ids=torch.tensor([prompt]), labels=torch.tensor([answer])).logits[0]
+        hidden = final_hidden_states(model, ids, attn, resp)
+    want = torch.log_softmax(logits, -1).gather(-1, torch.tensor(answer)[:, None])[:, 0]
+    torch.testing.assert_close(ours, want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(output_logits(model, hidden[0, 3:6]), logits, atol=1e-4, rtol=1e-4)
+
+
+def count_encoder_rows(model):
+    """A list that receives the batch size of every encoder call."""
+    from pocketrlhf.models.forward import unwrap
+
+    calls = []
+    unwrap(model)[1].get_encoder().register_forward_pre_hook(
+        lambda module, args, kwargs: calls.append(kwargs["input_ids"].shape[0]), with_kwargs=True)
+    return calls
+
+
+def test_a_pair_and_a_group_run_their_prompt_through_the_encoder_once(tiny_t5):
+    from pocketrlhf.data.formats import Skipped, PreferencePair
+    from pocketrlhf.data.tokenize import collate_preferences, tokenize_preferences
+
+    tok = load_tokenizer(str(tiny_t5))
+    model = perturbed_lora(load_base(str(tiny_t5), device="cpu", training=False))
+    calls = count_encoder_rows(model)
+    examples = tokenize_preferences(tok, [PreferencePair(p, a, b) for p, a, b in zip(PROMPTS, ANSWERS, ANSWERS[::-1])],
+                                    None, Skipped())
+    batch = collate_preferences(examples, tok.pad_token_id)
+    with torch.no_grad():
+        shared = pair_hidden_states(model, batch)
+        assert calls == [3]  # 3 prompts for 6 rows
+        for row in range(6):  # each row alone: the same states
+            one = final_hidden_states(model, batch["input_ids"][row:row + 1], batch["attention_mask"][row:row + 1],
+                                      batch["response_mask"][row:row + 1])
+            torch.testing.assert_close(shared[row:row + 1], one, atol=1e-5, rtol=1e-5)
+        calls.clear()
+        prompts = [PROMPTS[0]] * 3 + [PROMPTS[1]] * 3
+        pairs, ids, attn, resp = rows(tok, prompts, ANSWERS + ANSWERS[::-1])
+        lengths = torch.tensor([len(p) for p, _ in pairs])
+        grouped = group_hidden_states(model, ids, attn, lengths, group_size=3)
+        assert calls == [2]
+        torch.testing.assert_close(grouped, final_hidden_states(model, ids, attn, resp), atol=1e-5, rtol=1e-5)
+
+
+def test_every_adapter_gets_its_own_encoder_pass(tiny_t5):
+    """Policy, reward and adapters-off differ in the encoder too: each call encodes under the
+    adapter active then, and matches transformers run under that adapter."""
+    tok = load_tokenizer(str(tiny_t5))
+    model = perturbed_lora(load_base(str(tiny_t5), device="cpu", training=False), "policy", seed=1)
+    model = perturbed_lora(model, "reward", seed=2)
+    pairs, ids, attn, resp = rows(tok, PROMPTS, ANSWERS)
+    adapters = AdapterSet(model)
+    encoded, seen = {}, {}
+    for name in ("policy", "reward", None):
+        with adapters.use(name), torch.no_grad():
+            encoded[name] = model.get_encoder()(input_ids=torch.tensor([pairs[0][0]])).last_hidden_state
+            seen[name] = response_logprobs(model, ids, attn, resp).logprobs
+            want, _ = direct(model, pairs)
+        for i in range(len(pairs)):
+            torch.testing.assert_close(seen[name][i][resp[i].bool()], want[i], atol=1e-4, rtol=1e-4)
+    assert not torch.allclose(encoded["policy"], encoded["reward"]) and not torch.allclose(encoded["policy"], encoded[None])
+    assert not torch.allclose(seen["policy"], seen["reward"]) and not torch.allclose(seen["policy"], seen[None])
+
+
+def test_rows_that_cannot_be_split_are_clear_errors(tiny_t5):
+    tok = load_tokenizer(str(tiny_t5))
+    model = load_base(str(tiny_t5), device="cpu", training=False)
+    _, ids, attn, resp = rows(tok, PROMPTS, ANSWERS)
+    with pytest.raises(ValueError, match="needs the response mask"):
+        final_hidden_states(model, ids, attn)
+    with pytest.raises(ValueError, match="needs a prompt .* in every row"):
+        response_logprobs(model, ids, attn, attn)
+
+
+def test_sampling_returns_answers_like_a_causal_lm(tiny_t5, tmp_path):
+    """Response ids without the decoder start token, each row from its own seed whatever the batch,
+    greedy answers the argmax of our own log-probs, and no generation_config.json field leaks in."""
+    import shutil
+
+    from pocketrlhf.models.generation import sample
+
+    folder = tmp_path / "t5"
+    shutil.copytree(tiny_t5, folder)
+    config = json.loads((folder / "generation_config.json").read_text())
+    config.update(no_repeat_ngram_size=1, min_new_tokens=5, forced_bos_token_id=7)
+    (folder / "generation_config.json").write_text(json.dumps(config))
+    tok = load_tokenizer(str(folder))
+    model = load_base(str(folder), device="cpu", training=False)
+    prompts = [tok(p)["input_ids"] for p in PROMPTS]
+    together = sample(model, tok, prompts, 6, 1.0, row_seeds=[3, 4, 5])
+    alone = [sample(model, tok, [p], 6, 1.0, row_seeds=[s])[0] for p, s in zip(prompts, [3, 4, 5])]
+    assert together == alone
+    greedy = sample(model, tok, prompts, 6, 0.0)
+    for p, a in zip(prompts, greedy):
+        assert 1 <= len(a) <= 6 and a[0] != 7
+        ids = torch.tensor([p + a])
+        resp = torch.tensor([[0] * len(p) + [1] * len(a)])
+        with torch.no_grad():
+            hidden = final_hidden_states(model, ids, torch.ones_like(ids), resp)
+            best = output_logits(model, hidden[0, len(p) - 1:len(p) + len(a) - 1]).argmax(-1)
+        assert best.tolist() == a
+
+
+# ---------------------------------------------------------------------------------------------
+# The stages on an encoder-decoder base.
+
+
+def stage_metrics(run_dir, split="train"):
+    return [m for m in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if m["split"] == split]
+
+
+@pytest.fixture(scope="module")
+def seq2seq_data(tmp_path_factory):
+    from pocketrlhf.data import synthetic
+
+    from conftest import write_jsonl
+
+    root = tmp_path_factory.mktemp("seq2seq_data")
+    return {"sft": write_jsonl(root / "sft.jsonl", synthetic.sft_rows(200, seed=0)),
+            "pairs": write_jsonl(root / "pairs.jsonl", synthetic.preference_rows(320, seed=1)),
+            "prompts": write_jsonl(root / "prompts.jsonl", synthetic.prompt_rows(64, seed=2)),
+            "text": write_jsonl(root / "text.jsonl", [{"text": "a plain document ."}] * 20)}
+
+
+@pytest.mark.parametrize("arch,quantization", [("t5", "none"), ("t5", "4bit"), ("bart", "none")])
+def test_sft_trains_input_to_target(tmp_path, tiny_t5, tiny_bart, seq2seq_data, arch, quantization):
+    from pocketrlhf.stages import sft
+
+    summary = sft.train(sft.SFTConfig(
+        model=str(tiny_t5 if arch == "t5" else tiny_bart), data=str(seq2seq_data["sft"]), output_dir=str(tmp_path),
+        device="cpu", quantization=quantization, packing=False, seq_length=64, batch_size=8, learning_rate=3e-3,
+        max_steps=12, warmup_steps=0, lora_r=8, logging_steps=1, progress=False, eval_fraction=0.1))
+    losses = [m["loss"] for m in stage_metrics(tmp_path)]
+    assert losses[-1] < 0.8 * losses[0] and summary["eval_loss"] < 0.8 * losses[0]
+    info = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert info["task_type"] == "SEQ_2_SEQ_LM"
+
+
+@pytest.mark.parametrize("options,message", [
+    (dict(packing=True), "--packing does not apply to an encoder-decoder base"),
+    (dict(data="text"), "rows have no prompt .*an encoder-decoder base reads input -> target"),
+    (dict(template="chatml"), "prompt format 'chatml' needs a decoder-only chat template"),
+])
+def test_what_has_no_meaning_for_seq2seq_is_a_one_line_error(tmp_path, tiny_t5, seq2seq_data, options, message):
+    from pocketrlhf.errors import PocketError
+    from pocketrlhf.stages import sft
+
+    settings = dict(model=str(tiny_t5), data=str(seq2seq_data["sft"]), output_dir=str(tmp_path), device="cpu",
+                    packing=False, max_steps=1, progress=False)
+    settings.update(options)
+    if "data" in options:
+        settings["data"] = str(seq2seq_data[options["data"]])
+    with pytest.raises(PocketError, match=message):
+        sft.train(sft.SFTConfig(**settings))
+
+
+def test_reward_model_ranks_held_out_pairs(tmp_path, tiny_t5, seq2seq_data):
+    """The reward is read at the decoder's state after EOS; ``score`` reads it there too."""
+    from pocketrlhf.stages import rm
+
+    summary = rm.train(rm.RMConfig(model=str(tiny_t5), data=str(seq2seq_data["pairs"]), output_dir=str(tmp_path / "rm"),
+                                   device="cpu", batch_size=16, learning_rate=3e-3, max_steps=20, eval_fraction=0.2,
+                                   lora_r=8, progress=False, logging_steps=5))
+    assert summary["eval_accuracy"] >= 0.75, summary["eval_accuracy"]
+    scored = rm.score(rm.ScoreConfig(reward_adapter=str(tmp_path / "rm" / "adapter"), input=str(seq2seq_data["pairs"]),
+                                     output=str(tmp_path / "scores.jsonl"), device="cpu"))
+    assert scored["accuracy"] >= 0.75
+
+
+@pytest.mark.parametrize("quantization", ["none", "4bit"])
+def test_dpo_raises_implicit_accuracy(tmp_path, tiny_t5, seq2seq_data, quantization):
+    from pocketrlhf.stages import dpo
+
+    summary = dpo.train(dpo.DPOConfig(model=str(tiny_t5), data=str(seq2seq_data["pairs"]), output_dir=str(tmp_path),
+                                      device="cpu", quantization=quantization, batch_size=8, learning_rate=3e-3,
+                                      max_steps=15, eval_fraction=0.2, lora_r=8, progress=False, seed=0,
+                                      logging_steps=1))
+    rows = stage_metrics(tmp_path)
+    assert rows[0]["loss"] == pytest.approx(0.6931, abs=1e-3)  # a fresh adapter is its reference
+    assert summary["eval_accuracy"] >= 0.75 and summary["eval_loss"] < 0.6, summary
+
+
+LETTERS = '''
+def letters(completions):
+    """Share of the answer's characters that are ASCII letters: a rule a random base can climb."""
+    return [sum(c.isascii() and c.isalpha() for c in t) / max(1, len(t)) for t in completions]
+'''
+
+
+@pytest.fixture(scope="module")
+def letters_reward(tmp_path_factory):
+    path = tmp_path_factory.mktemp("rules") / "rules.py"
+    path.write_text(LETTERS)
+    return f"{path}:letters"
+
+
+def test_ppo_raises_a_rule_reward_with_a_value_head_on_decoder_states(tmp_path, tiny_t5, seq2seq_data,
+                                                                      letters_reward):
+    """Rollouts sampled from the decoder, log-probs and values recomputed in the row layout: the
+    first minibatch of every step is exactly on-policy (ratio 1, approx KL 0), the KL to the
+    reference starts at 0, and the held-out score rises."""
+    from pocketrlhf.stages import ppo
+
+    summary = ppo.train(ppo.PPOConfig(
+        model=str(tiny_t5), prompts=str(seq2seq_data["prompts"]), output_dir=str(tmp_path), device="cpu",
+        reward_function=letters_reward, max_steps=6, learning_rate=1e-2, rollouts_per_step=32, batch_size=16,
+        gradient_accumulation_steps=1, max_new_tokens=4, ppo_epochs=2, kl_coef=0.05, adaptive_kl=False,
+        lr_scheduler="constant", eval_fraction=0.25, eval_at_start=True, progress=False, seed=0, lora_r=8))
+    rows = stage_metrics(tmp_path)
+    assert rows[0]["kl"] == 0.0
+    assert all(r["first_ratio"] == pytest.approx(1.0, abs=1e-5) and abs(r["first_approxkl"]) < 1e-6 for r in rows)
+    assert summary["eval_score"] > summary["eval_start_score"] + 0.1, summary
+    assert sum(r["score"] for r in rows[-2:]) / 2 > rows[0]["score"] + 0.15
+    assert (tmp_path / "value" / "head.safetensors").is_file()
+
+
+def test_grpo_on_a_4bit_base(tmp_path, tiny_t5, seq2seq_data, letters_reward):
+    from pocketrlhf.stages import grpo
+
+    summary = grpo.train(grpo.GRPOConfig(
+        model=str(tiny_t5), prompts=str(seq2seq_data["prompts"]), output_dir=str(tmp_path), device="cpu",
+        quantization="4bit", reward_function=[letters_reward], num_generations=4, prompts_per_step=8,
+        max_new_tokens=4, learning_rate=1e-2, lr_scheduler="constant", max_steps=6, progress=False, lora_r=8,
+        batch_size=32, gradient_accumulation_steps=1, eval_fraction=0.25, eval_at_start=True))
+    rows = stage_metrics(tmp_path)
+    assert rows[0]["first_ratio"] == pytest.approx(1.0, abs=1e-5) and rows[0]["kl"] == pytest.approx(0.0, abs=1e-6)
+    assert summary["eval_score"] > summary["eval_start_score"] + 0.1, summary
+
+
+def test_dpo_loss_on_a_batch_equals_the_formula_by_hand(tiny_t5):
+    """The stage's loss on one batch == -log sigmoid(beta * ((pi_c - ref_c) - (pi_r - ref_r))) with
+    the sequence log-probs taken from transformers' own forward (labels = the answer), policy with
+    its adapter, reference with adapters off."""
+    from pocketrlhf.data.formats import PreferencePair, Skipped
+    from pocketrlhf.stages import dpo
+
+    tok = load_tokenizer(str(tiny_t5))
+    model = perturbed_lora(load_base(str(tiny_t5), device="cpu"), scale=0.1)
+    cfg = dpo.DPOConfig(model=str(tiny_t5), data="unused", beta=0.3)
+    examples = dpo.tokenize(tok, [PreferencePair(p, a, b) for p, a, b in zip(PROMPTS, ANSWERS, ANSWERS[::-1][:2] + ["x"])],
+                            None, Skipped())
+    stage = dpo.DPOLoss(cfg, tok.pad_token_id, dpo.PairLogps(model), AdapterSet(model), None, share_prompt=False)
+    loss, metrics = stage.loss(stage.logps, stage.batch(examples))
+
+    def sequence_logp(prompt, answer):
+        logits = model(input_ids=torch.tensor([prompt]), labels=torch.tensor([answer])).logits[0].float()
+        return torch.log_softmax(logits, -1).gather(-1, torch.tensor(answer)[:, None]).sum()
+
+    by_hand = 0.0
+    for e in examples:
+        policy = [sequence_logp(e.prompt_ids, e.chosen_ids), sequence_logp(e.prompt_ids, e.rejected_ids)]
+        with model.disable_adapter(), torch.no_grad():
+            ref = [sequence_logp(e.prompt_ids, e.chosen_ids), sequence_logp(e.prompt_ids, e.rejected_ids)]
+        by_hand = by_hand - torch.nn.functional.logsigmoid(0.3 * ((policy[0] - ref[0]) - (policy[1] - ref[1])))
+    assert abs(loss.item() - by_hand.item()) < 1e-4 and abs(loss.item() - 3 * 0.6931) > 1e-3
+    loss.backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for n, p in model.named_parameters() if "encoder" in n)
+
+
+def test_the_pipeline_runs_every_stage_on_a_t5_base(tmp_path, tiny_t5, seq2seq_data):
+    """sft (packing off without being told), rm, ppo with the reward adapter and the value on the
+    decoder, dpo and the evaluation (sampling, KL to the SFT adapter, reward-model scores)."""
+    from pocketrlhf.pipeline import Pipeline, PipelineConfig
+
+    from test_pipeline import tiny_pipeline
+
+    data = {k: str(v) for k, v in seq2seq_data.items()}
+    cfg = tiny_pipeline(tiny_t5, data, tmp_path / "run")
+    cfg["sft"].pop("packing")
+    Pipeline(PipelineConfig(**cfg)).run()
+    results = json.loads((tmp_path / "run" / "evaluation" / "results.json").read_text())
+    assert set(results) == {"base", "sft", "ppo", "dpo"}
+    assert results["sft"]["kl_to_sft"] == 0.0 and results["ppo"]["kl_to_sft"] > 0
+    assert all(0 <= row["eos_fraction"] <= 1 and "reward_model_score" in row for row in results.values())
+    assert json.loads((tmp_path / "run" / "sft" / "summary.json").read_text())["train_loss"] > 0
