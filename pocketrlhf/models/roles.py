@@ -3,7 +3,9 @@ rule-based reward function of the texts.
 
 The reward of a sequence is the head's output at its last real token, which is the EOS token
 of a finished answer (pad is distinct from EOS, so padding is never read; Ouyang et al. 2022 and
-the N+ implementation details of Huang et al. 2024, Detail 12, read it there too).
+the N+ implementation details of Huang et al. 2024, Detail 12, read it there too). On an
+encoder-decoder base that position holds the decoder's last hidden state after its EOS
+(``models.forward``'s row layout): the head reads the decoder there.
 """
 
 from __future__ import annotations

@@ -274,7 +274,7 @@ def train(cfg: DPOConfig) -> dict:
 
     model, adapters, reference = build_model(cfg, total_steps, data_report["template"])
     share_prompt = cfg.share_prompt and supports_attention_bias(model)
-    if cfg.share_prompt and not share_prompt:
+    if cfg.share_prompt and not share_prompt and not is_seq2seq(model):  # (an encoder-decoder encodes it once anyway)
         log.info("this model or adapter cannot share the prompt between answers; running them as separate rows")
     device = next(p for p in model.parameters() if p.requires_grad).device
     logps = PairLogps(model)

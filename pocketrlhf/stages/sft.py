@@ -47,7 +47,7 @@ def prepare_data(cfg: SFTConfig, tokenizer, seq2seq: bool = False) -> tuple[list
     encoder-decoder base (``seq2seq``) each example is input -> target, the loss on the target."""
     if seq2seq and cfg.packing:
         raise ConfigError("--packing does not apply to an encoder-decoder base (each input goes to the encoder, its "
-                          "target to the decoder): pass --packing false")
+                          "target to the decoder): pass --no-packing")
     rows = read_rows("SFT", sft_pairs, cfg.data, cfg.eval_data, cfg.eval_fraction, cfg.seed, cfg.template, tokenizer,
                      seq2seq)
     pairs, eval_pairs, skipped = rows.train, rows.held_out, rows.skipped
