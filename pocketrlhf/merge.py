@@ -11,6 +11,11 @@ of the original 16-bit ones.
 
 The output keeps the prompt format the adapter was trained with: the tokenizer gets a matching
 chat template, and ``pocketrlhf_adapter.json`` records the format by name for chat and serve.
+
+An encoder-decoder base (T5, BART: ``models.loading.is_seq2seq``) merges the same way, the adapter's
+encoder and decoder layers alike; the merged folder loads back as a seq2seq model. Its tokenizer
+gets no ChatML template for ``auto``: an encoder reads its input text as it is (see
+``data.templates.seq2seq_format``).
 """
 
 from __future__ import annotations
@@ -169,13 +174,16 @@ def chat_template_jinja(fmt_name: str) -> str:
     return "".join(parts)
 
 
-def set_chat_template(tokenizer, template: str) -> str:
+def set_chat_template(tokenizer, template: str, seq2seq: bool = False) -> str:
     """Give the tokenizer the chat template of the prompt format the adapter was trained with.
 
-    Returns what was done, for the log. ``plain`` has no turns, so the tokenizer is left alone.
+    Returns what was done, for the log. ``plain`` has no turns, so the tokenizer is left alone;
+    nor is an encoder-decoder's for ``auto`` (it renders the input text as it is).
     """
     from pocketrlhf.data.templates import FORMATS
 
+    if template == "auto" and seq2seq and not getattr(tokenizer, "chat_template", None):
+        return "left the tokenizer without a chat template ('auto' on an encoder-decoder renders the input text as it is)"
     if template == "auto":
         if getattr(tokenizer, "chat_template", None):
             return "kept the tokenizer's chat template (the adapter was trained with it)"
@@ -203,13 +211,18 @@ def _load_tokenizer_raw(base: str, adapter: str, trust_remote_code: bool):
     raise ModelLoadError(f"cannot load a tokenizer from the base model {base} or the adapter {adapter}")
 
 
-def _probe_logits(model, vocab_size: int):
+def _probe_logits(model, vocab_size: int, seq2seq: bool = False):
+    """Logits on a fixed probe; an encoder-decoder reads it in the encoder and scores a second
+    probe in the decoder, so that both stacks' adapted layers count."""
     import torch
 
     ids = (torch.arange(1, 33) * 7919 % max(vocab_size - 1, 1) + 1).unsqueeze(0)
     device = next(model.parameters()).device
+    extra = {}
+    if seq2seq:
+        extra["decoder_input_ids"] = (torch.arange(1, 17) * 104729 % max(vocab_size - 1, 1) + 1).unsqueeze(0).to(device)
     with torch.no_grad():
-        return model(input_ids=ids.to(device), attention_mask=torch.ones_like(ids).to(device)).logits.float().cpu()
+        return model(input_ids=ids.to(device), attention_mask=torch.ones_like(ids).to(device), **extra).logits.float().cpu()
 
 
 def drop_quantized_loading_steps(model) -> None:
@@ -260,7 +273,7 @@ def run(cfg: MergeConfig) -> dict:
     from pocketrlhf.logs import log, setup_logging
     from pocketrlhf.models.adapters import load_adapter, read_adapter_info, recorded_spec, write_adapter_info
     from pocketrlhf.models.heads import HEAD_FILE
-    from pocketrlhf.models.loading import load_base
+    from pocketrlhf.models.loading import is_seq2seq, load_base
     from pocketrlhf.models.spec import BaseSpec
     from pocketrlhf.plan import parse_memory
 
@@ -315,10 +328,11 @@ def run(cfg: MergeConfig) -> dict:
             raise ModelLoadError(f"cannot dequantize {base}: {str(e).splitlines()[0]}") from None
         drop_quantized_loading_steps(model)
     model.eval()
+    seq2seq = is_seq2seq(model)
 
     model = load_adapter(model, adapter)
     vocab = model.get_base_model().get_output_embeddings().weight.shape[0]
-    before = _probe_logits(model, vocab) if cfg.verify else None
+    before = _probe_logits(model, vocab, seq2seq) if cfg.verify else None
     log.info("merging %s adapter %s", str(adapter_cfg.get("peft_type", "")).lower(), adapter)
     try:
         merged = model.merge_and_unload(progressbar=cfg.progress, safe_merge=True)  # not in-place: assign
@@ -330,7 +344,7 @@ def run(cfg: MergeConfig) -> dict:
 
     summary: dict = {"out": str(out), "base_model": base, "dtype": dtype}
     if before is not None:
-        after = _probe_logits(merged, vocab)
+        after = _probe_logits(merged, vocab, seq2seq)
         diff, scale = (after - before).abs().max().item(), before.abs().max().item()
         summary["max_logit_diff"] = diff
         tolerance = 1e-3 if dtype == "float32" else 3e-2
@@ -348,7 +362,7 @@ def run(cfg: MergeConfig) -> dict:
         merged.save_pretrained(str(tmp), max_shard_size=shard_bytes)
         tokenizer = _load_tokenizer_raw(base, str(adapter), cfg.trust_remote_code)
         template = info.get("template", "auto")
-        log.info("tokenizer: %s", set_chat_template(tokenizer, template))
+        log.info("tokenizer: %s", set_chat_template(tokenizer, template, seq2seq))
         tokenizer.save_pretrained(str(tmp))
         if (adapter / HEAD_FILE).is_file():
             # A reward/value adapter is "adapter + scalar head": the head stays next to the merged model.

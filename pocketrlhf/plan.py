@@ -27,6 +27,14 @@ training path holds it:
   tensor is stored above a size threshold; naive setups store B*T*V*4 bytes.
 * rollouts (PPO): the KV cache of the generation batch.
 
+Encoder-decoder bases (T5 as flan-t5, BART; config.json's ``is_encoder_decoder``): encoder and
+decoder layers are counted apart, ``--decoder-length`` of the ``--seq-length`` tokens are the
+decoder's (ppo: ``--max-new-tokens``) and the rest the encoder's input; activations follow T5's
+block (sdpa with the relative position bias as a float mask per layer, cross-attention keys and
+values over the encoder tokens in every decoder layer); the modules transformers keeps in fp32
+(T5's ``wo``) are planned in fp32 and unquantized; generation holds the decoder's self-attention
+cache and the cross-attention cache of every prompt token.
+
 Numbers are estimates: the CUDA caching allocator adds fragmentation, and kernels differ. Every
 formula is in this file, next to the reason for it.
 """
@@ -54,7 +62,7 @@ _SHORT_DTYPE = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
 # --adapter-dtype casts them (models/policy.py).
 ADAPTER_BYTES = 4
 # Architectures whose activation formulas were checked against measured training steps (tests/test_plan.py).
-VERIFIED_ARCHITECTURES = {"llama", "mistral", "qwen2", "gpt2", "gpt_neox"}
+VERIFIED_ARCHITECTURES = {"llama", "mistral", "qwen2", "gpt2", "gpt_neox", "t5"}
 # bitsandbytes 8-bit optimizers keep 32-bit state for tensors smaller than this (min_8bit_size).
 _MIN_8BIT_SIZE = 4096
 
@@ -80,6 +88,9 @@ class PlanConfig:
     gradient_checkpointing: bool = option(False, "recompute activations in backward")
     optimizer: OptimizerName = option("adamw", "optimizer (as the stages' --optimizer)")
     generation_batch_size: int = option(32, "ppo: prompts per generate() call (their KV cache is held together)")
+    decoder_length: int = option(
+        0, "encoder-decoder bases: tokens of --seq-length on the decoder's side (the target; ppo: --max-new-tokens), "
+        "the rest being the encoder's input (0: half of --seq-length)")
     max_new_tokens: int = option(64, "ppo: answer tokens generated per prompt (part of seq-length)")
     value_model: Literal["head", "adapter"] = option(
         "head", "ppo: the value is a head on the policy, or a separate adapter + head"
@@ -154,9 +165,13 @@ def read_config(path: str, trust_remote_code: bool = False):
             if "auto_map" in data else ""
         raise ConfigError(f"{file}: model_type '{model_type}' is not an architecture this transformers knows{hint}")
     try:
-        return CONFIG_MAPPING[model_type].from_dict(data)
+        config = CONFIG_MAPPING[model_type].from_dict(data)
     except (TypeError, ValueError, KeyError) as e:
         raise ConfigError(f"{file}: not a valid {model_type} config ({str(e).splitlines()[0]})") from None
+    # transformers 5 builds T5 with its output layer tied whatever config.json says, and unties it
+    # when loading a checkpoint that stores both (flan-t5's, whose config.json says false).
+    config.untied_output = data.get("tie_word_embeddings") is False
+    return config
 
 
 @dataclass(frozen=True)
@@ -165,6 +180,8 @@ class Linear:
     in_features: int
     out_features: int
     in_layer: bool
+    # transformers keeps it unquantized, and in fp32 under a fp16 dtype (_keep_in_fp32_modules: T5's wo)
+    keep_fp32: bool = False
 
 
 @dataclass
@@ -187,6 +204,15 @@ class ModelShape:
     activation: str
     parallel_residual: bool
     outside_linears: int = 0  # block parameters not in linear layers (e.g. fused MoE experts)
+    # Encoder-decoder bases: num_layers and layer_linears are the decoder's (cross-attention
+    # included), these the encoder's; 0 and [] for a causal LM.
+    encoder_layers: int = 0
+    encoder_layer_linears: list[Linear] = field(default_factory=list)
+    gated_mlp: bool = False
+
+    @property
+    def seq2seq(self) -> bool:
+        return self.encoder_layers > 0
 
     @property
     def total_params(self) -> int:
@@ -201,10 +227,12 @@ class ModelShape:
         """Which block's activation formulas apply (Llama's for every other decoder)."""
         if self.model_type in ("gpt2", "gpt_neox"):
             return self.model_type
+        if self.seq2seq:
+            return "t5" if "t5" in self.model_type else "bart"
         return "llama"
 
 
-_MLP_NAMES = r"mlp|feed_forward|ffn|expert|\.fc\d|\.fc_(in|out)"
+_MLP_NAMES = r"mlp|feed_forward|ffn|expert|\.fc\d|\.fc_(in|out)|DenseReluDense"
 
 
 def _is_linear(module) -> bool:
@@ -222,23 +250,39 @@ def _linear_dims(module) -> tuple[int, int]:
     return module.in_features, module.out_features
 
 
+def _layer_list(module, n_layers: int | None):
+    import torch
+
+    lists = [m for m in module.modules() if isinstance(m, torch.nn.ModuleList)]
+    return next((m for m in lists if len(m) == n_layers), None) or max(lists, key=len)
+
+
 def model_shape(config) -> ModelShape:
     """Count parameters per module type by building the model on the meta device (no memory)."""
     import torch
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
+    seq2seq = bool(getattr(config, "is_encoder_decoder", False))
+    kind = "encoder-decoder (seq2seq)" if seq2seq else "causal-LM"
     try:
         with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(config)
+            model = (AutoModelForSeq2SeqLM if seq2seq else AutoModelForCausalLM).from_config(config)
     except ValueError as e:
-        raise ConfigError(f"model_type '{config.model_type}' has no causal-LM class: {str(e).splitlines()[0]}") from None
+        raise ConfigError(f"model_type '{config.model_type}' has no {kind} class: {str(e).splitlines()[0]}") from None
     out_emb = model.get_output_embeddings()
     in_emb = model.get_input_embeddings()
     tied = out_emb is not None and in_emb is not None and out_emb.weight is in_emb.weight
-    lists = [m for m in model.modules() if isinstance(m, torch.nn.ModuleList)]
-    n_layers = getattr(config, "num_hidden_layers", None)
-    layers = next((m for m in lists if len(m) == n_layers), None) or max(lists, key=len)
-    layer_ids = {id(m): i for i, m in enumerate(layers)}
+    untie = tied and getattr(config, "untied_output", False)  # read_config says why
+    if seq2seq:
+        # Decoder layers first: their keys (0..n-1) are the ones the decoder-only formulas read.
+        layers = _layer_list(model.get_decoder(), getattr(config, "num_decoder_layers", None))
+        encoder = _layer_list(model.get_encoder(), getattr(config, "num_layers", None))
+        layer_ids = {**{id(m): i for i, m in enumerate(layers)}, **{id(m): -1 - i for i, m in enumerate(encoder)}}
+    else:
+        layers = _layer_list(model, getattr(config, "num_hidden_layers", None))
+        encoder = []
+        layer_ids = {id(m): i for i, m in enumerate(layers)}
+    fp32_names = set(getattr(model, "_keep_in_fp32_modules", None) or ())
     counts = {"embeddings": 0, "attention": 0, "mlp": 0, "norms": 0, "lm_head": 0, "other": 0}
     linears: list[Linear] = []
     layer_of: list[int | None] = []
@@ -258,7 +302,8 @@ def model_shape(config) -> ModelShape:
             counts["embeddings"] += n
         elif _is_linear(module) or n and "norm" not in type(module).__name__.lower():
             # Linear layers, and parameters held directly by blocks (e.g. fused MoE experts).
-            kind = "mlp" if re.search(_MLP_NAMES, name) else "attention" if re.search(r"attn|attention", name) else "other"
+            kind = "mlp" if re.search(_MLP_NAMES, name) else \
+                "attention" if re.search(r"attn|attention", name, re.IGNORECASE) else "other"
             counts[kind] += n
             if not _is_linear(module):
                 outside_linears += n
@@ -266,27 +311,34 @@ def model_shape(config) -> ModelShape:
             layer = next((i for i, pre in prefix_of_layer.items() if name.startswith(pre)), None)
             rel = name[len(prefix_of_layer[layer]):] if layer is not None else name
             fin, fout = _linear_dims(module)
-            linears.append(Linear(rel, fin, fout, layer is not None))
+            linears.append(Linear(rel, fin, fout, layer is not None, bool(fp32_names & set(name.split(".")))))
             layer_of.append(layer)
         else:
             counts["norms"] += n
+    if untie:
+        counts["lm_head"] += out_emb.weight.numel()
+        tied = False
     per_layer = [lin for lin, layer in zip(linears, layer_of) if layer == 0]
+    encoder_per_layer = [lin for lin, layer in zip(linears, layer_of) if layer == -1]
     cfg = config
     heads = cfg.num_attention_heads
     hidden = cfg.hidden_size
-    head_dim = getattr(cfg, "head_dim", None) or hidden // heads
+    head_dim = getattr(cfg, "head_dim", None) or getattr(cfg, "d_kv", None) or hidden // heads
     kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
-    inter = getattr(cfg, "intermediate_size", None) or getattr(cfg, "n_inner", None) or 4 * hidden
+    inter = (getattr(cfg, "intermediate_size", None) or getattr(cfg, "n_inner", None) or getattr(cfg, "d_ff", None)
+             or getattr(cfg, "decoder_ffn_dim", None) or 4 * hidden)
     rope = getattr(cfg, "rope_parameters", None) or {}
     partial = rope.get("partial_rotary_factor", getattr(cfg, "partial_rotary_factor", getattr(cfg, "rotary_pct", 1.0)))
-    rotary = 0 if cfg.model_type == "gpt2" else int(head_dim * (partial if partial else 1.0))
-    act = getattr(cfg, "hidden_act", None) or getattr(cfg, "activation_function", "gelu")
+    rotary = 0 if cfg.model_type == "gpt2" or seq2seq else int(head_dim * (partial if partial else 1.0))
+    act = (getattr(cfg, "hidden_act", None) or getattr(cfg, "dense_act_fn", None)
+           or getattr(cfg, "activation_function", "gelu"))
     return ModelShape(
         model_type=cfg.model_type, vocab_size=out_emb.weight.shape[0] if out_emb is not None else cfg.vocab_size,
         hidden_size=hidden, num_layers=len(layers), num_heads=heads, num_kv_heads=kv_heads, head_dim=head_dim,
         intermediate_size=inter, tied_embeddings=tied, counts=counts, linears=linears, layer_linears=per_layer,
         rotary_dims=rotary, activation=str(act), parallel_residual=bool(getattr(cfg, "use_parallel_residual", False)),
-        outside_linears=outside_linears,
+        outside_linears=outside_linears, encoder_layers=len(encoder), encoder_layer_linears=encoder_per_layer,
+        gated_mlp=bool(getattr(cfg, "is_gated_act", False)),
     )
 
 
@@ -305,6 +357,8 @@ def targeted(linears: list[Linear], target_modules: str) -> list[Linear]:
 def quantized_linear_bytes(lin: Linear, quantization: str, double_quant: bool, dtype_bytes: int) -> float:
     """Bytes of one linear layer's weight matrix (its bias is counted with the unquantized params)."""
     n = lin.in_features * lin.out_features
+    if lin.keep_fp32 and quantization != "none":  # never quantized (its dtype: _base_lines)
+        return float(n * dtype_bytes)
     if quantization == "8bit":
         return n + 4 * lin.out_features  # int8 weights + one fp32 scale per output row
     if quantization == "4bit":
@@ -345,6 +399,7 @@ class Regime:
     stream: int  # bytes per element of the residual stream and everything computed from it
     kv_repeat: bool  # GQA keys/values expanded to every head (sdpa with a padding mask)
     adapter: int = ADAPTER_BYTES  # bytes per element of the adapter weights (and of their inputs)
+    kept_fp32: bool = False  # the layers transformers keeps in fp32 are (fp16, or the k-bit upcast)
 
 
 # Which tensor feeds each adapted linear layer, per family; adapters on the same input share it.
@@ -436,6 +491,126 @@ def model_extra_bytes(shape: ModelShape, regime: Regime) -> float:
     return rope + 25.0  # position ids, label slices, gather indices, masks: ~25 bytes per token
 
 
+# ---------------------------------------------------------------------------------------------
+# Encoder-decoder activations (T5's block; BART's estimated with it).
+
+# Which tensor feeds each adapted linear layer of an encoder-decoder block. "encoder_out": the
+# encoder's output, read by the cross-attention keys and values of every decoder layer.
+_SEQ2SEQ_GROUPS = {
+    "t5": {"SelfAttention.q": "attn_in", "SelfAttention.k": "attn_in", "SelfAttention.v": "attn_in",
+           "SelfAttention.o": "attn_out", "EncDecAttention.q": "cross_in", "EncDecAttention.k": "encoder_out",
+           "EncDecAttention.v": "encoder_out", "EncDecAttention.o": "cross_out", "wi": "mlp_in", "wi_0": "mlp_in",
+           "wi_1": "mlp_in", "wo": "mlp_mid"},
+    "bart": {"self_attn.q_proj": "attn_in", "self_attn.k_proj": "attn_in", "self_attn.v_proj": "attn_in",
+             "self_attn.out_proj": "attn_out", "encoder_attn.q_proj": "cross_in", "encoder_attn.k_proj": "encoder_out",
+             "encoder_attn.v_proj": "encoder_out", "encoder_attn.out_proj": "cross_out", "fc1": "mlp_in",
+             "fc2": "mlp_mid"},
+}
+
+
+def decoder_tokens(shape: ModelShape, cfg: PlanConfig) -> tuple[int, int]:
+    """(encoder, decoder) tokens of one sequence; (0, seq_length) for a causal LM."""
+    if not shape.seq2seq:
+        return 0, cfg.seq_length
+    dec = cfg.max_new_tokens if cfg.stage == "ppo" else cfg.decoder_length or cfg.seq_length // 2
+    return cfg.seq_length - dec, dec
+
+
+def _seq2seq_group(shape: ModelShape, lin: Linear) -> str:
+    groups = _SEQ2SEQ_GROUPS[shape.family]
+    return next((g for suffix, g in groups.items() if lin.name == suffix or lin.name.endswith("." + suffix)), lin.name)
+
+
+def _seq2seq_input_bytes(shape: ModelShape, adapted: list[Linear], regime: Regime) -> tuple[float, float, int, int]:
+    """Bytes the adapters of one layer keep per token of the layer's own stack and per encoder
+    token (inputs), then per rank unit likewise (LoRA's A output, kept for B).
+
+    As ``linear_input_bytes``: a 16-bit stream under fp32 adapters (or the other way round) makes
+    each adapter keep its own cast copy of its input; otherwise one input serves every adapter that
+    reads it. T5's fp32 ``wo`` reads a fp32 copy of the MLP's middle, which its adapter keeps as it
+    is. The cross-attention keys and values read the encoder output: per encoder token, and when
+    not cast, once for the whole decoder (``seq2seq_activation_bytes``)."""
+    own = cross = 0.0
+    kept: dict[str, float] = {}
+    for lin in adapted:
+        group = _seq2seq_group(shape, lin)
+        fp32 = lin.keep_fp32 and regime.kept_fp32
+        width = 4 if fp32 else regime.stream
+        if regime.stream != regime.adapter and not (fp32 and regime.adapter == 4):
+            nbytes = float(regime.adapter * lin.in_features)
+            if group == "encoder_out":
+                cross += nbytes
+            else:
+                own += nbytes
+        elif group != "encoder_out" and group not in ("attn_out", "cross_out"):  # sdpa holds its output anyway
+            kept[group] = width * lin.in_features
+    lora = regime.adapter * sum(1 for lin in adapted if _seq2seq_group(shape, lin) != "encoder_out")
+    lora_cross = regime.adapter * sum(1 for lin in adapted if _seq2seq_group(shape, lin) == "encoder_out")
+    return own + sum(kept.values()), cross, lora, lora_cross
+
+
+def _seq2seq_norm(shape: ModelShape, regime: Regime) -> float:
+    """One norm, per token. T5's multiplies the 16-bit stream by a fp32 rsqrt: it keeps that
+    input, a fp32 copy for the variance, and the rsqrt; BART's LayerNorm its input, mean and rstd."""
+    d, s = shape.hidden_size, regime.stream
+    if shape.family == "t5":
+        return 4 * d + 4 + (s * d if s != 4 else 0)
+    return s * d + 8
+
+
+def _seq2seq_mlp(shape: ModelShape, regime: Regime) -> float:
+    """Per token: the activation's saved tensors, and a gated MLP's two inputs of the product."""
+    return regime.stream * shape.intermediate_size * (_activation_tensors(shape) + (2 if shape.gated_mlp else 0))
+
+
+def seq2seq_activation_bytes(shape: ModelShape, cfg: PlanConfig, sequences: int, padded: bool,
+                             checkpointing: bool) -> float:
+    """Saved-for-backward bytes of one encoder-decoder forward (``sequences`` x the encoder's and
+    the decoder's tokens), logits excluded.
+
+    Per layer, sdpa keeps q, k, v, its output, the fp32 log-sum-exp and its float mask: T5's
+    relative position bias (+ padding) as a [B or 1, heads, queries, keys] tensor in every layer.
+    A decoder layer's cross-attention keeps its keys and values over the encoder tokens.
+    """
+    regime = _regime(cfg, shape, padded)
+    s, d, heads = regime.stream, shape.hidden_size, shape.num_heads
+    q_dim = kv_dim = heads * shape.head_dim
+    enc, dec = decoder_tokens(shape, cfg)
+    n_enc, n_dec = sequences * enc, sequences * dec
+    rows = sequences if padded else 1  # the mask's batch dimension
+    lse = 4 * heads
+    if checkpointing:
+        # Each layer keeps its input; the encoder output and the position biases are kept once. On
+        # an 8-bit base, also the inputs of its int8 layers (bitsandbytes keeps them outside what
+        # checkpointing frees, as checkpointed_layer_bytes says).
+        int8 = {"encoder": 0.0, "decoder": 0.0}
+        if cfg.quantization == "8bit":
+            for stack, linears in (("encoder", shape.encoder_layer_linears), ("decoder", shape.layer_linears)):
+                groups = {_seq2seq_group(shape, lin): lin.in_features for lin in linears
+                          if not lin.keep_fp32 and _seq2seq_group(shape, lin) != "encoder_out"}
+                int8[stack] = s * sum(groups.values())
+        kept = (s * d * (shape.encoder_layers * n_enc + shape.num_layers * n_dec) + s * d * n_enc
+                + shape.encoder_layers * n_enc * int8["encoder"] + shape.num_layers * n_dec * int8["decoder"])
+        biases = s * heads * (enc * enc + dec * dec + dec * enc)
+        return float(kept + biases + (n_enc + n_dec) * (_seq2seq_norm(shape, regime) + 25.0))
+    r = cfg.lora_r
+    enc_adapted = targeted(shape.encoder_layer_linears, cfg.target_modules)
+    dec_adapted = targeted(shape.layer_linears, cfg.target_modules)
+    own, _, lora, _ = _seq2seq_input_bytes(shape, enc_adapted, regime)
+    encoder_layer = (2 * _seq2seq_norm(shape, regime) + s * (q_dim + 2 * kv_dim + q_dim) + lse
+                     + _seq2seq_mlp(shape, regime) + own + lora * r)
+    own, cross, lora, lora_cross = _seq2seq_input_bytes(shape, dec_adapted, regime)
+    decoder_layer = (3 * _seq2seq_norm(shape, regime) + s * (q_dim + 2 * kv_dim + q_dim) + lse
+                     + s * (2 * q_dim) + lse + _seq2seq_mlp(shape, regime) + own + lora * r)
+    per_encoder_token_of_decoder = s * 2 * kv_dim + cross + lora_cross * r  # cross keys/values in each decoder layer
+    shared_encoder_out = s * d if any(_seq2seq_group(shape, lin) == "encoder_out" for lin in dec_adapted) \
+        and regime.stream == regime.adapter else 0
+    masks = rows * heads * s * (shape.encoder_layers * enc * enc + shape.num_layers * (dec * dec + dec * enc))
+    return float(n_enc * (shape.encoder_layers * encoder_layer + _seq2seq_norm(shape, regime) + 25.0
+                          + shape.num_layers * per_encoder_token_of_decoder + shared_encoder_out)
+                 + n_dec * (shape.num_layers * decoder_layer + _seq2seq_norm(shape, regime) + 25.0) + masks)
+
+
 def final_norm_bytes(shape: ModelShape, regime: Regime) -> float:
     if shape.family == "llama":
         return 4.0 * shape.hidden_size + 4
@@ -520,6 +695,9 @@ def _check(cfg: PlanConfig) -> None:
     if cfg.strategy == "fsdp" and (cfg.stage == "ppo" or cfg.quantization == "8bit"):
         raise ConfigError("--strategy fsdp: the stages shard 16-bit and 4-bit bases of sft, rm and dpo only "
                           "(README: Several processes or GPUs)")
+    if cfg.decoder_length < 0 or (cfg.decoder_length and cfg.decoder_length >= cfg.seq_length):
+        raise ConfigError(f"--decoder-length ({cfg.decoder_length}) must be smaller than --seq-length "
+                          f"({cfg.seq_length}), which counts the encoder's input too")
     if cfg.stage == "ppo" and cfg.max_new_tokens >= cfg.seq_length:
         raise ConfigError(f"--max-new-tokens ({cfg.max_new_tokens}) must be smaller than --seq-length "
                           f"({cfg.seq_length}), which counts the prompt too")
@@ -531,7 +709,7 @@ def _regime(cfg: PlanConfig, shape: ModelShape, padded: bool) -> Regime:
     # transformers hands sdpa grouped keys/values only without a mask; a padding mask makes it
     # repeat them for every head (integrations/sdpa_attention.py: use_gqa_in_sdpa).
     return Regime(stream=stream, kv_repeat=padded and shape.num_kv_heads != shape.num_heads,
-                  adapter=_DTYPE_BYTES[cfg.adapter_dtype])
+                  adapter=_DTYPE_BYTES[cfg.adapter_dtype], kept_fp32=cfg.dtype == "float16" or stream == 4)
 
 
 def activation_bytes(shape: ModelShape, cfg: PlanConfig, sequences: int, tokens: int, padded: bool,
@@ -542,6 +720,10 @@ def activation_bytes(shape: ModelShape, cfg: PlanConfig, sequences: int, tokens:
     the hidden states stay referenced and the fp32 head keeps a fp32 copy.
     """
     regime = _regime(cfg, shape, padded)
+    if shape.seq2seq:  # the value head reads the decoder's states
+        head = sequences * decoder_tokens(shape, cfg)[1] * shape.hidden_size * \
+            (4 + (regime.stream if regime.stream != 4 else 0)) if head_on_trunk else 0.0
+        return seq2seq_activation_bytes(shape, cfg, sequences, padded, checkpointing) + head
     n = sequences * tokens
     head = n * shape.hidden_size * (4 + (regime.stream if regime.stream != 4 else 0)) if head_on_trunk else 0.0
     adapted = targeted(shape.layer_linears, cfg.target_modules)
@@ -595,6 +777,15 @@ def layer_transient_bytes(shape: ModelShape, cfg: PlanConfig, tokens: int, padde
     wide as its MLP (measured), plus, with checkpointing, the layer's recomputed activations, plus
     a 4-bit layer's dequantized weight."""
     regime = _regime(cfg, shape, padded)
+    if shape.seq2seq:
+        # One layer at a time over the longer side; checkpointing recomputes one layer's activations.
+        enc, dec = decoder_tokens(shape, cfg)
+        rows = tokens // cfg.seq_length * max(enc, dec)
+        out = rows * 2 * max(shape.intermediate_size, shape.hidden_size) * regime.stream + dequantized_weight_bytes(shape, cfg)
+        if checkpointing:
+            out += seq2seq_activation_bytes(shape, cfg, tokens // cfg.seq_length, padded, False) / \
+                (shape.encoder_layers + shape.num_layers)
+        return out
     adapted = targeted(shape.layer_linears, cfg.target_modules)
     fused_qkv = shape.family in ("gpt2", "gpt_neox")
     wide = max(shape.intermediate_size, (3 if fused_qkv else 1) * shape.hidden_size)
@@ -619,7 +810,10 @@ def _base_lines(setup: Setup, shape: ModelShape, cfg: PlanConfig, copies: int = 
     dtype_bytes = _DTYPE_BYTES[cfg.dtype]
     q = cfg.quantization
     other_bytes = 4 if q != "none" and cfg.kbit_upcast else dtype_bytes
-    linear_weights = sum(quantized_linear_bytes(lin, q, cfg.double_quant, dtype_bytes) for lin in shape.linears)
+    # Layers transformers keeps unquantized (T5's wo): fp32 under fp16 and after the k-bit upcast.
+    kept = 4 if cfg.dtype == "float16" or other_bytes == 4 else dtype_bytes
+    linear_weights = sum(quantized_linear_bytes(lin, q, cfg.double_quant, kept if lin.keep_fp32 else dtype_bytes)
+                         for lin in shape.linears)
     linear_params = sum(lin.in_features * lin.out_features for lin in shape.linears)
     unquantized = shape.total_params - linear_params
     kind = {"none": cfg.dtype, "8bit": "int8", "4bit": "NF4" + ("+DQ" if cfg.double_quant else "")}[q]
@@ -706,6 +900,12 @@ def plan_memory(shape: ModelShape, cfg: PlanConfig) -> Plan:
     notes: list[str] = []
     facts: dict[str, float] = {"lora_params": lora_params, "total_params": shape.total_params}
     T = cfg.seq_length
+    # Positions whose log-probs are computed: every next token (causal), the decoder's targets (seq2seq).
+    scored = decoder_tokens(shape, cfg)[1] if shape.seq2seq else T - 1
+    if shape.seq2seq:
+        enc, dec = decoder_tokens(shape, cfg)
+        notes.append(f"encoder-decoder: {enc} encoder + {dec} decoder tokens per sequence (--seq-length "
+                     f"{T}, --decoder-length{' = --max-new-tokens' if cfg.stage == 'ppo' else ''} {dec})")
     ours = Setup("pocketrlhf")
     setups = [ours]
     head_on_trunk = False
@@ -714,8 +914,11 @@ def plan_memory(shape: ModelShape, cfg: PlanConfig) -> Plan:
         # stages/sft.py: one trainable adapter; packed sequences need no padding mask.
         _base_lines(ours, shape, cfg)
         _adapter_lines(ours, shape, cfg, "policy", trainable=True)
-        sequences, padded = cfg.batch_size, not cfg.packing
-        _train_lines(ours, shape, cfg, sequences, padded, sequences * (T - 1))
+        sequences, padded = cfg.batch_size, not cfg.packing or shape.seq2seq
+        _train_lines(ours, shape, cfg, sequences, padded, sequences * scored)
+        if shape.seq2seq and cfg.packing:
+            notes.append("sft: packing does not apply to an encoder-decoder (each input is its own encoder sequence): "
+                         "planned with padded batches")
     elif cfg.stage == "rm":
         # stages/rm.py: adapter + head; chosen and rejected answers of a pair in one padded batch.
         _base_lines(ours, shape, cfg)
@@ -732,7 +935,7 @@ def plan_memory(shape: ModelShape, cfg: PlanConfig) -> Plan:
         if cfg.reference == "sft":
             _adapter_lines(ours, shape, cfg, "reference", trainable=False)
         sequences, padded = 2 * cfg.batch_size, True
-        _train_lines(ours, shape, cfg, sequences, padded, sequences * (T - 1))
+        _train_lines(ours, shape, cfg, sequences, padded, sequences * scored)
         notes.append("dpo: chosen and rejected run in one batch (2 x batch-size sequences); log-probs are counted "
                      "for every token (an upper bound: only answer tokens need them)")
     else:
@@ -801,6 +1004,9 @@ def _rollout_lines(setup: Setup, shape: ModelShape, cfg: PlanConfig) -> None:
     activation dtype)."""
     regime = _regime(cfg, shape, True)
     b, T = cfg.generation_batch_size, cfg.seq_length
+    if shape.seq2seq:
+        _seq2seq_rollout_lines(setup, shape, cfg, regime)
+        return
     kv = b * T * 2 * shape.num_layers * shape.kv_dim * regime.stream
     setup.add("kv_cache", f"KV cache ({b} x {T} tokens)", kv, "rollout")
     prompt = b * (T - cfg.max_new_tokens)
@@ -810,6 +1016,21 @@ def _rollout_lines(setup: Setup, shape: ModelShape, cfg: PlanConfig) -> None:
     setup.add("generation_working_set", "prefill working set", prompt * wide * regime.stream
               + b * (T - cfg.max_new_tokens) ** 2 * regime.stream + b * shape.vocab_size * 4 * 2
               + dequantized_weight_bytes(shape, cfg), "rollout")
+
+
+def _seq2seq_rollout_lines(setup: Setup, shape: ModelShape, cfg: PlanConfig, regime: Regime) -> None:
+    """An encoder-decoder's generation: the encoder reads the prompts once; every decoder layer
+    caches its self-attention keys/values of the new tokens and its cross-attention keys/values of
+    every prompt token (transformers' EncoderDecoderCache), next to the encoder output."""
+    b, s = cfg.generation_batch_size, regime.stream
+    prompt, new = cfg.seq_length - cfg.max_new_tokens, cfg.max_new_tokens
+    per_token = 2 * shape.num_layers * shape.kv_dim * s
+    setup.add("kv_cache", f"KV cache: decoder self-attention ({b} x {new}) + cross-attention ({b} x {prompt} prompt "
+              "tokens)", b * (new + prompt) * per_token, "rollout")
+    wide = max(2 * shape.intermediate_size, 3 * shape.hidden_size) + shape.hidden_size
+    setup.add("generation_working_set", "encoder pass: output, widest layer tensors, position-bias mask",
+              b * prompt * (shape.hidden_size + wide) * s + b * shape.num_heads * prompt * prompt * s
+              + b * shape.vocab_size * 4 * 2 + dequantized_weight_bytes(shape, cfg), "rollout")
 
 
 def _naive_full_ppo(setup: Setup, shape: ModelShape, cfg: PlanConfig) -> None:
@@ -833,11 +1054,15 @@ def _naive_full_ppo(setup: Setup, shape: ModelShape, cfg: PlanConfig) -> None:
 def _describe_model(shape: ModelShape) -> list[str]:
     c = shape.counts
     attn = f"{shape.num_heads} heads" + (f" ({shape.num_kv_heads} key/value)" if shape.num_kv_heads != shape.num_heads else "")
+    layers = (f"{shape.encoder_layers} encoder + {shape.num_layers} decoder layers" if shape.seq2seq
+              else f"{shape.num_layers} layers")
+    fp32 = sum(lin.in_features * lin.out_features for lin in shape.linears if lin.keep_fp32)
     return [
-        f"model: {shape.model_type}, {shape.total_params / 1e9:.2f}B parameters; {shape.num_layers} layers, "
+        f"model: {shape.model_type}, {shape.total_params / 1e9:.2f}B parameters; {layers}, "
         f"hidden {shape.hidden_size}, {attn}, MLP {shape.intermediate_size}, vocab {shape.vocab_size}, "
         f"{'tied' if shape.tied_embeddings else 'untied'} embeddings",
-        "parameters: " + ", ".join(f"{k} {v / 1e6:,.1f}M" for k, v in c.items() if v),
+        "parameters: " + ", ".join(f"{k} {v / 1e6:,.1f}M" for k, v in c.items() if v)
+        + (f" ({fp32 / 1e6:,.1f}M in layers transformers keeps in fp32, unquantized)" if fp32 else ""),
     ]
 
 

@@ -134,6 +134,16 @@ def completion_text(completion: str, fmt: str = "plain", tokenizer=None) -> str:
     return completion + spec.end_of_turn
 
 
+def seq2seq_format(fmt: str, tokenizer=None) -> str:
+    """The format an encoder-decoder's (T5, BART) input is rendered in. Such a base has no chat
+    template of its own (flan-t5 reads instructions as they are): ``auto`` is the tokenizer's chat
+    template when it has one, else ``plain``, not ChatML; named formats render as for a causal LM
+    and the reply is the decoder's target."""
+    if fmt == "auto" and not (tokenizer is not None and getattr(tokenizer, "chat_template", None)):
+        return "plain"
+    return fmt
+
+
 def stop_strings(fmt: str = "auto", tokenizer=None) -> tuple[str, ...]:
     if fmt == "auto" and tokenizer is not None and getattr(tokenizer, "chat_template", None):
         template = tokenizer.chat_template

@@ -428,6 +428,14 @@ def create_app(load: Callable[[], Any], cfg: ServeConfig, api_key: str = ""):
         ctx = engine.context_length
         if ctx is None:
             return params
+        if getattr(engine, "seq2seq", False):  # the prompt fills the encoder's positions, the reply the decoder's
+            if prompt_tokens > ctx:
+                raise _bad(f"this model's encoder reads at most {ctx} tokens, and the prompt is {prompt_tokens} tokens",
+                           param=param, code="context_length_exceeded")
+            if max_tokens is not None and max_tokens > ctx:
+                raise _bad(f"this model's decoder writes at most {ctx} tokens; you requested {max_tokens} for the "
+                           "completion; lower max_tokens", param=param, code="context_length_exceeded")
+            return dataclasses.replace(params, max_new_tokens=min(params.max_new_tokens, ctx))
         if max_tokens is not None and prompt_tokens + max_tokens > ctx:
             raise _bad(f"this model's maximum context length is {ctx} tokens; you requested {prompt_tokens + max_tokens} "
                        f"tokens ({prompt_tokens} in the prompt, {max_tokens} for the completion); shorten the prompt "

@@ -339,10 +339,11 @@ class ChatSession:
         dropped = 0
         while True:
             ids = self.engine.chat_prompt(None, self.conversation())
-            if ctx is None or ctx - len(ids) >= min(self.params.max_new_tokens, ctx // 2):
+            room = self.engine.room(len(ids))
+            if room is None or room >= min(self.params.max_new_tokens, ctx // 2):
                 break
             if len(self.messages) <= 1:
-                if ctx - len(ids) >= 1:
+                if room >= 1:
                     break
                 self.messages.pop()
                 self.error(f"the message is {len(ids)} tokens, and the model's context is {ctx} tokens; "

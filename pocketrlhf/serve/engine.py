@@ -12,6 +12,12 @@ Replies stop on EOS, on the prompt format's end-of-turn/stop strings and on the 
 strings; a stop string is never part of the text handed out (text that could be the start of a
 stop string is held back until it is known not to be one).
 
+An encoder-decoder base (T5, BART: ``models.loading.is_seq2seq``) answers one request at a time
+through ``generate``: the prompt goes to the encoder, the decoder's tokens are streamed (its start
+token is not part of the reply), with the same stop rules. The hand-written batched decoder keeps
+a causal KV cache only, so continuous batching does not apply to it (the log says so). Such a base
+has no chat template: ``auto`` renders its input as plain text (``data.templates.seq2seq_format``).
+
 torch and transformers are imported inside functions, so ``pocketrlhf chat --help`` stays instant.
 """
 
@@ -193,6 +199,19 @@ def plan_models(opts: ServingOptions, adapters: dict[str, str] | None = None, na
         if i == 0 and is_adapter_dir(primary):
             default = adapter_name
     return LoadPlan(base_dir, models, default)
+
+
+def seq2seq_templates(models) -> None:
+    """Prompt formats on an encoder-decoder base, said in the log when they change: ``auto`` is
+    the input text as it is (plain) unless the tokenizer has a chat template of its own."""
+    from pocketrlhf.data.templates import seq2seq_format
+
+    for served in models:
+        fmt = seq2seq_format(served.template, served.tokenizer)
+        if fmt != served.template:
+            log.info("%s: an encoder-decoder base has no chat template; prompt format '%s' sends the text as it is "
+                     "to the encoder (plain)", served.name, served.template)
+            served.template = fmt
 
 
 # ---------------------------------------------------------------------------------------------
@@ -463,6 +482,7 @@ class Engine:
     """
 
     def __init__(self, model, plan: LoadPlan, device: str, max_batch: int = 8):
+        from pocketrlhf.models.loading import is_seq2seq
         from pocketrlhf.serve.batching import batchable
 
         self.model = model
@@ -471,6 +491,7 @@ class Engine:
         self.default = plan.default
         self.device = device
         self.context_length = _context_length(model)
+        self.seq2seq = is_seq2seq(model)
         # Token ids a prompt may use: a pad token added to the tokenizer can lie beyond the embeddings.
         self.vocab_size = model.get_input_embeddings().weight.shape[0]
         why = batchable(model) if max_batch > 1 else ""
@@ -499,7 +520,7 @@ class Engine:
         from pocketrlhf.models.adapters import load_adapter, spec_mismatch
         from pocketrlhf.models.forward import disable_dropout
         from pocketrlhf.models.generation import folder_generation_settings
-        from pocketrlhf.models.loading import load_base, load_tokenizer, resolve_device
+        from pocketrlhf.models.loading import is_seq2seq, load_base, load_tokenizer, resolve_device
 
         spec = opts.base_spec("")
         plan = plan or plan_models(opts, adapters, name)
@@ -518,6 +539,8 @@ class Engine:
             if served.tokenizer_dir not in tokenizers:
                 tokenizers[served.tokenizer_dir] = load_tokenizer(served.tokenizer_dir, opts.trust_remote_code)
             served.tokenizer = tokenizers[served.tokenizer_dir]
+        if is_seq2seq(model):
+            seq2seq_templates(plan.models.values())
         kinds = {}
         for served in plan.models.values():
             if served.adapter is None:
@@ -553,7 +576,8 @@ class Engine:
 
         ``plain`` adapters learned raw ``prompt completion EOS`` examples (packed back to back), so a
         conversation becomes exactly that: each past exchange tokenized as in training, then the
-        new prompt.
+        new prompt. An encoder-decoder reads a ``plain`` conversation as one text, the turns on lines
+        of their own (one prompt: exactly its training input).
         """
         from pocketrlhf.data.templates import render
         from pocketrlhf.data.tokenize import encode, tokenize_pair
@@ -564,6 +588,14 @@ class Engine:
         with self.tok_lock:
             if fmt != "plain":
                 return encode(tok, render(messages, fmt, tok, add_generation_prompt=True), special=True)
+            if self.seq2seq:
+                for m in messages:
+                    if m["role"] not in ("system", "user", "assistant"):
+                        raise ValueError(f"unknown role '{m['role']}' (system, user or assistant)")
+                system = [m["content"] for m in messages if m["role"] == "system"][:1]
+                turns = [m["content"] for m in messages if m["role"] != "system"]
+                return encode(tok, "\n\n".join(system) + ("\n\n" if system and turns else "") + "\n".join(turns),
+                              special=True)
             system = next((m["content"] for m in messages if m["role"] == "system"), "")
             turns = [m for m in messages if m["role"] != "system"]
             ids: list[int] = []
@@ -592,6 +624,17 @@ class Engine:
         served = self.served(name)
         fmt = template or served.template
         return () if fmt == "plain" else stop_strings(fmt, served.tokenizer)
+
+    def room(self, prompt_tokens: int) -> int | None:
+        """Reply tokens the model's positions leave after a prompt of this length (None: no limit;
+        0 or less: the prompt alone does not fit). A causal LM's prompt and reply share its context;
+        an encoder-decoder's prompt fills the encoder's positions and its reply the decoder's."""
+        ctx = self.context_length
+        if not ctx:
+            return None
+        if self.seq2seq:
+            return ctx if prompt_tokens <= ctx else 0
+        return ctx - prompt_tokens
 
     # -- generation -----------------------------------------------------------------------------
 
@@ -754,8 +797,8 @@ class Engine:
                 continue
             p = job.params
             max_new = p.max_new_tokens
-            if self.context_length:
-                max_new = min(max_new, self.context_length - len(job.prompt_ids))
+            if self.room(len(job.prompt_ids)) is not None:
+                max_new = min(max_new, self.room(len(job.prompt_ids)))
             if max_new < 1:
                 self._end(job, "length")
                 continue
@@ -839,8 +882,8 @@ class Engine:
         tok, p = job.served.tokenizer, job.params
         stop_ids = self._stop_ids(job)
         max_new = p.max_new_tokens
-        if self.context_length:
-            max_new = min(max_new, self.context_length - len(job.prompt_ids))
+        if self.room(len(job.prompt_ids)) is not None:
+            max_new = min(max_new, self.room(len(job.prompt_ids)))
         if max_new < 1:
             return "length"
         cfg = generation_config(tok, self.model, max_new, p.temperature, p.top_p, p.top_k,

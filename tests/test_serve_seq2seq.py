@@ -1,0 +1,201 @@
+"""chat and serve with an encoder-decoder base (tiny T5, as flan-t5; tiny BART): the prompt goes to
+the encoder, the decoder's reply streams out, adapters taught a reply give it back, over the
+engine, the chat loop, the OpenAI API and the web page's compare; 4-bit too."""
+
+from __future__ import annotations
+
+import io
+import json
+import time
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+from pocketrlhf.data.templates import prompt_text
+from pocketrlhf.data.tokenize import encode
+from pocketrlhf.serve.api import BackgroundServer, ServeConfig, create_app
+from pocketrlhf.serve.chat import ChatSession
+from pocketrlhf.serve.engine import Engine, SamplingParams, ServingOptions, parse_adapters
+
+from conftest import teach_seq2seq_adapter
+
+GREEDY = SamplingParams(temperature=0.0, max_new_tokens=16)
+KEY = "sk-seq2seq"
+AUTH = {"Authorization": f"Bearer {KEY}"}
+
+
+def ask(text: str) -> list[dict]:
+    return [{"role": "user", "content": text}]
+
+
+@pytest.fixture(scope="module")
+def t5_adapters(tiny_t5, tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("seq2seq_serve")
+    return {
+        "stack": teach_seq2seq_adapter(tiny_t5, root / "stack" / "adapter", "stackllama",
+                                       [("hi", "fine thanks"), ("bye", "see you")]),
+        "plain": teach_seq2seq_adapter(tiny_t5, root / "plain", "plain", [("hi", "hello friend")]),
+    }
+
+
+@pytest.fixture(scope="module")
+def engine(t5_adapters):
+    eng = Engine.load(ServingOptions(model=str(t5_adapters["stack"]), device="cpu"),
+                      {"plain": str(t5_adapters["plain"])}, max_batch=4)
+    yield eng
+    eng.close()
+
+
+def reply(engine, name, text, params=GREEDY, stops=None):
+    ids = engine.chat_prompt(name, ask(text))
+    stream = engine.submit(name, ids, params, engine.stop_strings(name) if stops is None else stops)
+    return list(stream), stream
+
+
+def test_the_encoder_reads_the_prompt_and_the_decoder_streams_the_reply(engine, tiny_t5, caplog):
+    assert engine.seq2seq and engine.max_batch == 1  # one request at a time through generate (logged at load)
+    # Each adapter answers in its training format; the base has no chat template: 'auto' is plain.
+    assert {n: m.template for n, m in engine.models.items()} == {"t5": "plain", "stack": "stackllama", "plain": "plain"}
+    tok = engine.served("stack").tokenizer
+    ids = engine.chat_prompt("stack", ask("hi"))
+    assert ids == encode(tok, prompt_text("hi", "stackllama"), special=True) and ids[-1] == tok.eos_token_id
+    deltas, stream = reply(engine, "stack", "hi")
+    # Streamed token by token from the decoder, its start token left out; EOS ends the reply.
+    assert "".join(deltas) == "fine thanks" and len(deltas) > 3
+    assert stream.finish_reason == "stop" and stream.completion_tokens == len(tok("fine thanks", add_special_tokens=False)["input_ids"]) + 1
+    assert stream.prompt_tokens == len(ids)
+    assert "".join(reply(engine, "stack", "bye")[0]) == "see you"
+    assert "".join(reply(engine, "plain", "hi")[0]) == "hello friend"
+    # A stop string ends the reply before it, as for a causal LM.
+    deltas, stream = reply(engine, "stack", "bye", stops=(" you",))
+    assert "".join(deltas) == "see" and stream.finish_reason == "stop"
+    # The base: the adapters off, another answer, cut at max_new_tokens.
+    base, stream = reply(engine, "t5", "hi", SamplingParams(temperature=0.0, max_new_tokens=5))
+    assert "".join(base) not in ("fine thanks", "hello friend") and stream.completion_tokens == 5
+    assert stream.finish_reason == "length"
+
+
+def test_plain_conversations_are_one_encoder_text(engine):
+    tok = engine.served("plain").tokenizer
+    conversation = [{"role": "system", "content": "be kind"}, *ask("hi"), {"role": "assistant", "content": "hello"},
+                    *ask("more")]
+    assert engine.chat_prompt("plain", conversation) == encode(tok, "be kind\n\nhi\nhello\nmore", special=True)
+
+
+def test_programmatic_chat_with_a_seq2seq_adapter(engine):
+    out = io.StringIO()
+    chat = ChatSession(engine, GREEDY, style="programmatic", inp=io.StringIO('{"content": "hi"}\n{"command": "/clear"}\n"bye"\n'), out=out)
+    chat.run()
+    events = [json.loads(line) for line in out.getvalue().splitlines()]
+    assert events[0]["type"] == "ready" and events[0]["template"] == "stackllama"
+    replies = [e for e in events if e["type"] == "reply"]
+    assert [r["content"] for r in replies] == ["fine thanks", "see you"]
+    assert all(r["finish_reason"] == "stop" for r in replies)
+    deltas = [e["content"] for e in events if e["type"] == "delta"]
+    assert "".join(deltas) == "fine thankssee you" and len(deltas) > 4
+
+
+def test_a_4bit_seq2seq_base_answers(tiny_t5, t5_adapters, tmp_path):
+    """NF4 T5 (``wo`` kept in fp32), on the generic CPU 4-bit kernel where layer sizes need it (d_ff 176)."""
+    from pocketrlhf.models.quantization import linear4bit_modules
+    from pocketrlhf.models.tiny import build_tiny_model
+    from pocketrlhf.data import synthetic
+
+    eng = Engine.load(ServingOptions(model=str(t5_adapters["stack"]), load_4bit=True, device="cpu"))
+    try:
+        assert linear4bit_modules(eng.model)
+        deltas, stream = reply(eng, "stack", "hi")
+        assert stream.finish_reason in ("stop", "length") and stream.completion_tokens >= 1
+        assert "".join(deltas).startswith("fine")  # NF4 rounding leaves the taught reply's start
+    finally:
+        eng.close()
+    odd = build_tiny_model(tmp_path / "t5odd", "t5", texts=synthetic.corpus(), vocab_size=320, intermediate_size=176)
+    eng = Engine.load(ServingOptions(model=str(odd), load_4bit=True, device="cpu"))
+    try:
+        slow = [m for _, m in linear4bit_modules(eng.model) if m.support_avx512bf16_for_cpu is False]
+        assert slow and all(176 in (m.in_features, m.out_features) for m in slow)
+        _, stream = reply(eng, None, "hi", SamplingParams(temperature=1.0, max_new_tokens=6, seed=0))
+        assert stream.finish_reason in ("stop", "length") and 1 <= stream.completion_tokens <= 6
+    finally:
+        eng.close()
+
+
+def test_a_bart_adapter_answers_its_decoder_start_token_left_out(tiny_bart, tmp_path):
+    """BART starts the decoder with EOS: it must neither end the reply nor show in it; the streamed
+    reply is what transformers' generate writes after the start token. (The random base answers
+    EOS at once; a briefly taught adapter writes words.)"""
+    import torch
+
+    adapter = teach_seq2seq_adapter(tiny_bart, tmp_path / "bart", "plain", [("hi", "fine thanks")], steps=60, lr=3e-3)
+    eng = Engine.load(ServingOptions(model=str(adapter), device="cpu"))
+    try:
+        deltas, stream = reply(eng, None, "hi", SamplingParams(temperature=0.0, max_new_tokens=8))
+        tok = eng.served(None).tokenizer
+        ids = torch.tensor([eng.chat_prompt(None, ask("hi"))])
+        with torch.no_grad():
+            expected = eng.model.generate(input_ids=ids, max_new_tokens=8, do_sample=False)[0].tolist()
+        assert expected[0] == tok.eos_token_id == eng.model.config.decoder_start_token_id
+        assert expected[1] != tok.eos_token_id
+        assert "".join(deltas) == tok.decode(expected[1:], skip_special_tokens=True) and deltas
+        assert stream.completion_tokens == len(expected) - 1
+        # Encoder and decoder have positions of their own: a prompt near the limit leaves the reply all of its own.
+        assert eng.room(eng.context_length) == eng.context_length and eng.room(eng.context_length + 1) == 0
+    finally:
+        eng.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# The OpenAI API and the web page's compare.
+
+
+@pytest.fixture(scope="module")
+def server(t5_adapters, tmp_path_factory):
+    votes = tmp_path_factory.mktemp("votes") / "votes.jsonl"
+    cfg = ServeConfig(model=str(t5_adapters["stack"]), adapters=f"plain={t5_adapters['plain']}", device="cpu",
+                      feedback_file=str(votes), max_tokens=24, max_batch=4)
+    app = create_app(lambda: Engine.load(cfg, parse_adapters(cfg.adapters), max_batch=cfg.max_batch), cfg, api_key=KEY)
+    srv = BackgroundServer(app)
+    deadline = time.monotonic() + 90
+    while True:
+        try:
+            if httpx.get(srv.url + "/health", timeout=5).status_code == 200:
+                break
+        except httpx.TransportError:
+            pass
+        assert time.monotonic() < deadline, "server not ready"
+        time.sleep(0.05)
+    srv.votes = votes
+    yield srv
+    srv.stop()
+
+
+def test_serve_answers_and_streams_with_seq2seq_adapters(server):
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key=KEY, max_retries=0, timeout=60)
+    assert [m.id for m in client.models.list().data] == ["t5", "stack", "plain"]
+    r = client.chat.completions.create(model="stack", messages=ask("hi"), temperature=0)
+    assert r.choices[0].message.content == "fine thanks" and r.choices[0].finish_reason == "stop"
+    chunks = list(client.chat.completions.create(model="plain", messages=ask("hi"), temperature=0, stream=True))
+    pieces = [c.choices[0].delta.content for c in chunks if c.choices and c.choices[0].delta.content]
+    assert "".join(pieces) == "hello friend" and len(pieces) > 2
+    # Raw text completion: the prompt is the encoder's input as it is.
+    text = client.completions.create(model="stack", prompt=prompt_text("bye", "stackllama"), temperature=0)
+    assert text.choices[0].text == "see you"
+
+
+def test_compare_streams_two_seq2seq_adapters_and_takes_a_vote(server):
+    r = httpx.post(server.url + "/feedback/compare", headers=AUTH, timeout=120,
+                   json={"prompt": "hi", "models": ["stack", "plain"], "temperature": 0})
+    assert r.status_code == 200, r.text
+    events = [json.loads(line[6:]) for line in r.text.splitlines() if line.startswith("data: ") and line != "data: [DONE]"]
+    texts = ["", ""]
+    for e in events[1:]:
+        if "delta" in e:
+            texts[e["slot"]] += e["delta"]
+    assert texts == ["fine thanks", "hello friend"] and events[-1] == {"done": True, "complete": True}
+    v = httpx.post(server.url + "/feedback/vote", headers=AUTH, timeout=60,
+                   json={"comparison": events[0]["comparison"], "vote": "better", "winner": 0})
+    assert v.status_code == 200
+    row = json.loads(server.votes.read_text().splitlines()[-1])
+    assert (row["prompt"], row["chosen"], row["rejected"]) == ("hi", "fine thanks", "hello friend")
