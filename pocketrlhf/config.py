@@ -473,7 +473,14 @@ def parse_args(cls: type, argv: list[str], positional: tuple[str, ...] = ()) -> 
     validate(result, label)
     if config_file:
         result._config_file = str(config_file)  # lets commands name the file in later errors
+    result._given = frozenset(flags) | frozenset(from_yaml)
     return result
+
+
+def given_options(cfg: Any) -> frozenset[str]:
+    """The options a user set on the command line or in the YAML file (empty for a config built in
+    code): a default that does not apply may be changed with a note, a choice made must not be."""
+    return getattr(cfg, "_given", frozenset())
 
 
 def to_dict(cfg: Any) -> dict:

@@ -230,8 +230,21 @@ def test_sft_trains_input_to_target(tmp_path, tiny_t5, tiny_bart, seq2seq_data, 
     assert info["task_type"] == "SEQ_2_SEQ_LM"
 
 
+def test_packing_is_off_by_default_and_refused_when_asked_for(tmp_path, tiny_t5, seq2seq_data, capsys):
+    import yaml
+
+    from pocketrlhf.cli import main
+
+    common = ["sft", "--model", str(tiny_t5), "--data", str(seq2seq_data["sft"]), "--device", "cpu", "--max-steps", "1",
+              "--no-progress"]
+    assert main(common + ["--output-dir", str(tmp_path / "asked"), "--packing"]) != 0
+    assert "--packing does not apply to an encoder-decoder base" in capsys.readouterr().err
+    assert main(common + ["--output-dir", str(tmp_path / "default")]) == 0
+    saved = yaml.safe_load((tmp_path / "default" / "config.yaml").read_text())
+    assert saved["packing"] is False  # the run's saved config says what ran
+
+
 @pytest.mark.parametrize("options,message", [
-    (dict(packing=True), "--packing does not apply to an encoder-decoder base"),
     (dict(data="text"), "rows have no prompt .*an encoder-decoder base reads input -> target"),
     (dict(template="chatml"), "prompt format 'chatml' needs a decoder-only chat template"),
 ])

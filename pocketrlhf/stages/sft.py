@@ -12,7 +12,7 @@ import math
 
 import torch
 
-from pocketrlhf.config import AdapterOptions, ModelOptions, TrainOptions, option
+from pocketrlhf.config import AdapterOptions, ModelOptions, TrainOptions, given_options, option
 from pocketrlhf.data.formats import sft_pairs
 from pocketrlhf.data.rows import read_rows
 from pocketrlhf.data.templates import TemplateName
@@ -47,7 +47,7 @@ def prepare_data(cfg: SFTConfig, tokenizer, seq2seq: bool = False) -> tuple[list
     encoder-decoder base (``seq2seq``) each example is input -> target, the loss on the target."""
     if seq2seq and cfg.packing:
         raise ConfigError("--packing does not apply to an encoder-decoder base (each input goes to the encoder, its "
-                          "target to the decoder): pass --no-packing")
+                          "target to the decoder): leave it out, or pass --no-packing")
     rows = read_rows("SFT", sft_pairs, cfg.data, cfg.eval_data, cfg.eval_fraction, cfg.seed, cfg.template, tokenizer,
                      seq2seq)
     pairs, eval_pairs, skipped = rows.train, rows.held_out, rows.skipped
@@ -94,11 +94,16 @@ def train(cfg: SFTConfig) -> dict:
     from pocketrlhf.models.forward import LMWithHeads
     from pocketrlhf.models.loading import is_seq2seq, load_tokenizer
 
+    seq2seq = is_seq2seq(cfg.model)
+    if seq2seq and cfg.packing and "packing" not in given_options(cfg):
+        log.info("encoder-decoder base: sft runs without packing (input -> target examples); packing is the "
+                 "default for causal LMs only")
+        cfg.packing = False  # before open_run, so that the run's saved config says what ran
     accelerator, run = common.open_run(cfg, "sft")
     if run.finished is not None:  # --resume auto on a finished run: never trained again
         return run.finished
     tokenizer = load_tokenizer(cfg.model, cfg.trust_remote_code)
-    train_set, eval_set, data_report = prepare_data(cfg, tokenizer, is_seq2seq(cfg.model))
+    train_set, eval_set, data_report = prepare_data(cfg, tokenizer, seq2seq)
     steps_per_epoch, total_steps = plan_steps(cfg, len(train_set), accelerator.num_processes)
 
     model = build_policy(cfg, tokenizer, total_steps)
