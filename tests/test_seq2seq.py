@@ -228,6 +228,8 @@ def test_sft_trains_input_to_target(tmp_path, tiny_t5, tiny_bart, seq2seq_data, 
     assert losses[-1] < 0.8 * losses[0] and summary["eval_loss"] < 0.8 * losses[0]
     info = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
     assert info["task_type"] == "SEQ_2_SEQ_LM"
+    card = (tmp_path / "adapter" / "README.md").read_text()
+    assert "AutoPeftModelForSeq2SeqLM" in card and "CausalLM" not in card and "text2text-generation" in card
 
 
 @pytest.mark.parametrize("options,message", [
@@ -259,6 +261,11 @@ def test_reward_model_ranks_held_out_pairs(tmp_path, tiny_t5, seq2seq_data):
     scored = rm.score(rm.ScoreConfig(reward_adapter=str(tmp_path / "rm" / "adapter"), input=str(seq2seq_data["pairs"]),
                                      output=str(tmp_path / "scores.jsonl"), device="cpu"))
     assert scored["accuracy"] >= 0.75
+    from pocketrlhf.errors import DataError
+
+    with pytest.raises(DataError, match="rows without a prompt .* encoder-decoder reward model"):
+        rm.score(rm.ScoreConfig(reward_adapter=str(tmp_path / "rm" / "adapter"), input=str(seq2seq_data["text"]),
+                                output=str(tmp_path / "text.jsonl"), device="cpu"))
 
 
 @pytest.mark.parametrize("quantization", ["none", "4bit"])
