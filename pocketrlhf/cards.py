@@ -47,7 +47,7 @@ def _read_yaml(path: Path) -> dict:
         return {}
 
 
-def metadata(base: str, stage: str, peft_type: str | None, merged: bool) -> dict[str, Any]:
+def metadata(base: str, stage: str, peft_type: str | None, merged: bool, seq2seq: bool = False) -> dict[str, Any]:
     meta: dict[str, Any] = {}
     if is_hub_id(base):
         meta["base_model"] = base
@@ -55,7 +55,7 @@ def metadata(base: str, stage: str, peft_type: str | None, merged: bool) -> dict
         meta["library_name"] = "peft"
     else:
         meta["library_name"] = "transformers"
-    meta["pipeline_tag"] = PIPELINE_TAG.get(stage, "text-generation")
+    meta["pipeline_tag"] = PIPELINE_TAG.get(stage, "text2text-generation" if seq2seq else "text-generation")
     tags = ["pocketrlhf", stage] + ([peft_type.lower()] if peft_type else []) + (["merged"] if merged else [])
     meta["tags"] = list(dict.fromkeys(t for t in tags if t))
     return meta
@@ -97,7 +97,9 @@ def _training_section(stage: str, config: dict, summary: dict) -> list[str]:
     return lines
 
 
-def _usage_section(where: str, base: str, stage: str, merged: bool, quantization: str) -> list[str]:
+def _usage_section(where: str, base: str, stage: str, merged: bool, quantization: str,
+                   family: str = "CausalLM") -> list[str]:
+    """``family``: the transformers/peft class suffix (CausalLM, or Seq2SeqLM for an encoder-decoder)."""
     load_4bit = " --load-4bit" if quantization == "4bit" else (" --load-8bit" if quantization == "8bit" else "")
     lines = ["## How to use it", "", "With pocketrlhf:", "", "```bash"]
     if stage == "rm" and not merged:
@@ -106,17 +108,17 @@ def _usage_section(where: str, base: str, stage: str, merged: bool, quantization
         lines += [f"pocketrlhf chat {where}{load_4bit}"]
     lines += ["```", ""]
     if merged:
-        lines += ["With transformers:", "", "```python", "from transformers import AutoModelForCausalLM, AutoTokenizer",
-                  "", f'model = AutoModelForCausalLM.from_pretrained("{where}")',
+        lines += ["With transformers:", "", "```python", f"from transformers import AutoModelFor{family}, AutoTokenizer",
+                  "", f'model = AutoModelFor{family}.from_pretrained("{where}")',
                   f'tokenizer = AutoTokenizer.from_pretrained("{where}")', "```", ""]
         return lines
     lines += ["With peft (the base model is read from adapter_config.json):", "", "```python",
-              "from peft import AutoPeftModelForCausalLM", "from transformers import AutoTokenizer", "",
-              f'model = AutoPeftModelForCausalLM.from_pretrained("{where}")',
+              f"from peft import AutoPeftModelFor{family}", "from transformers import AutoTokenizer", "",
+              f'model = AutoPeftModelFor{family}.from_pretrained("{where}")',
               f'tokenizer = AutoTokenizer.from_pretrained("{where}")', "```", "",
               "With transformers (its peft integration puts the adapter on the base):", "", "```python",
-              "from transformers import AutoModelForCausalLM", "",
-              f'model = AutoModelForCausalLM.from_pretrained("{base}")', f'model.load_adapter("{where}")', "```", ""]
+              f"from transformers import AutoModelFor{family}", "",
+              f'model = AutoModelFor{family}.from_pretrained("{base}")', f'model.load_adapter("{where}")', "```", ""]
     if stage == "rm":
         lines += ["The reward is a scalar head (head.safetensors) on the last token's hidden state: "
                   "`pocketrlhf score` applies it; peft and transformers load the adapter alone.", ""]
@@ -136,7 +138,10 @@ def card_text(folder: Path, stage: str, run_dir: Path | None = None, where: str 
     summary = _read_json(run_dir / "summary.json") if run_dir else {}
     quantization = (info.get("base") or {}).get("quantization") or config.get("quantization", "none")
     where = where or str(folder)
-    meta = metadata(base, stage, adapter_cfg.get("peft_type"), merged)
+    # An encoder-decoder adapter records peft's SEQ_2_SEQ_LM task; a merged one its config.json.
+    seq2seq = (adapter_cfg.get("task_type") == "SEQ_2_SEQ_LM"
+               or bool(_read_json(folder / "config.json").get("is_encoder_decoder")))
+    meta = metadata(base, stage, adapter_cfg.get("peft_type"), merged, seq2seq)
     kind = "merged model" if merged else f"{adapter_cfg.get('peft_type', 'LoRA')} adapter"
     title = f"{stage.upper()} {kind}"
     lines = ["---", yaml.safe_dump(meta, sort_keys=False).rstrip(), "---", "", f"# {title}", "",
@@ -148,7 +153,8 @@ def card_text(folder: Path, stage: str, run_dir: Path | None = None, where: str 
     if info.get("merged_from"):
         lines += [f"Merged from the adapter `{info['merged_from']}` into `{base}` ({info.get('merged_dtype', '')}).", ""]
     lines += _training_section(stage, config, summary)
-    lines += _usage_section(where, base, stage, merged, quantization if not merged else "none")
+    lines += _usage_section(where, base, stage, merged, quantization if not merged else "none",
+                            "Seq2SeqLM" if seq2seq else "CausalLM")
     return "\n".join(lines)
 
 

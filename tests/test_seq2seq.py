@@ -228,6 +228,8 @@ def test_sft_trains_input_to_target(tmp_path, tiny_t5, tiny_bart, seq2seq_data, 
     assert losses[-1] < 0.8 * losses[0] and summary["eval_loss"] < 0.8 * losses[0]
     info = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
     assert info["task_type"] == "SEQ_2_SEQ_LM"
+    card = (tmp_path / "adapter" / "README.md").read_text()
+    assert "AutoPeftModelForSeq2SeqLM" in card and "CausalLM" not in card and "text2text-generation" in card
 
 
 def test_packing_is_off_by_default_and_refused_when_asked_for(tmp_path, tiny_t5, seq2seq_data, capsys):
@@ -272,6 +274,11 @@ def test_reward_model_ranks_held_out_pairs(tmp_path, tiny_t5, seq2seq_data):
     scored = rm.score(rm.ScoreConfig(reward_adapter=str(tmp_path / "rm" / "adapter"), input=str(seq2seq_data["pairs"]),
                                      output=str(tmp_path / "scores.jsonl"), device="cpu"))
     assert scored["accuracy"] >= 0.75
+    from pocketrlhf.errors import DataError
+
+    with pytest.raises(DataError, match="rows without a prompt .* encoder-decoder reward model"):
+        rm.score(rm.ScoreConfig(reward_adapter=str(tmp_path / "rm" / "adapter"), input=str(seq2seq_data["text"]),
+                                output=str(tmp_path / "text.jsonl"), device="cpu"))
 
 
 @pytest.mark.parametrize("quantization", ["none", "4bit"])
@@ -365,8 +372,8 @@ def test_dpo_loss_on_a_batch_equals_the_formula_by_hand(tiny_t5):
 
 
 def test_the_pipeline_runs_every_stage_on_a_t5_base(tmp_path, tiny_t5, seq2seq_data):
-    """sft (packing off without being told), rm, ppo with the reward adapter and the value on the
-    decoder, dpo and the evaluation (sampling, KL to the SFT adapter, reward-model scores)."""
+    """sft (packing off without being told), rm, ppo with the reward adapter and a value adapter on
+    the decoder, dpo and the evaluation (sampling, KL to the SFT adapter, reward-model scores)."""
     from pocketrlhf.pipeline import Pipeline, PipelineConfig
 
     from test_pipeline import tiny_pipeline
@@ -374,9 +381,27 @@ def test_the_pipeline_runs_every_stage_on_a_t5_base(tmp_path, tiny_t5, seq2seq_d
     data = {k: str(v) for k, v in seq2seq_data.items()}
     cfg = tiny_pipeline(tiny_t5, data, tmp_path / "run")
     cfg["sft"].pop("packing")
+    cfg["ppo"]["value_model"] = "adapter"  # a value adapter of its own, started from the reward model
     Pipeline(PipelineConfig(**cfg)).run()
     results = json.loads((tmp_path / "run" / "evaluation" / "results.json").read_text())
     assert set(results) == {"base", "sft", "ppo", "dpo"}
     assert results["sft"]["kl_to_sft"] == 0.0 and results["ppo"]["kl_to_sft"] > 0
     assert all(0 <= row["eos_fraction"] <= 1 and "reward_model_score" in row for row in results.values())
     assert json.loads((tmp_path / "run" / "sft" / "summary.json").read_text())["train_loss"] > 0
+    first = stage_metrics(tmp_path / "run" / "ppo")[0]
+    assert first["first_ratio"] == pytest.approx(1.0, abs=1e-5) and first["kl"] == pytest.approx(0.0, abs=1e-6)
+
+
+@pytest.mark.parametrize("method", ["loha", "ia3", "adalora"])
+def test_other_peft_methods_adapt_encoder_and_decoder(tiny_t5, method):
+    tok = load_tokenizer(str(tiny_t5))
+    model = attach_adapter(load_base(str(tiny_t5), device="cpu", training=False), make_peft_config(method, r=4))
+    assert any(".encoder." in n for n, p in model.named_parameters() if p.requires_grad)
+    assert any(".decoder." in n for n, p in model.named_parameters() if p.requires_grad)
+    pairs, ids, attn, resp = rows(tok, PROMPTS, ANSWERS)
+    model.eval()
+    with torch.no_grad():
+        ours = response_logprobs(model, ids, attn, resp).logprobs
+        want, _ = direct(model, pairs)
+    for i in range(len(pairs)):
+        torch.testing.assert_close(ours[i][resp[i].bool()], want[i], atol=1e-4, rtol=1e-4)

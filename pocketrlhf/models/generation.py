@@ -17,7 +17,7 @@ import contextlib
 
 import torch
 
-from pocketrlhf.data.tokenize import left_pad
+from pocketrlhf.data.tokenize import left_pad, right_pad
 from pocketrlhf.models.forward import is_seq2seq_model, unwrap
 
 
@@ -149,17 +149,6 @@ def row_seed(*parts: int) -> int:
     for p in parts:
         h = (h * 1_000_003 + int(p) + 1) % (1 << 62)
     return h
-
-
-def right_pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-padded ids and attention mask (an encoder's input)."""
-    width = max(len(s) for s in sequences)
-    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
-    attn = torch.zeros((len(sequences), width), dtype=torch.long)
-    for row, s in enumerate(sequences):
-        ids[row, :len(s)] = torch.tensor(s, dtype=torch.long)
-        attn[row, :len(s)] = 1
-    return ids, attn
 
 
 def sample(model, tokenizer, prompt_ids: list[list[int]], max_new_tokens: int, temperature: float = 1.0,

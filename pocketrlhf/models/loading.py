@@ -115,8 +115,9 @@ def load_base(spec: BaseSpec | str, *args: Any, training: bool = True, revision:
               max_memory: dict | None = None, **fields: Any) -> torch.nn.Module:
     """The frozen base language model that ``spec`` describes, on its device, with every
     parameter's requires_grad off: a causal LM, or an encoder-decoder (T5, BART) when the folder's
-    config.json says ``is_encoder_decoder`` (see ``is_seq2seq``). A path with BaseSpec's fields (in BaseSpec's order, or by name) may stand
-    for the spec in short scripts: ``load_base("models/llama", "4bit", device="cpu")``.
+    config.json says ``is_encoder_decoder`` (see ``is_seq2seq``). A path with BaseSpec's fields (in
+    BaseSpec's order, or by name) may stand for the spec in short scripts:
+    ``load_base("models/llama", "4bit", device="cpu")``.
 
     ``max_memory`` (accelerate's per-device caps, e.g. ``{0: "8GiB", "cpu": "30GiB"}``) spreads the
     weights with ``device_map="auto"`` instead; layers placed on the CPU stay unquantized there.

@@ -33,10 +33,10 @@ from pocketrlhf.algorithms.stats import accuracy_report, describe_accuracy
 from pocketrlhf.config import AdapterOptions, ModelOptions, TrainOptions, option
 from pocketrlhf.data.formats import Skipped, preference_pairs
 from pocketrlhf.data.rows import read_rows
-from pocketrlhf.models.loading import is_seq2seq
 from pocketrlhf.data.templates import TemplateName
 from pocketrlhf.data.tokenize import PreferenceExample, collate_preferences, collate_shared_prompt, tokenize_preferences
 from pocketrlhf.errors import ConfigError, DataError
+from pocketrlhf.models.loading import is_seq2seq
 from pocketrlhf.models.spec import BaseSpec
 from pocketrlhf.stages import common
 from pocketrlhf.stages.common import log

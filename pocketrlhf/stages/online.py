@@ -31,12 +31,12 @@ from pocketrlhf.algorithms.ppo import sequence_kl
 from pocketrlhf.config import option
 from pocketrlhf.data.formats import PromptRow, prompt_rows
 from pocketrlhf.data.rows import read_rows
-from pocketrlhf.models.loading import is_seq2seq
 from pocketrlhf.data.templates import TemplateName
 from pocketrlhf.data.tokenize import TokenExample, collate, encode
 from pocketrlhf.diagnostics import reward_model_warnings
 from pocketrlhf.errors import ConfigError, DataError, NonFiniteError, PocketError, RewardFunctionError
 from pocketrlhf.models.generation import row_seed
+from pocketrlhf.models.loading import is_seq2seq
 from pocketrlhf.models.policy import add_frozen_adapter, build_policy
 from pocketrlhf.models.roles import load_reward_adapter, load_reward_function, rule_reward, short_repr
 from pocketrlhf.models.spec import BaseSpec

@@ -21,12 +21,12 @@ from pocketrlhf.config import AdapterOptions, ModelOptions, TrainOptions, option
 from pocketrlhf.data.formats import PREFERENCE_FORMATS, preference_pairs, sft_pairs
 from pocketrlhf.data.loading import load_records
 from pocketrlhf.data.rows import read_rows
-from pocketrlhf.models.loading import is_seq2seq
-from pocketrlhf.data.templates import TemplateName
+from pocketrlhf.data.templates import TemplateName, check_seq2seq_template
 from pocketrlhf.data.tokenize import (PreferenceExample, collate_preferences, collate_shared_prompt, tokenize_pair,
                                      tokenize_preferences)
 from pocketrlhf.diagnostics import reward_model_warnings
-from pocketrlhf.errors import ConfigError
+from pocketrlhf.errors import ConfigError, DataError
+from pocketrlhf.models.loading import is_seq2seq
 from pocketrlhf.models.spec import BaseSpec
 from pocketrlhf.stages import common
 from pocketrlhf.stages.common import log
@@ -223,6 +223,9 @@ def score(cfg: ScoreConfig) -> dict:
     mismatch = spec_mismatch(cfg.reward_adapter, spec)
     if mismatch:
         log.warning("%s (--quantization, --quant-type, --double-quant)", mismatch)
+    seq2seq = is_seq2seq(spec.path)
+    if seq2seq:
+        check_seq2seq_template(template)
     model = load_base(spec, training=False)
     model, scorer = load_reward_adapter(model, cfg.reward_adapter)
     model.eval()
@@ -244,6 +247,9 @@ def score(cfg: ScoreConfig) -> dict:
         texts, skipped = sft_pairs(ds, cfg.input, template, tokenizer, placeholders=True)
         present = [i for i, t in enumerate(texts) if t is not None]
         tokens = [split_tokens(tokenize_pair(tokenizer, texts[i].prompt, texts[i].completion, True)) for i in present]
+        if seq2seq and any(not prompt for prompt, _ in tokens):
+            raise DataError(f"{cfg.input}: rows without a prompt (a bare text column?) cannot be scored by an "
+                            "encoder-decoder reward model: give prompt+completion rows")
         scores = [{"score": None} for _ in texts]
         for i, s in zip(present, _score_tokens(scorer, pad, tokens, cfg, device)):
             scores[i] = {"score": s}
