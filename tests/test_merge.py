@@ -38,7 +38,7 @@ CONVERSATIONS = [
 
 
 def make_adapter(base: Path, out: Path, method: str = "lora", template: str = "chatml", quantization: str = "none",
-                 seed: int = 0) -> Path:
+                 seed: int = 0, noise: float = 0.3) -> Path:
     """A saved adapter (our own save path) whose weights are random, so merging changes the logits."""
     from pocketrlhf.models.adapters import (
         attach_adapter,
@@ -53,7 +53,7 @@ def make_adapter(base: Path, out: Path, method: str = "lora", template: str = "c
     with torch.no_grad():
         for p in model.parameters():
             if p.requires_grad:
-                p.add_(torch.randn(p.shape, generator=g) * 0.3)
+                p.add_(torch.randn(p.shape, generator=g) * noise)
     save_adapter(model, out, tokenizer=load_tokenizer(str(base)))
     write_adapter_info(out, stage="sft", template=template, base_model=str(base), quantization=quantization)
     return out
@@ -312,36 +312,37 @@ def seq2seq_logits(model, vocab: int) -> torch.Tensor:
         return model(input_ids=ids, attention_mask=torch.ones_like(ids), decoder_input_ids=decoder).logits
 
 
-def test_merged_seq2seq_logits_equal_base_plus_adapter(tiny_t5, tmp_path):
-    """A LoRA on a T5 (encoder and decoder) merges; the folder loads back as seq2seq, its logits
-    are base + adapter's, and the encoder's share of the adapter counts."""
+@pytest.mark.parametrize("arch,model_class", [("tiny_t5", "T5ForConditionalGeneration"),
+                                              ("tiny_bart", "BartForConditionalGeneration")])
+def test_merged_seq2seq_logits_equal_base_plus_adapter(arch, model_class, tmp_path, request):
+    """A LoRA on a T5 or BART (encoder and decoder) merges; the folder loads back as seq2seq, its
+    logits are base + adapter's, and the encoder's share of the adapter counts."""
     from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
 
+    from pocketrlhf.merge import MergeConfig, run
     from pocketrlhf.models.loading import is_seq2seq, load_base
 
-    from pocketrlhf.merge import MergeConfig, run
-
-    adapter = make_adapter(tiny_t5, tmp_path / "adapter", template="auto")
+    tiny_t5 = request.getfixturevalue(arch)
+    # T5's unnormalised residual stream amplifies rounding under a large random adapter: a smaller
+    # one still changes every logit by several units.
+    adapter = make_adapter(tiny_t5, tmp_path / "adapter", template="auto", noise=0.1)
     out = tmp_path / "merged"
     summary = run(MergeConfig(adapter=str(adapter), out=str(out), progress=False))
     assert summary["max_logit_diff"] < 1e-2  # merge's own check probes encoder and decoder
     assert is_seq2seq(str(out))
     merged = load_base(str(out), device="cpu", training=False)
-    assert type(merged).__name__ == "T5ForConditionalGeneration"
+    assert type(merged).__name__ == model_class
     assert not any("lora" in n for n, _ in merged.named_parameters())
     reference = base_plus_adapter(tiny_t5, adapter)
     vocab = merged.get_output_embeddings().weight.shape[0]
     expected = seq2seq_logits(reference, vocab)
-    # T5's unscaled residual stream runs large under a random adapter: float32 sums of a merged
-    # weight differ from x@W + x@A@B by up to 1e-4 of the largest logit (exact in float64).
-    scale = expected.abs().max().item()
-    torch.testing.assert_close(seq2seq_logits(merged, vocab), expected, atol=2e-4 * scale, rtol=1e-4)
+    torch.testing.assert_close(seq2seq_logits(merged, vocab), expected, atol=2e-4, rtol=1e-4)
     with reference.disable_adapter():
         assert (expected - seq2seq_logits(reference, vocab)).abs().max() > 0.5
     # The encoder's LoRA is in the merged weights too: the merged encoder differs from the base's.
     base = AutoModelForSeq2SeqLM.from_pretrained(str(tiny_t5), dtype=torch.float32)
     ids = torch.tensor([[5, 6, 7, 8]])
-    assert (merged.encoder(input_ids=ids).last_hidden_state - base.encoder(input_ids=ids).last_hidden_state).abs().max() > 1e-2
+    assert (merged.get_encoder()(input_ids=ids).last_hidden_state - base.get_encoder()(input_ids=ids).last_hidden_state).abs().max() > 1e-2
     # 'auto' on an encoder-decoder is the input text as it is: no ChatML template is written.
     assert not AutoTokenizer.from_pretrained(str(out)).chat_template
 
@@ -351,7 +352,7 @@ def test_dequantize_merges_a_qlora_seq2seq_adapter_into_the_weights_it_saw(tiny_
     fp32 ``wo`` layers (never quantized) merged as they are."""
     from pocketrlhf.models.loading import load_base
 
-    adapter = make_adapter(tiny_t5, tmp_path / "adapter", quantization="4bit")
+    adapter = make_adapter(tiny_t5, tmp_path / "adapter", quantization="4bit", noise=0.1)
     out = tmp_path / "merged"
     assert main(["merge", "--adapter", str(adapter), "--out", str(out), "--dequantize"]) == 0
     merged = load_base(str(out), device="cpu", training=False)
@@ -359,8 +360,7 @@ def test_dequantize_merges_a_qlora_seq2seq_adapter_into_the_weights_it_saw(tiny_
         dtype=torch.float32)
     vocab = merged.get_output_embeddings().weight.shape[0]
     expected = seq2seq_logits(base_plus_adapter_on(saw, adapter), vocab)
-    scale = expected.abs().max().item()
-    torch.testing.assert_close(seq2seq_logits(merged, vocab), expected, atol=2e-4 * scale, rtol=1e-4)
+    torch.testing.assert_close(seq2seq_logits(merged, vocab), expected, atol=2e-4, rtol=1e-4)
     original = tmp_path / "merged-original"
     assert main(["merge", "--adapter", str(adapter), "--out", str(original), "--no-verify"]) == 0
-    assert (seq2seq_logits(load_base(str(original), device="cpu", training=False), vocab) - expected).abs().max() > 1e-3 * scale
+    assert (seq2seq_logits(load_base(str(original), device="cpu", training=False), vocab) - expected).abs().max() > 1e-3

@@ -199,3 +199,35 @@ def test_compare_streams_two_seq2seq_adapters_and_takes_a_vote(server):
     assert v.status_code == 200
     row = json.loads(server.votes.read_text().splitlines()[-1])
     assert (row["prompt"], row["chosen"], row["rejected"]) == ("hi", "fine thanks", "hello friend")
+
+
+def test_context_limits_count_encoder_and_decoder_apart(tiny_bart):
+    """BART's learned positions: the encoder and the decoder each have max_position_embeddings of
+    their own; a request over either limit is a 400 that says which."""
+    from fastapi.testclient import TestClient
+
+    cfg = ServeConfig(model=str(tiny_bart), device="cpu", max_tokens=8)
+    engine = Engine.load(cfg)
+    ctx = engine.context_length
+    try:
+        with TestClient(create_app(lambda: engine, cfg)) as client:
+            deadline = time.monotonic() + 60
+            while client.get("/health").status_code != 200:
+                assert time.monotonic() < deadline
+                time.sleep(0.05)
+
+            def complete(prompt, max_tokens):
+                return client.post("/v1/completions", json={"prompt": prompt, "max_tokens": max_tokens,
+                                                            "temperature": 0})
+
+            # A prompt + reply longer than the context is fine when each side fits its own positions.
+            fits = complete([5] * (ctx - 4), 6)
+            assert fits.status_code == 200, fits.text
+            too_long = complete([5] * (ctx + 1), 4)
+            assert too_long.status_code == 400 and too_long.json()["error"]["code"] == "context_length_exceeded"
+            assert f"encoder reads at most {ctx} tokens, and the prompt is {ctx + 1}" in too_long.json()["error"]["message"]
+            too_many = complete("hi", ctx + 1)
+            assert too_many.status_code == 400
+            assert f"decoder writes at most {ctx} tokens; you requested {ctx + 1}" in too_many.json()["error"]["message"]
+    finally:
+        engine.close()
