@@ -924,8 +924,9 @@ def render(plan: Plan) -> str:
 
 def suggestions(shape: ModelShape, cfg: PlanConfig) -> list[str]:
     """Single changes that make pocketrlhf's setup fit, cheapest in quality and speed first: the
-    same arithmetic (checkpointing, paging), then lower precision (16-bit adapters, 8-bit optimizer
-    state, a lower-bit base), then smaller batches."""
+    same arithmetic (checkpointing, paging), then lower precision (16-bit adapters, 16-bit
+    embeddings, norms and stream on a 4/8-bit base, 8-bit optimizer state, a lower-bit base), then
+    smaller batches."""
     tries: list[tuple[str, dict]] = []
     if not cfg.gradient_checkpointing:
         tries.append(("--gradient-checkpointing", {"gradient_checkpointing": True}))
@@ -933,6 +934,9 @@ def suggestions(shape: ModelShape, cfg: PlanConfig) -> list[str]:
         tries.append((f"--optimizer paged_{cfg.optimizer}", {"optimizer": f"paged_{cfg.optimizer}"}))
     if cfg.adapter_dtype == "float32":
         tries.append(("--adapter-dtype bfloat16", {"adapter_dtype": "bfloat16"}))
+    if cfg.quantization != "none" and cfg.kbit_upcast:
+        # The published 8-bit setups of 2023 ran this way (peft before 0.3 upcast no LLaMA norm).
+        tries.append(("--kbit-upcast false", {"kbit_upcast": False}))
     if not cfg.optimizer.endswith("8bit"):
         paged = "paged_" if cfg.optimizer.startswith("paged") else ""
         tries.append((f"--optimizer {paged}adamw_8bit", {"optimizer": f"{paged}adamw_8bit"}))
