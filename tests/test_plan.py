@@ -262,7 +262,13 @@ def test_trl_peft_20b_ppo_fits_a_24gb_card_at_its_published_settings(neox20b):
     assert upcast.setups[0].static - ours.static == pytest.approx(
         2 * (neox20b.total_params - sum(lin.in_features * lin.out_features for lin in neox20b.linears)))
     hints = P.suggestions(neox20b, upcast.config)
-    assert hints[0] == "--kbit-upcast false" and "--optimizer paged_adamw" not in hints  # paging frees 0.14 GB
+    assert hints[:2] == ["--reentrant-checkpointing", "--kbit-upcast false"]
+    assert "--optimizer paged_adamw" not in hints  # paging frees 0.14 GB
+    # Reentrant checkpointing (the script's, transformers' default then) keeps no int8 layer inputs:
+    # per token and layer the inputs of query_key_value, dense, dense_h_to_4h, dense_4h_to_h (fp16).
+    reentrant = P.plan_memory(neox20b, dataclasses.replace(published.config, reentrant_checkpointing=True))
+    saved = line(ours, "activations") - line(reentrant.setups[0], "activations")
+    assert saved == 16 * 24 * 44 * (3 * 6144 + 24576) * 2
 
 
 # ---------------------------------------------------------------------------------------------
@@ -382,13 +388,20 @@ SFT_NO_UPCAST_CASES = [
     ("gpt_neox", "8bit", "float16", True, True, "query_key_value", "adamw", False, "float32"),
     ("llama", "4bit", "bfloat16", False, True, "all-linear", "adamw", True, "float32"),
 ]
+# --reentrant-checkpointing (the published setups' checkpointing): an 8-bit base then keeps no int8
+# layer inputs, with and without the k-bit upcast.
+SFT_REENTRANT_CASES = [
+    ("llama", "8bit", "bfloat16", True, False, "q_proj,v_proj", "adamw", False, "float32", False),
+    ("gpt_neox", "8bit", "float16", True, True, "query_key_value", "adamw", False, "float32", True),
+]
 
 
 @pytest.mark.parametrize("arch,quantization,dtype,checkpointing,padded,targets,optimizer,recompute,adapter_dtype,"
-                         "kbit_upcast", [case + (True,) for case in SFT_CASES] +
-                         [case + (False,) for case in SFT_NO_UPCAST_CASES])
+                         "kbit_upcast,reentrant", [case + (True, False) for case in SFT_CASES] +
+                         [case + (False, False) for case in SFT_NO_UPCAST_CASES] +
+                         [case + (True,) for case in SFT_REENTRANT_CASES])
 def test_sft_plan_matches_measured_memory(tiny_models, monkeypatch, arch, quantization, dtype, checkpointing, padded,
-                                          targets, optimizer, recompute, adapter_dtype, kbit_upcast):
+                                          targets, optimizer, recompute, adapter_dtype, kbit_upcast, reentrant):
     """A real SFT training step (stages.sft.build_policy + models.forward.LMWithHeads) on CPU."""
     from pocketrlhf.models import forward
     from pocketrlhf.models.forward import LMWithHeads
@@ -402,7 +415,7 @@ def test_sft_plan_matches_measured_memory(tiny_models, monkeypatch, arch, quanti
     model_dir = str(tiny_models[arch])
     cfg = SFTConfig(model=model_dir, device="cpu", dtype=dtype, quantization=quantization, lora_r=r,
                     gradient_checkpointing=checkpointing, target_modules=targets, optimizer=optimizer,
-                    adapter_dtype=adapter_dtype, kbit_upcast=kbit_upcast)
+                    adapter_dtype=adapter_dtype, kbit_upcast=kbit_upcast, reentrant_checkpointing=reentrant)
     model = build_policy(cfg)
     if quantization != "none":  # the stream the plan assumes: fp32 with the k-bit upcast, else 16-bit
         norm = next(p for n, p in model.named_parameters() if "norm" in n)
@@ -417,7 +430,8 @@ def test_sft_plan_matches_measured_memory(tiny_models, monkeypatch, arch, quanti
     planned = P.plan_memory(P.model_shape(P.read_config(model_dir)), P.PlanConfig(
         model=model_dir, stage="sft", quantization=quantization, dtype=dtype, lora_r=r, target_modules=targets,
         batch_size=B, seq_length=T, packing=not padded, gradient_checkpointing=checkpointing, optimizer=optimizer,
-        adapter_dtype=adapter_dtype, kbit_upcast=kbit_upcast, cuda_context="0GB")).setups[0]
+        adapter_dtype=adapter_dtype, kbit_upcast=kbit_upcast, reentrant_checkpointing=reentrant,
+        cuda_context="0GB")).setups[0]
     held = line(planned, "activations") + line(planned, "logits")
     assert held == pytest.approx(measured["held"], rel=0.15)
     # Peak: weights + optimizer state (static) + gradients, activations and transients.

@@ -52,7 +52,10 @@ def build_policy(cfg: Any, tokenizer=None, total_steps: int = 1000, adapter_name
     spec = BaseSpec.from_config(cfg)
     base = load_base(spec, training=True)
     disable_dropout(base)
-    gc_kwargs = {"use_reentrant": False}
+    # Non-reentrant checkpointing runs the forward with grad on, so bitsandbytes' int8 matmul keeps its
+    # input on its autograd context (outside save_for_backward) through checkpointing; the reentrant
+    # variant runs it without grad and keeps nothing (plan.checkpointed_layer_bytes).
+    gc_kwargs = {"use_reentrant": bool(getattr(cfg, "reentrant_checkpointing", False))}
     if spec.quantization != "none" and cfg.kbit_upcast:
         with warnings.catch_warnings():
             # peft calls transformers' deprecated gradient_checkpointing_enable: a notice no user can act on.

@@ -1,0 +1,49 @@
+"""--reentrant-checkpointing: the same gradients as the default (non-reentrant) checkpointing on an
+8-bit base, and refused where it is untested (several processes). Its memory: tests/test_plan.py."""
+
+from __future__ import annotations
+
+import types
+
+import pytest
+import torch
+
+from pocketrlhf.errors import ConfigError
+
+
+def gradients(model_dir: str, reentrant: bool, kbit_upcast: bool) -> tuple[float, dict[str, torch.Tensor]]:
+    from pocketrlhf.models.forward import LMWithHeads
+    from pocketrlhf.models.policy import build_policy
+    from pocketrlhf.stages.sft import SFTConfig
+
+    torch.manual_seed(0)
+    cfg = SFTConfig(model=model_dir, device="cpu", dtype="bfloat16", quantization="8bit", lora_r=8,
+                    gradient_checkpointing=True, reentrant_checkpointing=reentrant, kbit_upcast=kbit_upcast,
+                    target_modules="q_proj,v_proj")
+    model = build_policy(cfg)
+    for name, p in model.named_parameters():
+        if p.requires_grad and "lora_B" in name:  # B starts at zero: give A a gradient too
+            torch.nn.init.normal_(p, std=0.02)
+    ids = torch.randint(3, 300, (2, 32), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    loss = -(LMWithHeads(model)(ids, mask, mask)["logprobs"] * mask).sum() / mask.sum()
+    loss.backward()
+    return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("kbit_upcast", [True, False])
+def test_reentrant_checkpointing_gives_the_same_gradients(llama, kbit_upcast):
+    loss, grads = gradients(str(llama), reentrant=False, kbit_upcast=kbit_upcast)
+    loss_r, grads_r = gradients(str(llama), reentrant=True, kbit_upcast=kbit_upcast)
+    assert loss_r == loss and grads_r.keys() == grads.keys() and len(grads) == 8  # A and B of q, v in 2 layers
+    for name, g in grads.items():
+        assert g.abs().sum() > 0, name
+        torch.testing.assert_close(grads_r[name], g, rtol=1e-5, atol=1e-7)
+
+
+def test_reentrant_checkpointing_is_refused_on_several_processes():
+    from pocketrlhf.stages.common import prepare
+
+    cfg = types.SimpleNamespace(reentrant_checkpointing=True, optimizer="adamw")
+    with pytest.raises(ConfigError, match="--reentrant-checkpointing runs on one process only"):
+        prepare(types.SimpleNamespace(num_processes=2), torch.nn.Linear(2, 2), cfg, total_steps=1)
