@@ -47,3 +47,27 @@ def test_reentrant_checkpointing_is_refused_on_several_processes():
     cfg = types.SimpleNamespace(reentrant_checkpointing=True, optimizer="adamw")
     with pytest.raises(ConfigError, match="--reentrant-checkpointing runs on one process only"):
         prepare(types.SimpleNamespace(num_processes=2), torch.nn.Linear(2, 2), cfg, total_steps=1)
+
+
+def test_ppo_on_an_8bit_base_with_reentrant_checkpointing_starts_on_policy(tmp_path, llama, prompts_file):
+    """The trl+peft 20B setup's path (bench/published_setups.py) on a tiny model: 8-bit base without
+    the k-bit upcast, value head on the policy, reference = adapters off, reentrant checkpointing.
+    It runs, starts exactly on policy, and the update moved the policy (lora_B starts at zero, so
+    gradients flowed back through the recomputed layers)."""
+    import json
+
+    from pocketrlhf.stages import ppo
+
+    ppo.train(ppo.PPOConfig(model=str(llama), prompts=str(prompts_file), output_dir=str(tmp_path), device="cpu",
+                            reward_function="pocketrlhf.data.synthetic:sentiment_reward", max_steps=1,
+                            rollouts_per_step=8, batch_size=4, max_new_tokens=8, quantization="8bit",
+                            kbit_upcast=False, gradient_checkpointing=True, reentrant_checkpointing=True,
+                            eval_fraction=0, progress=False, seed=0))
+    (step,) = [r for r in map(json.loads, (tmp_path / "metrics.jsonl").read_text().splitlines())
+               if r["split"] == "train"]
+    assert step["kl"] == 0.0 and step["first_ratio"] == pytest.approx(1.0, abs=1e-6)
+    from safetensors.torch import load_file
+
+    trained = load_file(str(tmp_path / "adapter" / "adapter_model.safetensors"))
+    b = [t for n, t in trained.items() if "lora_B" in n]
+    assert b and all(t.abs().sum() > 0 for t in b)
