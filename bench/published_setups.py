@@ -138,33 +138,50 @@ def build_model(work: Path, shape: str, layers: int, quantization: str, device: 
 
 
 def worker(a) -> None:
-    """One measured SFT step (pocketrlhf's path) of setup ``a.worker`` at ``a.layers`` layers."""
+    """One measured training step (pocketrlhf's path) of setup ``a.worker`` at ``a.layers`` layers:
+    SFT, or PPO's update (policy with the value head on it, stages.ppo.ActorCritic)."""
     import torch
 
     from pocketrlhf import measure
     from pocketrlhf.models.forward import LMWithHeads
+    from pocketrlhf.models.heads import ScalarHead
     from pocketrlhf.models.policy import build_policy
     from pocketrlhf.stages import common
+    from pocketrlhf.stages.ppo import ActorCritic
     from pocketrlhf.stages.sft import SFTConfig
 
     torch.set_num_threads(a.threads)
     name, shape, options, *_ = next(s for s in SETUPS if s[0] == a.worker)
     model_dir = build_model(Path(a.work), shape, a.layers, options["quantization"], a.device)
     keys = {f.name for f in dataclasses.fields(SFTConfig)}
-    cfg = SFTConfig(model=str(model_dir), device=a.device, dtype="bfloat16",
-                    **{k: v for k, v in options.items() if k in keys and k != "stage"})
+    cfg = SFTConfig(model=str(model_dir), device=a.device, dtype=options.get("dtype", "bfloat16"),
+                    **{k: v for k, v in options.items() if k in keys and k not in ("stage", "dtype")})
     started = time.time()
     model = build_policy(cfg)
-    lm = LMWithHeads(model)
     B, T = options["batch_size"], options["seq_length"]
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(3, SHAPES[shape]["vocab_size"] - 1, (B, T), generator=g).to(a.device)
     mask = torch.ones_like(ids)
-
-    def loss():
-        return -(lm(ids, mask, mask)["logprobs"] * mask).sum() / mask.sum()
-
     params = [p for p in model.parameters() if p.requires_grad]
+    if options["stage"] == "ppo":
+        # PPO batches are padded (the planner counts the mask) and the loss reads the answer tokens.
+        mask[-1, :4] = 0
+        response = torch.zeros_like(mask)
+        response[:, T - options["max_new_tokens"]:] = 1
+        response *= mask
+        head = ScalarHead(SHAPES[shape]["hidden_size"], init="zero").to(a.device)
+        actor_critic = ActorCritic(model, head, shared_trunk=True)
+        params += list(head.parameters())
+
+        def loss():
+            out = actor_critic(ids, mask, response, 1.0)
+            return -(out["logprobs"] * response).sum() + (out["values"] * response).pow(2).sum()
+    else:
+        lm = LMWithHeads(model)
+
+        def loss():
+            return -(lm(ids, mask, mask)["logprobs"] * mask).sum() / mask.sum()
+
     step = measure.measure_steps(model, common.build_optimizer(params, cfg, a.device), loss)
     result = {"layers": a.layers, "static": step["static"], "optimizer": step["optimizer"], "peak": step["peak"],
               "total": step["static"] + step["peak"], "evicted": step["static"] - step["optimizer"] + step["peak"],
@@ -184,8 +201,6 @@ def fit_line(xs: list[float], ys: list[float]) -> tuple[float, float]:
 def measured(a, work: Path, setup: tuple, depths: list[int | str]) -> dict | None:
     """The full-depth peak (and evicted peak) of one setup, measured at ``depths`` and extrapolated."""
     name, shape, options, *_ = setup
-    if options["stage"] != "sft":
-        return None  # PPO at these shapes: bench/ppo_big_step.py (NF4); not repeated here
     full = SHAPES[shape]["num_hidden_layers"]
     rows = []
     for d in depths:
@@ -197,7 +212,10 @@ def measured(a, work: Path, setup: tuple, depths: list[int | str]) -> dict | Non
                         work / f"run-{shape}-{options['quantization']}-{layers}-{options['batch_size']}{upcast}",
                         a.threads)
         planned = plan_setup(work, shape, options, layers).setups[0]
-        res["plan_total"], res["plan_evicted"] = planned.peak, planned.peak_evicted
+        # PPO: the update measured holds no reward adapter and no rollouts; compare it with the plan less those.
+        unmeasured = sum(x.bytes for x in planned.lines if x.key.startswith("reward")) \
+            if options["stage"] == "ppo" else 0.0
+        res["plan_total"], res["plan_evicted"] = planned.peak - unmeasured, planned.peak_evicted - unmeasured
         rows.append(res)
         print(f"  {name}, {layers} layers: measured {res['total'] / 1e9:.3f} GB (evicted {res['evicted'] / 1e9:.3f}); "
               f"plan {planned.peak / 1e9:.3f} GB ({planned.peak_evicted / 1e9:.3f}); {res['wall_s']:.0f} s", flush=True)

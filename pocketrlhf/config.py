@@ -66,8 +66,8 @@ class AdapterOptions:
     num_virtual_tokens: int = option(16, "prompt/prefix tuning: number of virtual tokens")
     gradient_checkpointing: bool = option(False, "recompute activations in backward to save memory")
     reentrant_checkpointing: bool = option(
-        False, "with --gradient-checkpointing: torch's reentrant checkpoint (transformers' default until 2024, what the "
-        "published 8-bit setups ran); on an 8-bit base it also frees the int8 layers' inputs, which bitsandbytes keeps "
+        False, "with --gradient-checkpointing: torch's reentrant checkpoint (what transformers, and so the published "
+        "8-bit setups, ran in 2023); on an 8-bit base it also frees the int8 layers' inputs, which bitsandbytes keeps "
         "outside autograd's saved tensors (same gradients; one process only)")
     kbit_upcast: bool = option(
         True, "4/8-bit bases: cast embeddings, output layer and norms to fp32 as peft's prepare_model_for_kbit_training "
