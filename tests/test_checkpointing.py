@@ -3,8 +3,6 @@
 
 from __future__ import annotations
 
-import types
-
 import pytest
 import torch
 
@@ -41,12 +39,14 @@ def test_reentrant_checkpointing_gives_the_same_gradients(llama, kbit_upcast):
         torch.testing.assert_close(grads_r[name], g, rtol=1e-5, atol=1e-7)
 
 
-def test_reentrant_checkpointing_is_refused_on_several_processes():
-    from pocketrlhf.stages.common import prepare
+def test_reentrant_checkpointing_is_refused_on_several_processes(llama, monkeypatch):
+    from pocketrlhf.models.policy import build_policy
+    from pocketrlhf.stages.sft import SFTConfig
 
-    cfg = types.SimpleNamespace(reentrant_checkpointing=True, optimizer="adamw")
+    monkeypatch.setenv("WORLD_SIZE", "2")  # what accelerate launch / torchrun set for every process
+    cfg = SFTConfig(model=str(llama), device="cpu", gradient_checkpointing=True, reentrant_checkpointing=True)
     with pytest.raises(ConfigError, match="--reentrant-checkpointing runs on one process only"):
-        prepare(types.SimpleNamespace(num_processes=2), torch.nn.Linear(2, 2), cfg, total_steps=1)
+        build_policy(cfg)
 
 
 def test_ppo_on_an_8bit_base_with_reentrant_checkpointing_starts_on_policy(tmp_path, llama, prompts_file):

@@ -663,10 +663,6 @@ def prepare(accelerator, module: torch.nn.Module, cfg: Any, total_steps: int):
         # see: each process would step by its own estimate and the replicated adapters would drift apart.
         raise ConfigError("--optimizer sophia runs on one process only (its Hessian estimate is not averaged "
                           "across processes yet): choose another optimizer or launch one process")
-    if getattr(cfg, "reentrant_checkpointing", False) and accelerator.num_processes > 1:
-        # Untested with DDP's gradient hooks and FSDP's gathers, which recomputation without grad interleaves.
-        raise ConfigError("--reentrant-checkpointing runs on one process only: drop it (non-reentrant checkpointing "
-                          "works on several) or launch one process")
     if strategy(accelerator)["strategy"] == "fsdp":
         module = shard(module, accelerator)
     else:
