@@ -9,16 +9,27 @@ Setups (published figures: /work/shared/ANCHORS-performance.md, sections 1.3-1.4
     LoRA r=64 on every linear layer in bf16, paged AdamW (32-bit state), gradient checkpointing,
     batch 1 x 512 tokens. Totals as transcribed from the figure: 6.9, 11.3, 24.7, 45.0 GB; 33B
     "does not quite fit into a 24 GB" GPU without paging, 65B fits "<48GB".
-  * trl+peft, "20B RLHF on a 24 GB consumer GPU": gpt-neox-20b in 8-bit, LoRA r=16 on
-    query_key_value, value head on the policy, reference = adapters disabled; trl's PPOConfig of the
-    time trained mini-batches of 1 sequence; prompts of 2-8 tokens, responses of 4-16, generated one
-    query at a time. Published: it fits 24 GB (no figure). Its reward model, a DistilBERT
-    classifier, is not part of pocketrlhf's plan (which holds a frozen reward adapter instead).
-  * StackLLaMA's rule of thumb for 8-bit LoRA: 1.2-1.4 GB per billion parameters, for LLaMA-7B
-    (6.74B) 8.1-9.4 GB; its SFT script: 8-bit, LoRA r=16 on q_proj, v_proj, packed 4 x 1024.
+  * trl+peft, "20B RLHF on a 24 GB consumer GPU", tested on an RTX 4090 (24 GiB), with the PPO script
+    the post links (trl examples/sentiment/scripts/gpt-neox-20b_peft/, March 2023): gpt-neox-20b in
+    8-bit (fp16 elsewhere), LoRA r=16 on query_key_value, value head on the policy, reference =
+    adapters disabled; ``forward_batch_size=16``, which then set PPO's mini-batch to 16 sequences;
+    prompts of 2-8 tokens, responses of 4-16 generated one query at a time; checkpointing for the
+    update; torch Adam (fp32 state on fp32 LoRA weights). peft's prepare_model_for_int8_training of
+    the time upcast only parameters named "layer_norm" (GPT-NeoX: the final norm), and the script
+    cast those back to fp16: no k-bit upcast (``kbit_upcast=False``). Published: it fits (no
+    figure). Its reward model, a DistilBERT classifier, is not part of pocketrlhf's plan (which
+    holds a frozen reward adapter instead).
+  * StackLLaMA's rule of thumb for 8-bit LoRA: 1.2-1.4 GB per billion parameters "depending on the
+    batch size and sequence length", for LLaMA-7B (6.74B) 8.1-9.4 GB. No stage or setting is
+    attached to it; its SFT script (trl examples/stack_llama/scripts/supervised_finetuning.py,
+    April 2023): 8-bit, LoRA r=16 on q_proj, v_proj, packed 16 x 1024 (4 x 1024 from May 2023),
+    checkpointing on, no k-bit upcast (peft's upcast matched no LLaMA norm name). Planned at 16, 4
+    and 1 x 1024.
 
-The planner runs at pocketrlhf's settings for each (``--adapter-dtype bfloat16 --optimizer
-paged_adamw`` for QLoRA); its figure is the peak of tensors (CUDA context 0, as the published
+GPU capacities are the cards' own: GPU memory comes in binary sizes, a "24 GB" card holds 24 GiB
+(25.8 x 10^9 bytes). The planner runs pocketrlhf's path at each setup's published settings
+(``--adapter-dtype bfloat16 --optimizer paged_adamw`` for QLoRA, ``--kbit-upcast false`` for the
+8-bit setups of 2023); its figure is the peak of tensors (CUDA context 0, as the published
 figures count tensors) and, for paged state, the peak with the state evicted to CPU memory. The
 fit column adds a 1 GB CUDA context.
 
@@ -59,23 +70,34 @@ SHAPES = {
 }
 QLORA = dict(stage="sft", quantization="4bit", lora_r=64, target_modules="all-linear", batch_size=1, seq_length=512,
              packing=True, gradient_checkpointing=True, optimizer="paged_adamw", adapter_dtype="bfloat16")
+# The 8-bit setups of 2023 ran transformers' checkpointing of the time (reentrant) and peft's
+# prepare_model_for_int8_training before 0.3, which upcast only parameters named "layer_norm".
+# trl examples/sentiment/scripts/gpt-neox-20b_peft/s03_gpt-neo-20b_sentiment_peft.py as the trl-peft
+# post links it (trl 1eb7e7715 / 688ce576b, 2023-03-09): fp16, LoRA r=16 on query_key_value,
+# forward_batch_size=16 (which set trl's mini_batch_size to 16), prompts of 2-8 tokens, responses of
+# 4-16 generated one query at a time, GPT-NeoX's final norm cast back to fp16.
+TRL_PEFT_20B = dict(stage="ppo", quantization="8bit", dtype="float16", kbit_upcast=False, lora_r=16,
+                    target_modules="query_key_value", batch_size=16, seq_length=24, max_new_tokens=16,
+                    generation_batch_size=1, gradient_checkpointing=True, reentrant_checkpointing=True,
+                    value_model="head", reference="base")
+# trl examples/stack_llama/scripts/supervised_finetuning.py (trl 704671e0f, 2023-04-05): packed x
+# 1024 tokens, 8-bit, LoRA r=16 (peft's LLaMA default: q_proj, v_proj), checkpointing always on (its
+# --no_gradient_checkpointing flag stores False either way); batch 16, 4 from May 2023.
+STACKLLAMA_SFT = dict(stage="sft", quantization="8bit", kbit_upcast=False, lora_r=16, target_modules="q_proj,v_proj",
+                      seq_length=1024, packing=True, gradient_checkpointing=True, reentrant_checkpointing=True)
 SETUPS = [
     # name, shape, plan options, published GB (a number, a (low, high) range or None), published GPU, source
     ("QLoRA 7B", "llama-7b", QLORA, 6.9, None, "QLoRA appendix figure (transcribed)"),
     ("QLoRA 13B", "llama-13b", QLORA, 11.3, None, "QLoRA appendix figure (transcribed)"),
-    ("QLoRA 33B", "llama-33b", QLORA, 24.7, "24GB", "QLoRA: 'does not quite fit into a 24 GB', paging needed"),
-    ("QLoRA 65B", "llama-65b", QLORA, 45.0, "48GB", "QLoRA: 65B '<48GB'"),
-    ("trl+peft 20B PPO (8-bit)", "gpt-neox-20b",
-     dict(stage="ppo", quantization="8bit", lora_r=16, target_modules="query_key_value", batch_size=1, seq_length=24,
-          max_new_tokens=16, generation_batch_size=1, gradient_checkpointing=True, value_model="head",
-          reference="base"), None, "24GB", "trl-peft blog: fits a 24 GB RTX 4090"),
-    ("StackLLaMA 7B SFT 8-bit 4x1024 GC", "llama-7b",
-     dict(stage="sft", quantization="8bit", lora_r=16, target_modules="q_proj,v_proj", batch_size=4, seq_length=1024,
-          packing=True, gradient_checkpointing=True), (8.1, 9.4), "80GB",
-     "StackLLaMA blog: 1.2-1.4 GB per billion parameters"),
-    ("StackLLaMA 7B SFT 8-bit 1x1024 GC", "llama-7b",
-     dict(stage="sft", quantization="8bit", lora_r=16, target_modules="q_proj,v_proj", batch_size=1, seq_length=1024,
-          packing=True, gradient_checkpointing=True), (8.1, 9.4), "80GB",
+    ("QLoRA 33B", "llama-33b", QLORA, 24.7, "24GiB", "QLoRA: 'does not quite fit into a 24 GB', paging needed"),
+    ("QLoRA 65B", "llama-65b", QLORA, 45.0, "48GiB", "QLoRA: 65B '<48GB'"),
+    ("trl+peft 20B PPO (8-bit)", "gpt-neox-20b", TRL_PEFT_20B, None, "24GiB",
+     "trl-peft blog + its script: fits a 24 GB RTX 4090"),
+    ("StackLLaMA 7B SFT 8-bit 16x1024 GC", "llama-7b", dict(STACKLLAMA_SFT, batch_size=16), (8.1, 9.4), "80GiB",
+     "StackLLaMA blog: 1.2-1.4 GB per billion parameters; its SFT script as published"),
+    ("StackLLaMA 7B SFT 8-bit 4x1024 GC", "llama-7b", dict(STACKLLAMA_SFT, batch_size=4), (8.1, 9.4), "80GiB",
+     "StackLLaMA blog: 1.2-1.4 GB per billion parameters; the SFT script's batch from May 2023"),
+    ("StackLLaMA 7B SFT 8-bit 1x1024 GC", "llama-7b", dict(STACKLLAMA_SFT, batch_size=1), (8.1, 9.4), "80GiB",
      "StackLLaMA blog: 1.2-1.4 GB per billion parameters"),
 ]
 
@@ -116,33 +138,50 @@ def build_model(work: Path, shape: str, layers: int, quantization: str, device: 
 
 
 def worker(a) -> None:
-    """One measured SFT step (pocketrlhf's path) of setup ``a.worker`` at ``a.layers`` layers."""
+    """One measured training step (pocketrlhf's path) of setup ``a.worker`` at ``a.layers`` layers:
+    SFT, or PPO's update (policy with the value head on it, stages.ppo.ActorCritic)."""
     import torch
 
     from pocketrlhf import measure
     from pocketrlhf.models.forward import LMWithHeads
+    from pocketrlhf.models.heads import ScalarHead
     from pocketrlhf.models.policy import build_policy
     from pocketrlhf.stages import common
+    from pocketrlhf.stages.ppo import ActorCritic
     from pocketrlhf.stages.sft import SFTConfig
 
     torch.set_num_threads(a.threads)
     name, shape, options, *_ = next(s for s in SETUPS if s[0] == a.worker)
     model_dir = build_model(Path(a.work), shape, a.layers, options["quantization"], a.device)
     keys = {f.name for f in dataclasses.fields(SFTConfig)}
-    cfg = SFTConfig(model=str(model_dir), device=a.device, dtype="bfloat16",
-                    **{k: v for k, v in options.items() if k in keys and k != "stage"})
+    cfg = SFTConfig(model=str(model_dir), device=a.device, dtype=options.get("dtype", "bfloat16"),
+                    **{k: v for k, v in options.items() if k in keys and k not in ("stage", "dtype")})
     started = time.time()
     model = build_policy(cfg)
-    lm = LMWithHeads(model)
     B, T = options["batch_size"], options["seq_length"]
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(3, SHAPES[shape]["vocab_size"] - 1, (B, T), generator=g).to(a.device)
     mask = torch.ones_like(ids)
-
-    def loss():
-        return -(lm(ids, mask, mask)["logprobs"] * mask).sum() / mask.sum()
-
     params = [p for p in model.parameters() if p.requires_grad]
+    if options["stage"] == "ppo":
+        # PPO batches are padded (the planner counts the mask) and the loss reads the answer tokens.
+        mask[-1, :4] = 0
+        response = torch.zeros_like(mask)
+        response[:, T - options["max_new_tokens"]:] = 1
+        response *= mask
+        head = ScalarHead(SHAPES[shape]["hidden_size"], init="zero").to(a.device)
+        actor_critic = ActorCritic(model, head, shared_trunk=True)
+        params += list(head.parameters())
+
+        def loss():
+            out = actor_critic(ids, mask, response, 1.0)
+            return -(out["logprobs"] * response).sum() + (out["values"] * response).pow(2).sum()
+    else:
+        lm = LMWithHeads(model)
+
+        def loss():
+            return -(lm(ids, mask, mask)["logprobs"] * mask).sum() / mask.sum()
+
     step = measure.measure_steps(model, common.build_optimizer(params, cfg, a.device), loss)
     result = {"layers": a.layers, "static": step["static"], "optimizer": step["optimizer"], "peak": step["peak"],
               "total": step["static"] + step["peak"], "evicted": step["static"] - step["optimizer"] + step["peak"],
@@ -162,17 +201,21 @@ def fit_line(xs: list[float], ys: list[float]) -> tuple[float, float]:
 def measured(a, work: Path, setup: tuple, depths: list[int | str]) -> dict | None:
     """The full-depth peak (and evicted peak) of one setup, measured at ``depths`` and extrapolated."""
     name, shape, options, *_ = setup
-    if options["stage"] != "sft":
-        return None  # PPO at these shapes: bench/ppo_big_step.py (NF4); not repeated here
     full = SHAPES[shape]["num_hidden_layers"]
     rows = []
     for d in depths:
         layers = full if d == "full" else int(d)
+        upcast = ("" if options.get("kbit_upcast", True) else "-noupcast") + \
+            ("-reentrant" if options.get("reentrant_checkpointing") else "")
         res = run_child(str(Path(__file__).resolve()), name,
                         ["--layers", str(layers), "--work", str(work), "--device", a.device],
-                        work / f"run-{shape}-{options['quantization']}-{layers}-{options['batch_size']}", a.threads)
+                        work / f"run-{shape}-{options['quantization']}-{layers}-{options['batch_size']}{upcast}",
+                        a.threads)
         planned = plan_setup(work, shape, options, layers).setups[0]
-        res["plan_total"], res["plan_evicted"] = planned.peak, planned.peak_evicted
+        # PPO: the update measured holds no reward adapter and no rollouts; compare it with the plan less those.
+        unmeasured = sum(x.bytes for x in planned.lines if x.key.startswith("reward")) \
+            if options["stage"] == "ppo" else 0.0
+        res["plan_total"], res["plan_evicted"] = planned.peak - unmeasured, planned.peak_evicted - unmeasured
         rows.append(res)
         print(f"  {name}, {layers} layers: measured {res['total'] / 1e9:.3f} GB (evicted {res['evicted'] / 1e9:.3f}); "
               f"plan {planned.peak / 1e9:.3f} GB ({planned.peak_evicted / 1e9:.3f}); {res['wall_s']:.0f} s", flush=True)

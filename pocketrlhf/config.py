@@ -65,6 +65,10 @@ class AdapterOptions:
     )
     num_virtual_tokens: int = option(16, "prompt/prefix tuning: number of virtual tokens")
     gradient_checkpointing: bool = option(False, "recompute activations in backward to save memory")
+    reentrant_checkpointing: bool = option(
+        False, "with --gradient-checkpointing: torch's reentrant checkpoint (what transformers, and so the published "
+        "8-bit setups, ran in 2023); on an 8-bit base it also frees the int8 layers' inputs, which bitsandbytes keeps "
+        "outside autograd's saved tensors (same gradients; one process only)")
     kbit_upcast: bool = option(
         True, "4/8-bit bases: cast embeddings, output layer and norms to fp32 as peft's prepare_model_for_kbit_training "
         "does (stabler; off keeps them 16-bit and saves memory: see `pocketrlhf plan --kbit-upcast false`)")

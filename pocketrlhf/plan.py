@@ -86,6 +86,8 @@ class PlanConfig:
     seq_length: int = option(512, "tokens per sequence (prompt + answer)")
     packing: bool = option(True, "sft: packed sequences (no padding mask); rm, dpo and ppo batches are always padded")
     gradient_checkpointing: bool = option(False, "recompute activations in backward")
+    reentrant_checkpointing: bool = option(
+        False, "with checkpointing: torch's reentrant variant (on an 8-bit base it frees the int8 layers' inputs)")
     optimizer: OptimizerName = option("adamw", "optimizer (as the stages' --optimizer)")
     generation_batch_size: int = option(32, "ppo: prompts per generate() call (their KV cache is held together)")
     decoder_length: int = option(
@@ -475,13 +477,15 @@ def layer_activation_bytes(shape: ModelShape, adapted_in_layer: list[Linear], r:
     return norms + attention + mlp + adapters
 
 
-def checkpointed_layer_bytes(shape: ModelShape, regime: Regime, quantization: str = "none") -> float:
+def checkpointed_layer_bytes(shape: ModelShape, regime: Regime, quantization: str = "none",
+                             reentrant: bool = False) -> float:
     """With gradient checkpointing each decoder layer keeps only its input hidden state, and on an
     8-bit base the inputs of its int8 layers: bitsandbytes keeps them on the autograd context
-    (``ctx.A``, ``ctx.tensors``), outside ``save_for_backward``, which checkpointing cannot free
-    (measured: the StackLLaMA step of bench/published_setups.py)."""
+    (``ctx.A``, ``ctx.tensors``), outside ``save_for_backward``, which non-reentrant checkpointing
+    cannot free (measured: the StackLLaMA step of bench/published_setups.py). Reentrant
+    checkpointing runs the forward without grad, so no context is kept (measured, tests/test_plan.py)."""
     kept = {(_group(shape, lin) or lin.name): lin.in_features for lin in shape.layer_linears} \
-        if quantization == "8bit" else {}
+        if quantization == "8bit" and not reentrant else {}
     return float(regime.stream * (shape.hidden_size + sum(kept.values())))
 
 
@@ -728,7 +732,8 @@ def activation_bytes(shape: ModelShape, cfg: PlanConfig, sequences: int, tokens:
     head = n * shape.hidden_size * (4 + (regime.stream if regime.stream != 4 else 0)) if head_on_trunk else 0.0
     adapted = targeted(shape.layer_linears, cfg.target_modules)
     if checkpointing:
-        per_token = (shape.num_layers * checkpointed_layer_bytes(shape, regime, cfg.quantization)
+        per_token = (shape.num_layers * checkpointed_layer_bytes(shape, regime, cfg.quantization,
+                                                                    cfg.reentrant_checkpointing)
                      + final_norm_bytes(shape, regime))
         if shape.family == "gpt2":
             per_token += regime.stream * shape.hidden_size  # the token embeddings stay referenced (measured)
@@ -864,7 +869,7 @@ def _train_lines(setup: Setup, shape: ModelShape, cfg: PlanConfig, sequences: in
     together for one backward)."""
     tokens = sequences * cfg.seq_length
     acts = activation_bytes(shape, cfg, sequences, cfg.seq_length, padded, cfg.gradient_checkpointing, head_on_trunk)
-    what = "with" if cfg.gradient_checkpointing else "no"
+    what = ("with reentrant" if cfg.reentrant_checkpointing else "with") if cfg.gradient_checkpointing else "no"
     setup.add("activations", f"activations ({sequences} x {cfg.seq_length} tokens, {what} checkpointing)",
               graphs * acts, "train")
     transient = layer_transient_bytes(shape, cfg, tokens, padded, cfg.gradient_checkpointing)
@@ -1149,15 +1154,22 @@ def render(plan: Plan) -> str:
 
 def suggestions(shape: ModelShape, cfg: PlanConfig) -> list[str]:
     """Single changes that make pocketrlhf's setup fit, cheapest in quality and speed first: the
-    same arithmetic (checkpointing, paging), then lower precision (16-bit adapters, 8-bit optimizer
-    state, a lower-bit base), then smaller batches."""
+    same arithmetic (checkpointing, paging, reentrant checkpointing on an 8-bit base), then lower
+    precision (16-bit adapters, 16-bit embeddings, norms and stream on a 4/8-bit base, 8-bit
+    optimizer state, a lower-bit base), then smaller batches."""
     tries: list[tuple[str, dict]] = []
     if not cfg.gradient_checkpointing:
         tries.append(("--gradient-checkpointing", {"gradient_checkpointing": True}))
     if not cfg.optimizer.startswith("paged"):
         tries.append((f"--optimizer paged_{cfg.optimizer}", {"optimizer": f"paged_{cfg.optimizer}"}))
+    if cfg.quantization == "8bit" and cfg.gradient_checkpointing and not cfg.reentrant_checkpointing \
+            and cfg.processes == 1:
+        tries.append(("--reentrant-checkpointing", {"reentrant_checkpointing": True}))
     if cfg.adapter_dtype == "float32":
         tries.append(("--adapter-dtype bfloat16", {"adapter_dtype": "bfloat16"}))
+    if cfg.quantization != "none" and cfg.kbit_upcast:
+        # The published 8-bit setups of 2023 ran this way (peft before 0.3 upcast no LLaMA norm).
+        tries.append(("--kbit-upcast false", {"kbit_upcast": False}))
     if not cfg.optimizer.endswith("8bit"):
         paged = "paged_" if cfg.optimizer.startswith("paged") else ""
         tries.append((f"--optimizer {paged}adamw_8bit", {"optimizer": f"{paged}adamw_8bit"}))

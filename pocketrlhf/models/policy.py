@@ -20,12 +20,14 @@ copied from the policy's starting adapter equals it exactly.
 
 from __future__ import annotations
 
+import os
 import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from pocketrlhf.errors import ConfigError
 from pocketrlhf.models.spec import BaseSpec
 
 ADAPTER_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -49,10 +51,18 @@ def build_policy(cfg: Any, tokenizer=None, total_steps: int = 1000, adapter_name
     from pocketrlhf.models.forward import disable_dropout
     from pocketrlhf.models.loading import load_base
 
+    reentrant = bool(getattr(cfg, "reentrant_checkpointing", False)) and cfg.gradient_checkpointing
+    if reentrant and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # Untested with DDP's gradient hooks and FSDP's gathers, which recomputation without grad interleaves.
+        raise ConfigError("--reentrant-checkpointing runs on one process only: drop it (non-reentrant checkpointing "
+                          "works on several) or launch one process")
     spec = BaseSpec.from_config(cfg)
     base = load_base(spec, training=True)
     disable_dropout(base)
-    gc_kwargs = {"use_reentrant": False}
+    # Non-reentrant checkpointing runs the forward with grad on, so bitsandbytes' int8 matmul keeps its
+    # input on its autograd context (outside save_for_backward) through checkpointing; the reentrant
+    # variant runs it without grad and keeps nothing (plan.checkpointed_layer_bytes).
+    gc_kwargs = {"use_reentrant": reentrant}
     if spec.quantization != "none" and cfg.kbit_upcast:
         with warnings.catch_warnings():
             # peft calls transformers' deprecated gradient_checkpointing_enable: a notice no user can act on.
