@@ -104,7 +104,7 @@ class PlanConfig:
     cuda_context: str = option("1GB", "CUDA context and kernel images (about 0.5-1 GB)")
     processes: int = option(1, "processes (GPUs) the stage runs on; the plan is per process")
     strategy: Literal["ddp", "fsdp"] = option(
-        "ddp", "ddp: every process holds the whole base; fsdp (sft, rm, dpo; 16/4-bit bases): 1/processes of it "
+        "ddp", "ddp: every process holds the whole base; fsdp (16/4-bit bases): 1/processes of it "
         "plus the layers being gathered"
     )
     json: bool = option(False, "print the plan as JSON instead of a table")
@@ -696,8 +696,8 @@ def _check(cfg: PlanConfig) -> None:
             raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(cfg, name)}")
     if cfg.processes < 1:
         raise ConfigError(f"--processes must be at least 1, got {cfg.processes}")
-    if cfg.strategy == "fsdp" and (cfg.stage == "ppo" or cfg.quantization == "8bit"):
-        raise ConfigError("--strategy fsdp: the stages shard 16-bit and 4-bit bases of sft, rm and dpo only "
+    if cfg.strategy == "fsdp" and cfg.quantization == "8bit":
+        raise ConfigError("--strategy fsdp: the stages shard 16-bit and 4-bit bases only, not 8-bit ones "
                           "(README: Several processes or GPUs)")
     if cfg.decoder_length < 0 or (cfg.decoder_length and cfg.decoder_length >= cfg.seq_length):
         raise ConfigError(f"--decoder-length ({cfg.decoder_length}) must be smaller than --seq-length "

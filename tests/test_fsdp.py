@@ -74,8 +74,9 @@ def test_sft_under_fsdp_matches_one_process(tmp_path, llama, sft_file, quantizat
      common.OFFLINE_STRATEGIES, "fsdp_cpu_ram_efficient_loading: true"),
     ({"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2", "ACCELERATE_MIXED_PRECISION": "bf16"}, "sft",
      common.OFFLINE_STRATEGIES, "mixed_precision: bf16 is not applied under FSDP"),
-    ({"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2"}, "ppo", common.ONLINE_STRATEGIES,
-     "ppo does not run under FSDP"),
+    ({"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2"}, "ppo", common.ONLINE_STRATEGIES, None),
+    ({"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2", "FSDP_OFFLOAD_PARAMS": "true"}, "grpo",
+     common.ONLINE_STRATEGIES, "fsdp_offload_params: true"),
     ({"ACCELERATE_USE_DEEPSPEED": "true"}, "sft", common.OFFLINE_STRATEGIES, "sft does not run under DeepSpeed"),
     ({"ACCELERATE_USE_MEGATRON_LM": "true"}, "grpo", common.ONLINE_STRATEGIES, "accelerate's megatron lm"),
 ])
@@ -87,15 +88,15 @@ def test_requested_strategies_are_run_or_refused(env, stage, supported, message)
         common.check_strategy(stage, supported, env)
 
 
-@pytest.mark.parametrize("case", ["fsdp1", "grpo", "8bit"])
+@pytest.mark.parametrize("case", ["fsdp1", "grpo-8bit", "8bit"])
 def test_a_strategy_the_stage_cannot_run_is_refused_before_any_work(tmp_path, llama, sft_file, case):
     """Real two-process launches: once, FSDP configs ran as plain DDP without a word."""
     out = tmp_path / "out"
-    if case == "grpo":
+    if case == "grpo-8bit":
         # Refused before the model or the prompts are read.
         proc = launch("cpu_fsdp.yaml", llama, sft_file, out, command="grpo", data_flag="--prompts",
-                      reward_function="pocketrlhf.data.synthetic:exact_match", max_steps=1)
-        expected = "error: grpo does not run under FSDP"
+                      reward_function="pocketrlhf.data.synthetic:exact_match", max_steps=1, quantization="8bit")
+        expected = "error: FSDP cannot shard an 8-bit base"
     elif case == "fsdp1":
         proc = launch("cpu_fsdp.yaml", llama, sft_file, out, launcher=("--fsdp_version", "1"), max_steps=1)
         expected = "error: the accelerate config asks for FSDP version 1"
@@ -210,6 +211,82 @@ def test_plan_per_process_under_fsdp(tmp_path):
     assert fsdp["base_other"] == pytest.approx(ddp["base_other"] / 4)
     assert "fsdp_gathered" not in ddp and 1e9 < fsdp["fsdp_gathered"] < 2e9  # 4 x the 262M-parameter output layer
     assert fsdp_setup.peak < ddp_setup.peak - 8e9  # 3/4 of 13.5 GB of bf16 weights saved
-    for bad in (dict(stage="ppo"), dict(quantization="8bit")):
-        with pytest.raises(ConfigError, match="--strategy fsdp"):
-            lines(processes=2, strategy="fsdp", **bad)
+    with pytest.raises(ConfigError, match="--strategy fsdp"):
+        lines(processes=2, strategy="fsdp", quantization="8bit")
+    ppo_ddp, _ = lines(processes=2, stage="ppo")
+    ppo_fsdp, _ = lines(processes=2, stage="ppo", strategy="fsdp")  # one sharded base serves every role
+    assert ppo_fsdp["base_linear"] == pytest.approx(ppo_ddp["base_linear"] / 2)
+
+
+def _online_rows(run: Path) -> list[dict]:
+    return [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("quantization", ["none", "4bit"])
+def test_ppo_under_fsdp_matches_one_process(tmp_path, pretrained_llama, sft_adapter, prompts_file, quantization):
+    """Every role on the one sharded base: rollouts generated on it (each process steps until both
+    are done), the reference (the frozen SFT adapter), the reward adapter and a trainable value
+    adapter switched to on the wrapped model. Scores, KL and the final policy and value adapters
+    equal one process's with the same global batch."""
+    from safetensors.torch import load_file
+
+    from pocketrlhf.data import synthetic
+    from pocketrlhf.stages import ppo, rm
+
+    from conftest import write_jsonl
+
+    pairs = write_jsonl(tmp_path / "pairs.jsonl", synthetic.preference_rows(32, seed=1))
+    rm.train(rm.RMConfig(model=str(pretrained_llama), data=str(pairs), sft_adapter=str(sft_adapter),
+                         output_dir=str(tmp_path / "rm"), device="cpu", batch_size=16, learning_rate=3e-3,
+                         max_steps=2, eval_fraction=0, progress=False))
+    args = dict(sft_adapter=str(sft_adapter), reward_adapter=str(tmp_path / "rm" / "adapter"), value_model="adapter",
+                max_steps=2, rollouts_per_step=8, ppo_epochs=1, max_new_tokens=8, learning_rate=1e-3, eval_fraction=0.02,
+                seed=0, progress=False, lr_scheduler="constant", quantization=quantization)
+    proc = launch("cpu_fsdp.yaml", pretrained_llama, prompts_file, tmp_path / "fsdp", command="ppo",
+                  data_flag="--prompts", gradient_accumulation_steps=1, **args)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "distributed: fsdp over 2 processes (gloo)" in proc.stderr and "frozen weights (5" in proc.stderr
+    ppo.train(ppo.PPOConfig(model=str(pretrained_llama), prompts=str(prompts_file), output_dir=str(tmp_path / "one"),
+                            device="cpu", batch_size=4, gradient_accumulation_steps=2, **args))
+    s_fsdp, s_one = (json.loads((tmp_path / n / "summary.json").read_text()) for n in ("fsdp", "one"))
+    assert s_fsdp["distributed"]["strategy"] == "fsdp"
+    tol = dict(rel=1e-4, abs=1e-6) if quantization == "none" else dict(rel=2e-2, abs=2e-3)
+    rows = {n: _online_rows(tmp_path / n) for n in ("fsdp", "one")}
+    assert [r["step"] for r in rows["fsdp"]] == [r["step"] for r in rows["one"]] == [1, 2, 2]  # 2 steps, 1 eval
+    for a, b in zip(rows["fsdp"], rows["one"]):
+        for key in ("score", "kl", "response_length"):  # (the losses logged are the main process's share)
+            assert a[key] == pytest.approx(b[key], **tol), (a["split"], key)
+    a, b = adapter(tmp_path / "fsdp"), adapter(tmp_path / "one")
+    assert a.keys() == b.keys()
+    assert_same_adapter(a, b, quantization, 1e-4 if quantization == "none" else 2e-3)
+    value_a, value_b = (load_file(str(tmp_path / n / "value" / "adapter_model.safetensors")) for n in ("fsdp", "one"))
+    for k in value_b:
+        assert (value_a[k] - value_b[k]).abs().max().item() < (1e-4 if quantization == "none" else 1e-2), k
+    # The reward adapter really ran on the sharded model: its scores are not those of a rule.
+    assert len({round(r["score"], 6) for r in rows["one"]}) > 1
+
+
+def test_grpo_under_fsdp_matches_one_process(tmp_path, digits):
+    """grpo with the raw base as its reference (adapters switched off on the sharded model) and a
+    rule reward; held-out evaluation on every process. The same adapter as one process."""
+    from pocketrlhf.stages import grpo
+
+    args = dict(reward_function="pocketrlhf.data.synthetic:exact_match", max_steps=2, num_generations=4,
+                prompts_per_step=4, max_new_tokens=4, learning_rate=1e-3, seed=0, progress=False,
+                lr_scheduler="constant", lora_r=8, beta=0.1, eval_prompts=str(digits["held_out"]))
+    proc = launch("cpu_fsdp.yaml", digits["model"], digits["prompts"], tmp_path / "fsdp", command="grpo",
+                  data_flag="--prompts", gradient_accumulation_steps=2, **args)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    grpo.train(grpo.GRPOConfig(model=str(digits["model"]), prompts=str(digits["prompts"]),
+                               output_dir=str(tmp_path / "one"), device="cpu", batch_size=4,
+                               gradient_accumulation_steps=4, **dict(args, reward_function=[args["reward_function"]])))
+    rows = {n: _online_rows(tmp_path / n) for n in ("fsdp", "one")}
+    assert [r["step"] for r in rows["fsdp"]] == [r["step"] for r in rows["one"]] == [0, 1, 2, 2]  # eval at 0 and 2
+    for a, b in zip(rows["fsdp"], rows["one"]):
+        for key in ("score", "kl", "response_length"):
+            assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), (a["split"], key)
+    assert rows["one"][-1]["kl"] > 0  # the reference pass ran (adapters off), and the policy moved from it
+    a, b = adapter(tmp_path / "fsdp"), adapter(tmp_path / "one")
+    assert a.keys() == b.keys()
+    assert_same_adapter(a, b, "none", 1e-4)
+    assert json.loads((tmp_path / "fsdp" / "summary.json").read_text())["distributed"]["strategy"] == "fsdp"

@@ -153,11 +153,16 @@ def row_seed(*parts: int) -> int:
 
 def sample(model, tokenizer, prompt_ids: list[list[int]], max_new_tokens: int, temperature: float = 1.0,
            top_p: float = 1.0, top_k: int = 0, batch_size: int = 64, stop_token_ids: list[int] | None = None,
-           streamer=None, row_seeds: list[int] | None = None, **extra) -> list[list[int]]:
+           streamer=None, row_seeds: list[int] | None = None, synced: bool = False, **extra) -> list[list[int]]:
     """Responses (token ids, cut after the first EOS or stop token) for each prompt.
 
     With ``row_seeds`` (pure sampling only: temperature > 0, no top-k/top-p), prompt i is answered
-    from its own random stream ``row_seeds[i]``; otherwise from torch's global generator."""
+    from its own random stream ``row_seeds[i]``; otherwise from torch's global generator.
+
+    ``synced`` (a model sharded over processes, FSDP): every forward gathers weights with the
+    other processes, so each process keeps stepping until all of them are done (transformers'
+    ``synced_gpus``: one all-reduce of a done flag per token); the caller makes every process
+    call this with the same number of batches."""
     from transformers import LogitsProcessorList
 
     _, lm = unwrap(model)
@@ -177,7 +182,8 @@ def sample(model, tokenizer, prompt_ids: list[list[int]], max_new_tokens: int, t
             processors = LogitsProcessorList(
                 [SeededSampling(row_seeds[start:start + batch_size], temperature)] if seeded else [])
             generated = model.generate(input_ids=ids.to(device), attention_mask=attn.to(device),
-                                       generation_config=cfg, streamer=streamer, logits_processor=processors)
+                                       generation_config=cfg, streamer=streamer, logits_processor=processors,
+                                       synced_gpus=synced)
             # A causal LM returns prompt + answer, an encoder-decoder decoder start + answer.
             for row in generated[:, 1 if seq2seq else ids.shape[1]:].tolist():
                 out.append(truncate_after_eos(row, eos_ids)[0])

@@ -438,7 +438,7 @@ def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
 def open_run(cfg: Any, stage: str) -> tuple[Any, "Run"]:
     """The opening of an offline stage: logging, the accelerator, the run folder (checked against
     what is in it, marked as ours), the seed. ``run.finished`` holds the summary of a finished run
-    that ``--resume auto`` must not train again. Offline stages may be sharded (FSDP)."""
+    that ``--resume auto`` must not train again."""
     setup_logging()
     accelerator = make_accelerator(cfg.device, stage, OFFLINE_STRATEGIES)
     check_fsdp_model(cfg, accelerator)
@@ -451,8 +451,8 @@ def open_run(cfg: Any, stage: str) -> tuple[Any, "Run"]:
 # Distributed strategy: what `accelerate launch` asked for, and what a stage actually does.
 
 OFFLINE_STRATEGIES = ("single", "ddp", "fsdp")  # sft, rm, dpo (stages/loop.py)
-ONLINE_STRATEGIES = ("single", "ddp")  # ppo, grpo (stages/online.py): generation needs whole weights
-FSDP_STAGES = "sft, rm and dpo"
+ONLINE_STRATEGIES = ("single", "ddp", "fsdp")  # ppo, grpo (stages/online.py): every forward through ``Entry``
+FSDP_STAGES = "sft, rm, dpo, ppo and grpo"
 # accelerate launch announces a strategy to its processes through these; Accelerator() on a CPU
 # (MULTI_CPU) ignores every one of them, which once let an FSDP config run as plain DDP unnoticed.
 _REQUEST_FLAGS = (("ACCELERATE_USE_DEEPSPEED", "deepspeed"), ("ACCELERATE_USE_FSDP", "fsdp"),
@@ -510,8 +510,8 @@ def check_strategy(stage: str, supported: tuple[str, ...], env: dict | None = No
         fsdp_options(env)
         return request
     if request == "fsdp":
-        raise ConfigError(f"{stage} does not run under FSDP (it generates with whole weights every step); FSDP is "
-                          f"supported by {FSDP_STAGES}: launch {stage} with examples/accelerate/ddp.yaml or cpu_ddp.yaml")
+        raise ConfigError(f"{stage} does not run under FSDP; FSDP is supported by {FSDP_STAGES}: launch {stage} "
+                          "with examples/accelerate/ddp.yaml or cpu_ddp.yaml")
     if request == "deepspeed":
         raise ConfigError(f"{stage} does not run under DeepSpeed (README: Several processes or GPUs); use "
                           + ("examples/accelerate/fsdp.yaml to shard the base, or " if "fsdp" in supported else "")
@@ -605,8 +605,8 @@ def decoder_layers(module: torch.nn.Module) -> list[torch.nn.Module]:
 
 
 def shard(module: torch.nn.Module, accelerator) -> torch.nn.Module:
-    """FSDP2 (``fully_shard``, in place) of the frozen weights: one unit per decoder layer, one each
-    for untied input and output embeddings, and a root unit for the rest (final norm; tied
+    """FSDP2 (``fully_shard``, in place) of the frozen weights: one unit per decoder layer, one for
+    an untied input embedding, and a root unit for the rest (final norm, output layer; tied
     embeddings). Trainable parameters (adapters,
     heads) stay whole on every process and out of FSDP (``ignored_params``): they are well under 1%
     of the weights, so the optimizer, checkpoints and a resumption on another number of processes
@@ -627,25 +627,58 @@ def shard(module: torch.nn.Module, accelerator) -> torch.nn.Module:
     for layer in layers + _vocabulary_layers(module):
         fully_shard(layer, mesh=mesh, reshard_after_forward=reshard, ignored_params=trainable)
     fully_shard(module, mesh=mesh, reshard_after_forward=reshard, ignored_params=trainable)
+    broadcast_from_first([p for p in module.parameters() if p.requires_grad])
     frozen = [p for p in module.parameters() if not p.requires_grad]
     local = sum(p.to_local().numel() if hasattr(p, "to_local") else p.numel() for p in frozen)
-    log.info("fsdp: %d decoder layers, the vocabulary layers and 1 root unit; this process holds %s of the %s frozen weights (%.0f%%)",
+    log.info("fsdp: %d decoder layers, an untied input embedding and 1 root unit; this process holds %s of the %s frozen weights (%.0f%%)",
              len(layers), f"{local:,}", f"{sum(p.numel() for p in frozen):,}",
              100 * local / max(sum(p.numel() for p in frozen), 1))
     return module
 
 
+def broadcast_from_first(params: list[torch.nn.Parameter]) -> None:
+    """Every process starts from the first process's trainable weights, as DDP makes it do: the
+    online stages seed each process differently (its own rollouts), which would otherwise give
+    each process its own random initialisation of a fresh adapter or head. One flat broadcast."""
+    if not params:
+        return
+    flat = torch.cat([p.detach().reshape(-1).float() for p in params])
+    torch.distributed.broadcast(flat, src=0)
+    offset = 0
+    with torch.no_grad():
+        for p in params:
+            p.copy_(flat[offset:offset + p.numel()].view_as(p).to(p.dtype))
+            offset += p.numel()
+
+
 def _vocabulary_layers(module: torch.nn.Module) -> list[torch.nn.Module]:
-    """The input and output embeddings as units of their own when they are not tied: each is
-    gathered only while it runs instead of through the whole step with the root (they are a large
-    share of a small model's weights)."""
+    """The input embedding as a unit of its own when it is not tied to the output layer: gathered
+    only while it runs (once per forward) instead of through the whole pass with the root. The
+    output layer stays with the root: it runs once per chunk of 2048 scored positions
+    (forward.response_logprobs), and not at all for a micro-batch with none, so a unit of its own
+    would gather a different number of times on each process and the collectives would hang."""
     for m in module.modules():
         if hasattr(m, "get_output_embeddings") and hasattr(m, "_no_split_modules"):
             emb, out = m.get_input_embeddings(), m.get_output_embeddings()
             if emb is None or out is None or emb.weight is out.weight:
                 return []
-            return [emb, out]
+            return [emb]
     return []
+
+
+class Entry(torch.nn.Module):
+    """The root FSDP unit of an online stage. Besides the trained module's forward (``entry(*args)``),
+    the roles run forwards of their own on the shared base (rollout generation, the reference and
+    reward passes); each goes through here as ``entry(*args, run=fn)``, so that FSDP sees a root
+    forward, gathers the root's weights (final norm, output layer) once for it, and every layer's
+    hooks gather that layer as it runs. Calls must not nest (the inner one would reshard the root)."""
+
+    def __init__(self, inner: torch.nn.Module):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, *args, run: Callable | None = None, **kwargs):
+        return (run or self.inner)(*args, **kwargs)
 
 
 def is_sharded(module: torch.nn.Module) -> bool:

@@ -277,6 +277,7 @@ class GRPO:
                     totals += part
                     if first_ratio is None and resp.sum() > 0:
                         first_ratio = (part[2] / part[1]).item()
+                common.sync_gradients(accelerator, ctx.module, roles.trainable)  # FSDP; DDP did it in backward
                 norm = float(common.grad_norm(accelerator, roles.trainable, cfg.max_grad_norm))
                 if math.isfinite(norm):
                     ctx.optimizer.step()

@@ -134,6 +134,7 @@ class RewardSource:
     name: str  # module:function, file.py:function, or the reward adapter's folder
     weight: float
     score: Callable[..., torch.Tensor]  # (ids, attn, prompts, responses, columns, group_size, prompt_lengths) -> [N]
+    uses_model: bool = False  # runs the shared base (a reward adapter): a forward like any other under FSDP
 
 
 @dataclass
@@ -142,11 +143,17 @@ class Rewards:
 
     def __call__(self, ids, attn, prompts, responses, columns: dict[str, list], group_size: int = 1,
                  prompt_lengths: torch.Tensor | None = None):
-        parts = {s.name: s.score(ids, attn, prompts, responses, columns, group_size, prompt_lengths).float()
-                 for s in self.sources}
+        # The reward adapter first: a failing function then cannot skip a forward that, under FSDP,
+        # the other processes run with this one.
+        scored = {s.name: s.score(ids, attn, prompts, responses, columns, group_size, prompt_lengths).float()
+                  for s in sorted(self.sources, key=lambda s: not s.uses_model)}
+        parts = {s.name: scored[s.name] for s in self.sources}
         total = sum(s.weight * parts[s.name] for s in self.sources)
         return total, parts
 
+    @property
+    def uses_model(self) -> bool:
+        return any(s.uses_model for s in self.sources)
 
 
 def reward_columns(functions: list[str]) -> dict[str, tuple[str, ...]]:
@@ -188,7 +195,7 @@ def build_rewards(model, functions: list[str], weights: list[float], reward_adap
             return scorer(ids, attn, normalize=normalize, group_size=group_size if share_prompt else 1,
                           prompt_lengths=prompt_lengths)
 
-        sources.append(RewardSource(reward_adapter, weights[-1], adapter_score))
+        sources.append(RewardSource(reward_adapter, weights[-1], adapter_score, uses_model=True))
     return model, Rewards(sources)
 
 
@@ -213,6 +220,10 @@ class Roles:
     trainable: list[torch.nn.Parameter]
     value_head: torch.nn.Module | None = None
     value_adapter: str | None = None  # PPO: a separate value adapter; None: the head reads the policy's states
+    # How a role's forward on the shared base is run: ``run(fn, *args)``. Directly, or under FSDP
+    # through the sharded root (common.Entry), which gathers its weights and counts the pass.
+    run: Callable[..., Any] = field(default=lambda fn, *args, **kwargs: fn(*args, **kwargs))
+    sharded: bool = False
 
 
 def build_shared_roles(cfg, total_steps: int, functions: list[str], weights: list[float]) -> Roles:
@@ -278,8 +289,10 @@ def generate_rollouts(cfg, roles: Roles, tokenizer, prompts: Prompts, row_seeds:
 
     prompt_ids = [p for p in prompts.ids for _ in range(group_size)]
     columns = [c for c in prompts.columns for _ in range(group_size)]
-    responses = sample(roles.model, tokenizer, prompt_ids, cfg.max_new_tokens, cfg.temperature,
-                       batch_size=cfg.generation_batch_size, row_seeds=row_seeds)
+    # Under FSDP every process runs as many decoding steps as the slowest (synced): each step's
+    # forward gathers every layer's weights with the other processes.
+    responses = roles.run(sample, roles.model, tokenizer, prompt_ids, cfg.max_new_tokens, cfg.temperature,
+                          batch_size=cfg.generation_batch_size, row_seeds=row_seeds, synced=roles.sharded)
     eos = tokenizer.eos_token_id
     batch = collate([TokenExample(p + r, [0] * len(p) + [1] * len(r)) for p, r in zip(prompt_ids, responses)],
                     tokenizer.pad_token_id)
@@ -292,19 +305,26 @@ def generate_rollouts(cfg, roles: Roles, tokenizer, prompts: Prompts, row_seeds:
     index = [i for i in (prompt_indices if prompt_indices is not None else range(len(prompts))) for _ in range(group_size)]
     chunk = max(1, cfg.batch_size // group_size) * group_size  # whole groups, so a group's prompt is shared
     totals, parts = [], {}
+    score = (lambda *a: roles.run(roles.reward, *a)) if roles.reward.uses_model else roles.reward
+    failure = None
     for i in range(0, len(prompt_ids), chunk):
         cols = {k: [c[k] for c in columns[i:i + chunk]] for k in (columns[0] if columns else {})}
         try:
-            total, by_source = roles.reward(ids[i:i + chunk], attn[i:i + chunk], prompt_texts[i:i + chunk],
-                                            response_texts[i:i + chunk], cols, group_size, prompt_lengths[i:i + chunk])
+            total, by_source = score(ids[i:i + chunk], attn[i:i + chunk], prompt_texts[i:i + chunk],
+                                     response_texts[i:i + chunk], cols, group_size, prompt_lengths[i:i + chunk])
         except RewardFunctionError as e:
             bad = getattr(e, "index", None)
             where = (f"the answer to prompt {index[i + bad]}, {short_repr(prompt_texts[i + bad])}" if bad is not None else
                      f"prompts {index[i]}..{index[min(i + chunk, len(index)) - 1]}")
-            raise RewardFunctionError(f"{e} ({where})") from e.__cause__
+            failure = failure or (RewardFunctionError(f"{e} ({where})"), e.__cause__)
+            if not (roles.sharded and roles.reward.uses_model):
+                raise failure[0] from failure[1]
+            continue  # the other processes' reward-adapter forwards gather weights with this one: go on with them
         totals.append(total)
         for k, v in by_source.items():
             parts.setdefault(k, []).append(v)
+    if failure is not None:
+        raise failure[0] from failure[1]
     raw = torch.cat(totals).float()
     kept = torch.isfinite(raw)
     if not kept.all():
@@ -359,8 +379,8 @@ def adapter_logprobs(cfg, roles: Roles, r: Rollout, adapter: str | None) -> torc
     parts = []
     for s in micro_batches(r.input_ids.shape[0], cfg.batch_size, r.group_size):
         with roles.adapters.use(adapter):
-            parts.append(rows_logprobs(roles.model, r.input_ids[s], r.attention_mask[s], r.response_mask[s],
-                                       r.prompt_lengths[s], cfg.temperature, r.group_size, cfg.share_prompt).logprobs)
+            parts.append(roles.run(rows_logprobs, roles.model, r.input_ids[s], r.attention_mask[s], r.response_mask[s],
+                                   r.prompt_lengths[s], cfg.temperature, r.group_size, cfg.share_prompt).logprobs)
     return torch.cat(parts)
 
 
@@ -440,6 +460,7 @@ def train(cfg, algorithm: OnlineAlgorithm) -> dict:
                           "and dpo do): choose another optimizer")
     common.setup_logging()
     accelerator = common.make_accelerator(cfg.device, stage, common.ONLINE_STRATEGIES)
+    common.check_fsdp_model(cfg, accelerator)
     world, rank = accelerator.num_processes, accelerator.process_index
     if algorithm.prompts_per_step % world:
         raise ConfigError(f"{algorithm.prompts_per_step} prompts per step must be divisible by the {world} processes")
@@ -461,10 +482,11 @@ def train(cfg, algorithm: OnlineAlgorithm) -> dict:
     if len(eval_prompts):
         check_reward_columns(needs_of, eval_prompts, cfg.eval_prompts or cfg.prompts)
     roles = algorithm.build_roles(cfg, total_steps)
-    device = roles.trainable[0].device
-    optimizer = common.build_optimizer(roles.trainable, cfg, str(device))
+    module = wrap(accelerator, algorithm.trained_module(roles), roles)
+    # Built after wrapping (the order every engine needs); the trained parameters are the same
+    # objects either way (FSDP leaves them whole, out of its units).
+    optimizer = common.build_optimizer(roles.trainable, cfg, str(roles.trainable[0].device))
     scheduler = common.build_scheduler(optimizer, cfg, total_steps)
-    module = accelerator.prepare_model(algorithm.trained_module(roles), device_placement=False)
     def save_weights(path: Path, tokenizer=None) -> None:
         save_adapter(roles.model, path / "adapter", name=POLICY, tokenizer=tokenizer)
         algorithm.save_extra(roles, path)
@@ -570,6 +592,19 @@ def train(cfg, algorithm: OnlineAlgorithm) -> dict:
     log.info("%s done: score %.3f, KL %.3f; policy adapter in %s", stage, summary["final_score"],
              summary["final_kl"] or 0.0, run.dir / "adapter")
     return summary
+
+
+def wrap(accelerator, trained: torch.nn.Module, roles: Roles) -> torch.nn.Module:
+    """The trained module as the loop calls it: DDP-wrapped (several processes), or under FSDP the
+    sharded root ``common.Entry`` through which every role's forward runs (``roles.run``): rollout
+    generation, the reference and reward passes share the one sharded base with the policy."""
+    if common.strategy(accelerator)["strategy"] != "fsdp":
+        # Weights are already placed by load_base (quantized weights cannot be moved anyway).
+        return accelerator.prepare_model(trained, device_placement=False)
+    entry = common.shard(common.Entry(trained), accelerator)
+    roles.run = lambda fn, *args, **kwargs: entry(*args, run=fn, **kwargs)
+    roles.sharded = True
+    return entry
 
 
 def stop_together(accelerator, failure: BaseException | None) -> None:

@@ -234,6 +234,7 @@ def ppo_update(cfg: PPOConfig, roles: Roles, module, r: Rollout, old: dict, adva
                 for k, v in stats.items():
                     sums[k] = sums.get(k, 0.0) + v * w
                 weight += w
+            common.sync_gradients(accelerator, module, roles.trainable)  # FSDP; DDP did it in backward
             norm = float(common.grad_norm(accelerator, roles.trainable, cfg.max_grad_norm))
             if math.isfinite(norm):
                 optimizer.step()
