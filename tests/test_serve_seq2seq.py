@@ -231,3 +231,17 @@ def test_context_limits_count_encoder_and_decoder_apart(tiny_bart):
             assert f"decoder writes at most {ctx} tokens; you requested {ctx + 1}" in too_many.json()["error"]["message"]
     finally:
         engine.close()
+
+
+def test_a_chat_format_on_a_seq2seq_base_is_a_one_line_error(tiny_t5, t5_adapters, capsys):
+    from pocketrlhf.cli import main
+    from pocketrlhf.errors import ConfigError
+    from pocketrlhf.serve.engine import plan_models
+
+    for fmt in ("chatml", "vicuna", "llama-2"):
+        with pytest.raises(ConfigError, match=f"t5: prompt format '{fmt}' needs a decoder-only chat template; an "
+                                              "encoder-decoder base takes --template plain or stackllama"):
+            plan_models(ServingOptions(model=str(tiny_t5), template=fmt))
+    assert plan_models(ServingOptions(model=str(t5_adapters["stack"]))).models["stack"].template == "stackllama"
+    assert main(["chat", str(t5_adapters["plain"]), "--template", "chatml"]) == 2
+    assert capsys.readouterr().err.startswith("error: t5: prompt format 'chatml' needs a decoder-only chat template")
