@@ -875,7 +875,7 @@ def _train_lines(setup: Setup, shape: ModelShape, cfg: PlanConfig, sequences: in
     transient = layer_transient_bytes(shape, cfg, tokens, padded, cfg.gradient_checkpointing)
     if logprob_rows:
         if naive_logits:
-            full = tokens * shape.vocab_size
+            full = sequences * decoder_tokens(shape, cfg)[1] * shape.vocab_size  # the decoder's positions only
             setup.add("logits", "logits (fp32 B x T x V, kept)", graphs * full * 4.0, "train")
             transient = max(transient, full * 4.0 * 4)
         else:

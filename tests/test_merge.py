@@ -364,3 +364,28 @@ def test_dequantize_merges_a_qlora_seq2seq_adapter_into_the_weights_it_saw(tiny_
     original = tmp_path / "merged-original"
     assert main(["merge", "--adapter", str(adapter), "--out", str(original), "--no-verify"]) == 0
     assert (seq2seq_logits(load_base(str(original), device="cpu", training=False), vocab) - expected).abs().max() > 1e-3
+
+
+def test_a_seq2seq_base_stored_in_4bit_merges_with_dequantize(tiny_t5, tmp_path, capsys):
+    """A T5 checkpoint stored NF4 (its wo unquantized): refused without --dequantize, merged into its
+    dequantized weights with it; the output is a plain seq2seq model."""
+    from pocketrlhf.models.loading import load_base
+
+    stored = tmp_path / "t5-4bit"
+    load_base(str(tiny_t5), "4bit", device="cpu", training=True).save_pretrained(str(stored))
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(tiny_t5 / name, stored / name)
+    adapter = make_adapter(tiny_t5, tmp_path / "adapter", noise=0.1)
+    out = tmp_path / "merged"
+    capsys.readouterr()
+    assert main(["merge", "--adapter", str(adapter), "--model", str(stored), "--out", str(out)]) == 2
+    assert "is stored quantized (bitsandbytes 4bit)" in capsys.readouterr().err
+    assert main(["merge", "--adapter", str(adapter), "--model", str(stored), "--out", str(out), "--dequantize"]) == 0
+    assert "quantization_config" not in json.loads((out / "config.json").read_text())
+    merged = load_base(str(out), device="cpu", training=False)
+    assert type(merged).__name__ == "T5ForConditionalGeneration"
+    assert all(p.dtype == torch.float32 for p in merged.parameters())
+    dequantized = load_base(str(stored), device="cpu", training=True).dequantize(dtype=torch.float32)
+    vocab = merged.get_output_embeddings().weight.shape[0]
+    torch.testing.assert_close(seq2seq_logits(merged, vocab), seq2seq_logits(base_plus_adapter_on(dequantized, adapter), vocab),
+                               atol=2e-4, rtol=1e-4)

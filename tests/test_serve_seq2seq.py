@@ -231,3 +231,50 @@ def test_context_limits_count_encoder_and_decoder_apart(tiny_bart):
             assert f"decoder writes at most {ctx} tokens; you requested {ctx + 1}" in too_many.json()["error"]["message"]
     finally:
         engine.close()
+
+
+def test_a_chat_format_on_a_seq2seq_base_is_a_one_line_error(tiny_t5, t5_adapters, capsys):
+    from pocketrlhf.cli import main
+    from pocketrlhf.errors import ConfigError
+    from pocketrlhf.serve.engine import plan_models
+
+    for fmt in ("chatml", "vicuna", "llama-2"):
+        with pytest.raises(ConfigError, match=f"t5: prompt format '{fmt}' needs a decoder-only chat template; an "
+                                              "encoder-decoder base takes --template plain or stackllama"):
+            plan_models(ServingOptions(model=str(tiny_t5), template=fmt))
+    assert plan_models(ServingOptions(model=str(t5_adapters["stack"]))).models["stack"].template == "stackllama"
+    assert main(["chat", str(t5_adapters["plain"]), "--template", "chatml"]) == 2
+    assert capsys.readouterr().err.startswith("error: t5: prompt format 'chatml' needs a decoder-only chat template")
+
+
+def test_the_model_folders_generation_settings_do_not_leak_in(tiny_t5, tmp_path):
+    """As for causal bases: generation_config.json's sampling fields (here ones that would change
+    the greedy reply) are ignored; its token fields (the decoder start) are kept."""
+    import shutil
+
+    import torch
+
+    from pocketrlhf.models.loading import load_base, load_tokenizer
+
+    tok = load_tokenizer(str(tiny_t5))
+    ids = torch.tensor([encode(tok, "hi", special=True)])
+    with torch.no_grad():
+        first = load_base(str(tiny_t5), device="cpu", training=False).generate(
+            input_ids=ids, max_new_tokens=1, do_sample=False)[0, 1].item()
+    copy = tmp_path / "t5"
+    shutil.copytree(tiny_t5, copy)
+    settings = json.loads((copy / "generation_config.json").read_text())
+    settings.update(suppress_tokens=[first], no_repeat_ngram_size=1, min_new_tokens=6)
+    (copy / "generation_config.json").write_text(json.dumps(settings))
+    with torch.no_grad():  # transformers' own generate follows them: another first token
+        assert load_base(str(copy), device="cpu", training=False).generate(
+            input_ids=ids, max_new_tokens=1, do_sample=False)[0, 1].item() != first
+    replies = []
+    for folder in (tiny_t5, copy):
+        eng = Engine.load(ServingOptions(model=str(folder), device="cpu"))
+        try:
+            replies.append(reply(eng, None, "hi", SamplingParams(temperature=0.0, max_new_tokens=6))[0])
+        finally:
+            eng.close()
+    assert replies[0] == replies[1] and replies[0]
+    assert replies[0][0] == tok.decode([first])

@@ -198,7 +198,27 @@ def plan_models(opts: ServingOptions, adapters: dict[str, str] | None = None, na
         models[adapter_name] = ServedModel(adapter_name, adapter_name, str(path.resolve()), template, tok_dir)
         if i == 0 and is_adapter_dir(primary):
             default = adapter_name
+    check_seq2seq_formats(base_dir, models)
     return LoadPlan(base_dir, models, default)
+
+
+# Prompt formats an encoder-decoder takes, as in training: its input text as it is, or
+# stackllama's "Question: ...\n\nAnswer: "; chat formats are decoder-only conventions.
+SEQ2SEQ_FORMATS = ("plain", "stackllama")
+
+
+def check_seq2seq_formats(base: str, models: dict[str, ServedModel]) -> None:
+    """A one-line error, before loading, for a chat format on an encoder-decoder base. ``auto``
+    (what a base model gets by default) becomes ``plain`` at load, said in the log."""
+    from pocketrlhf.models.loading import is_seq2seq
+
+    if not is_seq2seq(base):
+        return
+    for served in models.values():
+        if served.template not in (*SEQ2SEQ_FORMATS, "auto"):
+            raise ConfigError(f"{served.name}: prompt format '{served.template}' needs a decoder-only chat template; an "
+                              "encoder-decoder base takes --template plain or stackllama (the input text goes to the "
+                              "encoder, the reply comes from the decoder)")
 
 
 def seq2seq_templates(models) -> None:
