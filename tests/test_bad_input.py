@@ -228,7 +228,7 @@ def test_models_list_shows_no_absolute_paths(llama):
     plan = plan_models(cfg)
     engine = types.SimpleNamespace(models=plan.models, default=plan.default, context_length=64,
                                    pending=lambda: 0, close=lambda *a, **k: None)
-    with TestClient(create_app(lambda: engine, cfg)) as client:
+    with TestClient(create_app(lambda: engine, cfg), base_url="http://127.0.0.1") as client:
         for _ in range(200):
             if client.get("/health").status_code == 200:
                 break

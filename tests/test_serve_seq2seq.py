@@ -210,7 +210,7 @@ def test_context_limits_count_encoder_and_decoder_apart(tiny_bart):
     engine = Engine.load(cfg)
     ctx = engine.context_length
     try:
-        with TestClient(create_app(lambda: engine, cfg)) as client:
+        with TestClient(create_app(lambda: engine, cfg), base_url="http://127.0.0.1") as client:
             deadline = time.monotonic() + 60
             while client.get("/health").status_code != 200:
                 assert time.monotonic() < deadline

@@ -202,23 +202,21 @@ def plan_models(opts: ServingOptions, adapters: dict[str, str] | None = None, na
     return LoadPlan(base_dir, models, default)
 
 
-# Prompt formats an encoder-decoder takes, as in training: its input text as it is, or
-# stackllama's "Question: ...\n\nAnswer: "; chat formats are decoder-only conventions.
-SEQ2SEQ_FORMATS = ("plain", "stackllama")
-
-
 def check_seq2seq_formats(base: str, models: dict[str, ServedModel]) -> None:
-    """A one-line error, before loading, for a chat format on an encoder-decoder base. ``auto``
-    (what a base model gets by default) becomes ``plain`` at load, said in the log."""
+    """A one-line error, before loading, for a chat format on an encoder-decoder base, as in
+    training (``data.templates.check_seq2seq_template``). ``auto`` (what a base model gets by
+    default) becomes ``plain`` at load, said in the log."""
+    from pocketrlhf.data.templates import check_seq2seq_template
     from pocketrlhf.models.loading import is_seq2seq
 
     if not is_seq2seq(base):
         return
     for served in models.values():
-        if served.template not in (*SEQ2SEQ_FORMATS, "auto"):
-            raise ConfigError(f"{served.name}: prompt format '{served.template}' needs a decoder-only chat template; an "
-                              "encoder-decoder base takes --template plain or stackllama (the input text goes to the "
-                              "encoder, the reply comes from the decoder)")
+        if served.template != "auto":
+            try:
+                check_seq2seq_template(served.template)
+            except ConfigError as e:
+                raise ConfigError(f"{served.name}: {e}") from None
 
 
 def seq2seq_templates(models) -> None:
