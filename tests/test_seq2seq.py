@@ -405,3 +405,30 @@ def test_other_peft_methods_adapt_encoder_and_decoder(tiny_t5, method):
         want, _ = direct(model, pairs)
     for i in range(len(pairs)):
         torch.testing.assert_close(ours[i][resp[i].bool()], want[i], atol=1e-4, rtol=1e-4)
+
+
+def test_dpo_on_a_t5_under_fsdp_matches_one_process(tmp_path, tiny_t5, seq2seq_data):
+    """Encoder and decoder blocks sharded over 2 CPU processes; each pair's prompt encoded once
+    under the policy and again with adapters off (the reference): the same losses and adapter as
+    one process with the same global batch."""
+    from pocketrlhf.stages import dpo
+
+    from conftest import write_jsonl
+    from test_distributed import adapter, train_losses
+    from test_fsdp import launch
+
+    rows = [json.loads(line) for line in seq2seq_data["pairs"].read_text().splitlines()[:56]]
+    pairs = write_jsonl(tmp_path / "pairs.jsonl", rows)
+    args = dict(max_steps=3, learning_rate=1e-2, max_grad_norm=0.0, lora_r=8, seed=0, progress=False,
+                eval_fraction=0.125, logging_steps=1, precompute_ref_logprobs=False)
+    proc = launch("cpu_fsdp.yaml", tiny_t5, pairs, tmp_path / "fsdp", command="dpo", **args)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "distributed: fsdp over 2 processes (gloo)" in proc.stderr and "frozen weights (50%)" in proc.stderr
+    dpo.train(dpo.DPOConfig(model=str(tiny_t5), data=str(pairs), output_dir=str(tmp_path / "one"), device="cpu",
+                            batch_size=4, gradient_accumulation_steps=2, **args))
+    assert [x for _, x in train_losses(tmp_path / "fsdp")] == pytest.approx(
+        [x for _, x in train_losses(tmp_path / "one")], rel=1e-4)
+    a, b = adapter(tmp_path / "fsdp"), adapter(tmp_path / "one")
+    assert a.keys() == b.keys() and any("encoder" in k for k in a)
+    for k in a:
+        assert (a[k] - b[k]).abs().max().item() < 1e-4, k
