@@ -24,7 +24,9 @@ Equal on every side:
   * rollouts: ``--prompts`` prompts x ``--generations`` completions (G = trl ``num_generations``)
     per generation batch (trl ``generation_batch_size`` = prompts x G; pocketrlhf
     ``prompts_per_step`` x ``num_generations``, ``generation_batch_size`` = all of them), generated
-    in ONE generate() call, pure sampling at temperature 1 (top_k 0, top_p 1), at most
+    as ONE batch (trl: one generate() call; pocketrlhf: its own decoding loop,
+    generation.seeded_decode, which samples what generate would with its seeded noise and drops
+    finished answers from the batch), pure sampling at temperature 1 (top_k 0, top_p 1), at most
     ``--max-new-tokens`` (trl ``max_completion_length``), cut after EOS, no missing-EOS penalty;
   * updates: micro-batch ``--batch-size`` completions (trl ``per_device_train_batch_size``;
     a multiple of G, since pocketrlhf keeps groups whole), ``--grad-accum`` micro-batches per
@@ -340,7 +342,8 @@ def main() -> None:
     files = prepare(work, a.size, a.repeat)
     suffix = f"-repeat{a.repeat}" if a.repeat != 1 else ""
     n_params = count_parameters(files["model"])
-    print(f"[bench] grpo: llama {n_params / 1e6:.2f}M params; {a.steps} generation batches of {a.prompts} prompts x "
+    print(f"[bench] grpo: llama {n_params / 1e6:.2f}M params; answers of {a.repeat} digit(s); "
+          f"{a.steps} generation batches of {a.prompts} prompts x "
           f"{a.generations} completions x <= {a.max_new_tokens} new tokens; micro-batch {a.batch_size} x "
           f"{a.grad_accum} accumulation = {per_batch(a)} optimizer step(s) per batch; {a.threads} torch thread(s); "
           f"{machine()}", flush=True)
