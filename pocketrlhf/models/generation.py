@@ -6,6 +6,9 @@ generation_config.json (``min_new_tokens``, ``no_repeat_ngram_size``, ``suppress
 by a clean config that keeps only the special token ids, so what is sampled depends on the
 settings passed here and nothing else: RL rollouts are pure samples of softmax(logits / T), the
 distribution their log-probs are recomputed from, and chat/serve do what their settings say.
+
+Seeded rollouts (``row_seeds``) of decoder-only models skip ``generate`` for ``seeded_decode``:
+the same samples, in a loop that drops finished answers from the batch and its KV cache.
 """
 
 from __future__ import annotations
