@@ -2,12 +2,18 @@
 
     OMP_NUM_THREADS=1 python bench/grpo_vs_trl.py                  # 16 steps of 8 prompts x 8 completions (~8 min)
     OMP_NUM_THREADS=1 python bench/grpo_vs_trl.py --size small     # a few-minute check of the script
+    OMP_NUM_THREADS=1 python bench/grpo_vs_trl.py --repeat 16      # long answers: 17-token completions
 
 The task is the verifiable one in the package: a tiny llama pretrained (full weights, locally) on
 noisy ``a b c : d`` lines names the first of three digits right about half the time; prompts
 ``a b c :`` with an ``answer`` column (synthetic.digits_split / digits_rows), exact-match reward
 (synthetic.exact_match: pocketrlhf passes it the ``answer`` column as a keyword argument, trl
 passes dataset columns as keyword arguments to ``(completions, answer, **kwargs)``).
+With ``--repeat K`` the answer is that digit written K times (``a b c : d d ... d``, K tokens +
+EOS): its own base, pretrained the same way on such lines, counts to K and stops, so completions
+are K + 1 tokens long (``--max-new-tokens`` default K + 8): the same task at the length of a
+short real answer, where the per-token work (generation, passes, update) outweighs the per-step
+overhead of each trainer. The reward stays exact match of the whole answer.
 
 Equal on every side:
   * the model: one llama built and pretrained once (cached in the work folder), fp32 weights on
@@ -18,7 +24,9 @@ Equal on every side:
   * rollouts: ``--prompts`` prompts x ``--generations`` completions (G = trl ``num_generations``)
     per generation batch (trl ``generation_batch_size`` = prompts x G; pocketrlhf
     ``prompts_per_step`` x ``num_generations``, ``generation_batch_size`` = all of them), generated
-    in ONE generate() call, pure sampling at temperature 1 (top_k 0, top_p 1), at most
+    as ONE batch (trl: one generate() call; pocketrlhf: its own decoding loop,
+    generation.seeded_decode, which samples what generate would with its seeded noise and drops
+    finished answers from the batch), pure sampling at temperature 1 (top_k 0, top_p 1), at most
     ``--max-new-tokens`` (trl ``max_completion_length``), cut after EOS, no missing-EOS penalty;
   * updates: micro-batch ``--batch-size`` completions (trl ``per_device_train_batch_size``;
     a multiple of G, since pocketrlhf keeps groups whole), ``--grad-accum`` micro-batches per
@@ -101,7 +109,7 @@ def algorithm(side: str) -> str:
 
 
 def digits_llama(path: Path, hidden_size: int, layers: int, heads: int, intermediate_size: int,
-                 pretrain_steps: int, pretrain_lr: float, seed: int = 0) -> Path:
+                 pretrain_steps: int, pretrain_lr: float, seed: int = 0, repeat: int = 1) -> Path:
     """The llama of the digits task, built and pretrained once and reused (as tests/test_grpo.py
     builds its base, at the bench's size)."""
     from pocketrlhf.data import synthetic
@@ -110,28 +118,31 @@ def digits_llama(path: Path, hidden_size: int, layers: int, heads: int, intermed
     done = path / "bench_model.json"
     spec = dict(hidden_size=hidden_size, layers=layers, heads=heads, intermediate_size=intermediate_size,
                 pretrain_steps=pretrain_steps, pretrain_lr=pretrain_lr, seed=seed)
+    if repeat != 1:
+        spec["repeat"] = repeat
     if done.is_file() and json.loads(done.read_text()) == spec:
         return path
     shutil.rmtree(path, ignore_errors=True)
-    build_tiny_model(path, "llama", texts=synthetic.digits_pretraining_texts(500), vocab_size=300,
+    build_tiny_model(path, "llama", texts=synthetic.digits_pretraining_texts(500, repeat=repeat), vocab_size=300,
                      hidden_size=hidden_size, layers=layers, heads=heads, intermediate_size=intermediate_size,
                      seed=seed)
     print(f"[bench] pretraining the base on digit lines for {pretrain_steps} steps ...", flush=True)
-    pretrain_tiny_model(path, synthetic.digits_pretraining_texts(3000), steps=pretrain_steps, learning_rate=pretrain_lr,
+    pretrain_tiny_model(path, synthetic.digits_pretraining_texts(3000, repeat=repeat), steps=pretrain_steps, learning_rate=pretrain_lr,
                         seed=seed)
     done.write_text(json.dumps(spec))
     return path
 
 
-def prepare(work: Path, size: str) -> dict:
+def prepare(work: Path, size: str, repeat: int = 1) -> dict:
     from pocketrlhf.data import synthetic
 
     spec = SIZES[size]
-    model = digits_llama(work / f"llama-{size}", spec["hidden_size"], spec["layers"], spec["heads"],
-                         spec["intermediate_size"], spec["pretrain_steps"], spec["pretrain_lr"])
+    suffix = f"-repeat{repeat}" if repeat != 1 else ""
+    model = digits_llama(work / f"llama-{size}{suffix}", spec["hidden_size"], spec["layers"], spec["heads"],
+                         spec["intermediate_size"], spec["pretrain_steps"], spec["pretrain_lr"], repeat=repeat)
     train, _ = synthetic.digits_split()
-    prompts = work / "prompts.jsonl"
-    prompts.write_text("".join(json.dumps(r) + "\n" for r in synthetic.digits_rows(train)))
+    prompts = work / f"prompts{suffix}.jsonl"
+    prompts.write_text("".join(json.dumps(r) + "\n" for r in synthetic.digits_rows(train, repeat=repeat)))
     return {"model": str(model), "prompts": str(prompts)}
 
 
@@ -298,7 +309,9 @@ def main() -> None:
     p.add_argument("--size", choices=list(SIZES), default="full")
     p.add_argument("--prompts", type=int, default=None, help="prompts per generation batch (default: full 8, small 4)")
     p.add_argument("--generations", type=int, default=None, help="completions per prompt, G (default: full 8, small 4)")
-    p.add_argument("--max-new-tokens", type=int, default=None, help="default: full 8, small 6")
+    p.add_argument("--repeat", type=int, default=1,
+                   help="answer = the digit written this many times (completions of repeat + 1 tokens)")
+    p.add_argument("--max-new-tokens", type=int, default=None, help="default: full 8, small 6; repeat + 8 with --repeat")
     p.add_argument("--steps", type=int, default=None, help="generation batches per run (default: full 16, small 4)")
     p.add_argument("--batch-size", type=int, default=None, help="completions per micro-batch, a multiple of G "
                                                                 "(default: full 16, small 8)")
@@ -308,6 +321,10 @@ def main() -> None:
     add_harness_args(p, "grpo_vs_trl", SIDES, timing_skip=1, skip_unit="generation batches")
     a = p.parse_args()
     spec = SIZES[a.size]
+    if a.repeat < 1:
+        p.error("--repeat must be at least 1")
+    if a.max_new_tokens is None and a.repeat > 1:
+        a.max_new_tokens = a.repeat + 8
     for key in ("prompts", "generations", "max_new_tokens", "steps", "batch_size"):
         if getattr(a, key) is None:
             setattr(a, key, spec[key])
@@ -322,9 +339,11 @@ def main() -> None:
 
     work = Path(a.work)
     work.mkdir(parents=True, exist_ok=True)
-    files = prepare(work, a.size)
+    files = prepare(work, a.size, a.repeat)
+    suffix = f"-repeat{a.repeat}" if a.repeat != 1 else ""
     n_params = count_parameters(files["model"])
-    print(f"[bench] grpo: llama {n_params / 1e6:.2f}M params; {a.steps} generation batches of {a.prompts} prompts x "
+    print(f"[bench] grpo: llama {n_params / 1e6:.2f}M params; answers of {a.repeat} digit(s); "
+          f"{a.steps} generation batches of {a.prompts} prompts x "
           f"{a.generations} completions x <= {a.max_new_tokens} new tokens; micro-batch {a.batch_size} x "
           f"{a.grad_accum} accumulation = {per_batch(a)} optimizer step(s) per batch; {a.threads} torch thread(s); "
           f"{machine()}", flush=True)
@@ -340,7 +359,7 @@ def main() -> None:
               f"{res['wall_s']:.0f} s wall / {res['cpu_s']:.0f} s CPU in all, max RSS {res['max_rss_mb']:.0f} MB, "
               f"rewards {[round(x, 2) for x in res['rewards']]}", flush=True)
 
-    runs = run_rounds(__file__, a, sides, child_args, work / f"run-{a.size}", show)
+    runs = run_rounds(__file__, a, sides, child_args, work / f"run-{a.size}{suffix}", show)
     rows = {s: summarize(a, runs[s]) for s in sides}
     print()
     print(markdown_table(
@@ -369,8 +388,8 @@ def main() -> None:
         phases = ", ".join(f"{k} {v[0]:.1f} / {v[1]:.1f}" for k, v in row["phases_s"].items())
         print(f"  {s:<15} {phases}; rest {row['wall_s'] - known:.1f} s wall")
     print_settings(rows)
-    save_summary(work / f"results-{a.size}.json",
-                 {"size": a.size, "params": n_params, "prompts": a.prompts, "generations": a.generations,
+    save_summary(work / f"results-{a.size}{suffix}.json",
+                 {"size": a.size, "repeat": a.repeat, "params": n_params, "prompts": a.prompts, "generations": a.generations,
                   "max_new_tokens": a.max_new_tokens, "steps": a.steps, "batch_size": a.batch_size,
                   "grad_accum": a.grad_accum, "lr": a.lr, "beta": BETA, "threads": a.threads, "rounds": a.rounds,
                   "machine": machine(), "date": time.strftime("%Y-%m-%d %H:%M"), "rows": rows, "ratios": versus,

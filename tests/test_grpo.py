@@ -228,3 +228,36 @@ def test_schedule_free_optimizer_resumes_exactly(tmp_path, digits):
     a = load_file(str(full / "adapter" / "adapter_model.safetensors"))
     b = load_file(str(crashed / "adapter" / "adapter_model.safetensors"))
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+
+
+def test_rollout_decoding_drops_finished_rows_and_samples_what_generate_samples(digits):
+    """Seeded rollouts run in generation.seeded_decode (finished answers leave the batch and its
+    KV cache); token for token what transformers' generate samples with the same seeded noise,
+    with answers ending at different steps and left-padded prompts of different lengths, through
+    an active LoRA adapter."""
+    from pocketrlhf.models import generation
+    from pocketrlhf.models.adapters import attach_adapter, make_peft_config
+    from pocketrlhf.models.loading import load_base, load_tokenizer
+
+    tok = load_tokenizer(str(digits["model"]))
+    model = attach_adapter(load_base(str(digits["model"]), device="cpu"), make_peft_config("lora", r=4), "policy")
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05, generator=torch.Generator().manual_seed(1))
+    prompts = [tok(t)["input_ids"] for t in ["1 2 3 :", "4 5 6 :", "7 : 8 9 0 :", "0 0 :"] for _ in range(4)]
+    seeds = [generation.row_seed(5, i) for i in range(len(prompts))]
+    assert generation._can_decode_here(model) is not None
+    fast = generation.sample(model, tok, prompts, 8, 1.0, batch_size=16, row_seeds=seeds)
+    calls = []
+    original = model.generate
+    model.generate = lambda *a, **k: calls.append(1) or original(*a, **k)
+    try:
+        generation._can_decode_here, saved = (lambda m: None), generation._can_decode_here
+        slow = generation.sample(model, tok, prompts, 8, 1.0, batch_size=16, row_seeds=seeds)
+    finally:
+        generation._can_decode_here = saved
+        model.generate = original
+    assert calls and fast == slow
+    assert len({len(r) for r in fast}) > 1 and any(r[-1] == tok.eos_token_id for r in fast)
+

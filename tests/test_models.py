@@ -175,6 +175,33 @@ def test_adapter_switching_keeps_our_trainability(llama):
     assert all(p.requires_grad for n, p in model.named_parameters() if "lora_" in n)
 
 
+
+def test_disabling_adapters_gives_the_base_and_restores_everything(llama):
+    """AdapterSet.use(None) switches the LoRA layers off itself (no model-wide scan per call): the
+    base model's numbers inside, the adapter's after, trainability untouched, nested use fine."""
+    tok = load_tokenizer(str(llama))
+    model = attach_adapter(load_base(str(llama), device="cpu"), make_peft_config("lora", r=4), "policy")
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.add_(0.05)  # a non-zero adapter (B starts at zero)
+    ids, mask = batch(tok, TEXTS)
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    adapters = AdapterSet(model)
+    with torch.no_grad():
+        adapted = response_logprobs(model, ids, mask).logprobs
+        with model.disable_adapter():
+            base = response_logprobs(model, ids, mask).logprobs
+        assert not torch.allclose(adapted, base)
+        with adapters.use(None):
+            assert torch.equal(response_logprobs(model, ids, mask).logprobs, base)
+            assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
+            with adapters.use(None):  # already off: left off, still the base
+                assert torch.equal(response_logprobs(model, ids, mask).logprobs, base)
+        assert torch.equal(response_logprobs(model, ids, mask).logprobs, adapted)
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
+    assert model.get_model_status().enabled is True
+
 # -- bitsandbytes 4-bit on the CPU ------------------------------------------------------------
 
 

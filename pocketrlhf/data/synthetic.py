@@ -113,9 +113,14 @@ def digits_prompt(digits: tuple[int, ...]) -> str:
     return " ".join(map(str, digits)) + " :"
 
 
-def digits_rows(triples: list[tuple[int, int, int]]) -> list[dict]:
+def digits_answer(digit: int, repeat: int = 1) -> str:
+    """The answer: the digit, ``repeat`` times (a longer answer for the same task: bench/grpo_vs_trl.py)."""
+    return " ".join([str(digit)] * repeat)
+
+
+def digits_rows(triples: list[tuple[int, int, int]], repeat: int = 1) -> list[dict]:
     """Prompts with an ``answer`` column (reward functions receive it as a keyword argument)."""
-    return [{"prompt": digits_prompt(t), "answer": str(t[0])} for t in triples]
+    return [{"prompt": digits_prompt(t), "answer": digits_answer(t[0], repeat)} for t in triples]
 
 
 def digits_split(seed: int = 0, train: int = 400, held_out: int = 100) -> tuple[list, list]:
@@ -125,15 +130,16 @@ def digits_split(seed: int = 0, train: int = 400, held_out: int = 100) -> tuple[
     return triples[:train], triples[train:train + held_out]
 
 
-def digits_pretraining_texts(n: int = 3000, correct: float = 0.4, seed: int = 4) -> list[str]:
+def digits_pretraining_texts(n: int = 3000, correct: float = 0.4, seed: int = 4, repeat: int = 1) -> list[str]:
     """``a b c : d`` lines where d is the first digit with probability ``correct`` (else a random
-    digit): a base that knows the format and answers right about half the time, for RL to improve."""
+    digit): a base that knows the format and answers right about half the time, for RL to improve.
+    With ``repeat`` k, the answer is d written k times (``a b c : d d ... d``)."""
     rng = random.Random(seed)
     out = []
     for _ in range(n):
         t = tuple(rng.randrange(10) for _ in range(3))
         d = t[0] if rng.random() < correct else rng.randrange(10)
-        out.append(f"{digits_prompt(t)} {d}")
+        out.append(f"{digits_prompt(t)} {digits_answer(d, repeat)}")
     return out
 
 

@@ -9,6 +9,9 @@ generation_config.json (``min_new_tokens``, ``no_repeat_ngram_size``, ``suppress
 by a clean config that keeps only the special token ids, so what is sampled depends on the
 settings passed here and nothing else: RL rollouts are pure samples of softmax(logits / T), the
 distribution their log-probs are recomputed from, and chat/serve do what their settings say.
+
+Seeded rollouts (``row_seeds``) of decoder-only models skip ``generate`` for ``seeded_decode``:
+the same samples, in a loop that drops finished answers from the batch and its KV cache.
 """
 
 from __future__ import annotations
@@ -143,6 +146,81 @@ class SeededSampling:
         return scores.float() / self.temperature + gumbel
 
 
+def _decode_arguments(lm) -> dict[str, str] | None:
+    """The names ``seeded_decode`` passes to a decoder-only model's forward (the KV cache kwarg was
+    renamed in transformers 5: ``cache``, before ``past_key_values``), or None to leave the model to
+    ``generate``."""
+    cached = getattr(lm, "_pocketrlhf_decode_arguments", False)
+    if cached is not False:
+        return cached
+    import inspect
+
+    names = set(inspect.signature(lm.forward).parameters)
+    cache = "cache" if "cache" in names else "past_key_values" if "past_key_values" in names else None
+    ok = (not getattr(lm.config, "is_encoder_decoder", False) and cache is not None
+          and {"position_ids", "logits_to_keep", "use_cache"} <= names)
+    found = {"cache": cache} if ok else None
+    lm._pocketrlhf_decode_arguments = found  # type: ignore[attr-defined]
+    return found
+
+
+def _can_decode_here(model) -> dict[str, str] | None:
+    peft_model, lm = unwrap(model)
+    if peft_model is not None and any(c.is_prompt_learning for c in peft_model.peft_config.values()):
+        return None  # virtual tokens are added by PeftModel.forward, which generate goes through
+    return _decode_arguments(lm)
+
+
+@torch.no_grad()
+def seeded_decode(model, ids: torch.Tensor, attn: torch.Tensor, seeds: list[int], temperature: float,
+                  max_new_tokens: int, eos_ids: set[int], names: dict[str, str]) -> list[list[int]]:
+    """What ``generate`` with ``SeededSampling`` samples (the same forward calls, positions,
+    cache and Gumbel noise per row), in a plain loop that drops finished rows from the batch and
+    the KV cache: a rollout batch runs as long as its longest answer, and after most answers end
+    the remaining steps cost only their own rows (generate computes every row to the end, and
+    pays its per-call and per-step set-up). Responses are cut after the first EOS."""
+    _, lm = unwrap(model)
+    rows = ids.shape[0]
+    seeds_t = torch.tensor([int(s) for s in seeds], dtype=torch.int64, device=ids.device)
+    eos = torch.tensor(sorted(eos_ids), device=ids.device)
+    position = attn.long().cumsum(-1) - 1
+    position = position.masked_fill(attn == 0, 0)  # generate's positions for left-padded prompts
+    active = torch.arange(rows, device=ids.device)
+    out: list[list[int]] = [[] for _ in range(rows)]
+    cache_key = names["cache"]
+    kwargs = {"input_ids": ids, "attention_mask": attn, "position_ids": position, "use_cache": True,
+              "logits_to_keep": 1}
+    last = position[:, -1]
+    live = torch.ones(rows, dtype=torch.bool, device=ids.device)  # rows of the batch still answering
+    for step in range(max_new_tokens):
+        output = lm(**kwargs)
+        cache = output[cache_key] if cache_key in output else output.get("past_key_values")
+        if cache is None:
+            raise RuntimeError(f"{type(lm).__name__} returned no KV cache")
+        logits = output.logits[:, -1].to(copy=True, dtype=torch.float32)
+        del output
+        # SeededSampling's noise: row seed, decoding step, column
+        noise = -torch.log(-torch.log(counter_uniform(seeds_t[active], step, logits.shape[-1]))).float()
+        tokens = (logits / temperature + noise).argmax(-1)
+        for row, token, on in zip(active.tolist(), tokens.tolist(), live.tolist()):
+            if on:
+                out[row].append(token)
+        going = live & ~torch.isin(tokens, eos)
+        if step + 1 == max_new_tokens or not bool(going.any()):
+            break
+        attn = torch.cat([attn, torch.ones_like(attn[:, :1])], dim=1)
+        last = last + 1
+        if not bool(going.all()):
+            if hasattr(cache, "batch_select_indices"):  # finished rows leave the batch and the cache
+                keep = going.nonzero().squeeze(1)
+                cache.batch_select_indices(keep)
+                active, tokens, attn, last, going = active[keep], tokens[keep], attn[keep], last[keep], going[keep]
+            live = going  # else they run on (as in generate), their tokens ignored
+        kwargs = {"input_ids": tokens[:, None], "attention_mask": attn, "position_ids": last[:, None],
+                  cache_key: cache, "use_cache": True, "logits_to_keep": 1}
+    return out
+
+
 def row_seed(*parts: int) -> int:
     """A seed from integers (run seed, step, position, ...), for SeededSampling."""
     h = 0
@@ -175,10 +253,17 @@ def sample(model, tokenizer, prompt_ids: list[list[int]], max_new_tokens: int, t
     eos_ids = set(cfg.eos_token_id)
     seq2seq = is_seq2seq_model(lm)
     out: list[list[int]] = []
+    # seeded_decode drops finished rows, so processes of a sharded model would stop gathering weights at
+    # different steps: synced runs keep generate's lockstep.
+    names = _can_decode_here(model) if seeded and streamer is None and not synced else None
     with inference_mode(model):
         for start in range(0, len(prompt_ids), batch_size):
             chunk = prompt_ids[start:start + batch_size]
             ids, attn = (right_pad if seq2seq else left_pad)(chunk, cfg.pad_token_id)
+            if names is not None:
+                out += seeded_decode(model, ids.to(device), attn.to(device), row_seeds[start:start + batch_size],
+                                     temperature, max_new_tokens, eos_ids, names)
+                continue
             processors = LogitsProcessorList(
                 [SeededSampling(row_seeds[start:start + batch_size], temperature)] if seeded else [])
             generated = model.generate(input_ids=ids.to(device), attention_mask=attn.to(device),

@@ -377,8 +377,8 @@ def adapter_logprobs(cfg, roles: Roles, r: Rollout, adapter: str | None) -> torc
     """Log-probs [N, T] of the sampled tokens under ``adapter`` (None: adapters off) on the shared
     base, in micro-batches of whole groups, without gradients."""
     parts = []
-    for s in micro_batches(r.input_ids.shape[0], cfg.batch_size, r.group_size):
-        with roles.adapters.use(adapter):
+    with roles.adapters.use(adapter):  # switched once for the whole pass (each switch walks the model)
+        for s in micro_batches(r.input_ids.shape[0], cfg.batch_size, r.group_size):
             parts.append(roles.run(rows_logprobs, roles.model, r.input_ids[s], r.attention_mask[s], r.response_mask[s],
                                    r.prompt_lengths[s], cfg.temperature, r.group_size, cfg.share_prompt).logprobs)
     return torch.cat(parts)
