@@ -309,3 +309,33 @@ def test_grpo_under_fsdp_matches_one_process_and_resumes(tmp_path, digits):
         for x, y in zip(resumed, rows["fsdp"]):
             assert x["score"] == pytest.approx(y["score"], rel=1e-4, abs=1e-6), name
         assert_same_adapter(adapter(tmp_path / name), a, "none", 1e-4)
+
+
+def test_a_failing_reward_function_does_not_skip_the_reward_adapters_forward():
+    """Under FSDP the reward adapter's forward is collective: a reward function failing on one
+    process must not make that process skip it (the others would wait in it forever); the
+    function's error is raised after it, and stop_together stops every process."""
+    import torch
+
+    from pocketrlhf.errors import RewardFunctionError
+    from pocketrlhf.stages import online
+
+    calls = []
+
+    def adapter(*args):
+        calls.append("adapter")
+        return torch.zeros(2)
+
+    def failing(*args):
+        raise RewardFunctionError("boom")
+
+    rewards = online.Rewards([online.RewardSource("module:f", 1.0, failing),
+                              online.RewardSource("rm", 1.0, adapter, uses_model=True)])
+    assert rewards.uses_model
+    with pytest.raises(RewardFunctionError, match="boom"):
+        rewards(None, None, ["p", "q"], ["a", "b"], {}, 1, None)
+    assert calls == ["adapter"]
+    total, parts = online.Rewards([online.RewardSource("module:g", 2.0, lambda *a: torch.ones(2)),
+                                   online.RewardSource("rm", 1.0, adapter, uses_model=True)])(
+        None, None, ["p", "q"], ["a", "b"], {}, 1, None)
+    assert list(parts) == ["module:g", "rm"] and total.tolist() == [2.0, 2.0]  # the order of the sources kept
