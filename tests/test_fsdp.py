@@ -266,14 +266,17 @@ def test_ppo_under_fsdp_matches_one_process(tmp_path, pretrained_llama, sft_adap
     assert len({round(r["score"], 6) for r in rows["one"]}) > 1
 
 
-def test_grpo_under_fsdp_matches_one_process(tmp_path, digits):
-    """grpo with the raw base as its reference (adapters switched off on the sharded model) and a
-    rule reward; held-out evaluation on every process. The same adapter as one process."""
+def test_grpo_under_fsdp_matches_one_process_and_resumes(tmp_path, digits):
+    """grpo with the raw base as its reference (adapters switched off on the sharded model), a
+    fresh adapter (each process is seeded differently: it starts from the first process's) and a
+    rule reward; held-out evaluation on every process. The same adapter as one process, and a run
+    killed after its checkpoint resumes under FSDP, and on one process, to the same adapter."""
     from pocketrlhf.stages import grpo
 
     args = dict(reward_function="pocketrlhf.data.synthetic:exact_match", max_steps=2, num_generations=4,
                 prompts_per_step=4, max_new_tokens=4, learning_rate=1e-3, seed=0, progress=False,
-                lr_scheduler="constant", lora_r=8, beta=0.1, eval_prompts=str(digits["held_out"]))
+                lr_scheduler="constant", lora_r=8, beta=0.1, eval_prompts=str(digits["held_out"]), save_steps=1,
+                save_total_limit=0)
     proc = launch("cpu_fsdp.yaml", digits["model"], digits["prompts"], tmp_path / "fsdp", command="grpo",
                   data_flag="--prompts", gradient_accumulation_steps=2, **args)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -290,3 +293,49 @@ def test_grpo_under_fsdp_matches_one_process(tmp_path, digits):
     assert a.keys() == b.keys()
     assert_same_adapter(a, b, "none", 1e-4)
     assert json.loads((tmp_path / "fsdp" / "summary.json").read_text())["distributed"]["strategy"] == "fsdp"
+
+    _crash_copy(tmp_path / "fsdp", tmp_path / "again", 1)
+    _crash_copy(tmp_path / "fsdp", tmp_path / "to_one", 1)
+    proc = launch("cpu_fsdp.yaml", digits["model"], digits["prompts"], tmp_path / "again", command="grpo",
+                  data_flag="--prompts", gradient_accumulation_steps=2, resume="auto", **args)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    grpo.train(grpo.GRPOConfig(model=str(digits["model"]), prompts=str(digits["prompts"]),
+                               output_dir=str(tmp_path / "to_one"), device="cpu", batch_size=4,
+                               gradient_accumulation_steps=4, resume="auto", resume_ignore_config=True,
+                               **dict(args, reward_function=[args["reward_function"]])))
+    for name in ("again", "to_one"):
+        resumed = _online_rows(tmp_path / name)
+        assert [r["step"] for r in resumed] == [0, 1, 2, 2], name
+        for x, y in zip(resumed, rows["fsdp"]):
+            assert x["score"] == pytest.approx(y["score"], rel=1e-4, abs=1e-6), name
+        assert_same_adapter(adapter(tmp_path / name), a, "none", 1e-4)
+
+
+def test_a_failing_reward_function_does_not_skip_the_reward_adapters_forward():
+    """Under FSDP the reward adapter's forward is collective: a reward function failing on one
+    process must not make that process skip it (the others would wait in it forever); the
+    function's error is raised after it, and stop_together stops every process."""
+    import torch
+
+    from pocketrlhf.errors import RewardFunctionError
+    from pocketrlhf.stages import online
+
+    calls = []
+
+    def adapter(*args):
+        calls.append("adapter")
+        return torch.zeros(2)
+
+    def failing(*args):
+        raise RewardFunctionError("boom")
+
+    rewards = online.Rewards([online.RewardSource("module:f", 1.0, failing),
+                              online.RewardSource("rm", 1.0, adapter, uses_model=True)])
+    assert rewards.uses_model
+    with pytest.raises(RewardFunctionError, match="boom"):
+        rewards(None, None, ["p", "q"], ["a", "b"], {}, 1, None)
+    assert calls == ["adapter"]
+    total, parts = online.Rewards([online.RewardSource("module:g", 2.0, lambda *a: torch.ones(2)),
+                                   online.RewardSource("rm", 1.0, adapter, uses_model=True)])(
+        None, None, ["p", "q"], ["a", "b"], {}, 1, None)
+    assert list(parts) == ["module:g", "rm"] and total.tolist() == [2.0, 2.0]  # the order of the sources kept

@@ -12,6 +12,8 @@ One step of ``train``::
 
 Every role lives on ONE frozen base: the policy is adapter "policy", the reference the frozen
 copy "reference" of the SFT adapter (or adapters off), a reward model the frozen adapter "reward".
+Under FSDP that base is sharded and every role's forward runs through its root (``wrap``,
+``Roles.run``), all processes running the same number of them (generation in lockstep).
 """
 
 from __future__ import annotations
@@ -415,7 +417,7 @@ def evaluate(cfg, roles: Roles, tokenizer, prompts: Prompts) -> tuple[dict, list
 class StepContext:
     roles: Roles
     accelerator: Any
-    module: torch.nn.Module  # what accelerate prepared (DDP-wrapped with several processes)
+    module: torch.nn.Module  # the trained module as wrapped: DDP with several processes, common.Entry under FSDP
     optimizer: torch.optim.Optimizer
     scheduler: Any
     reduce: Callable[[torch.Tensor], torch.Tensor]  # sum over processes
