@@ -159,3 +159,31 @@ def digits(tmp_path_factory) -> dict[str, Path]:
     train, held_out = synthetic.digits_split()
     return {"model": model, "prompts": write_jsonl(root / "train.jsonl", synthetic.digits_rows(train)),
             "held_out": write_jsonl(root / "held_out.jsonl", synthetic.digits_rows(held_out))}
+
+
+def serve_in_background(cfg, api_key: str = "", timeout: float = 90):
+    """A real uvicorn server on loopback for ``cfg`` (a ServeConfig), returned once /health says
+    the model is loaded; ``.engine`` is its Engine, ``.votes`` its feedback file. Stop it with ``.stop()``."""
+    import time
+
+    import httpx
+
+    from pocketrlhf.serve.api import BackgroundServer, create_app
+    from pocketrlhf.serve.engine import Engine, parse_adapters
+
+    app = create_app(lambda: Engine.load(cfg, parse_adapters(cfg.adapters), max_batch=cfg.max_batch), cfg, api_key=api_key)
+    srv = BackgroundServer(app)
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if httpx.get(srv.url + "/health", timeout=5).status_code == 200:
+                break
+        except httpx.TransportError:
+            pass
+        if time.monotonic() > deadline:
+            srv.stop()
+            raise TimeoutError(f"{srv.url} not ready after {timeout}s")
+        time.sleep(0.05)
+    srv.app, srv.engine = app, app.state.pocket.engine
+    srv.votes = Path(cfg.feedback_file) if cfg.feedback_file else None
+    return srv

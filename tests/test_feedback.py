@@ -15,10 +15,10 @@ import pytest
 
 from pocketrlhf.data.formats import preference_pairs
 from pocketrlhf.data.loading import load_records
-from pocketrlhf.serve.api import BackgroundServer, ServeConfig, create_app
-from pocketrlhf.serve.engine import Engine, SamplingParams, parse_adapters
+from pocketrlhf.serve.api import ServeConfig
+from pocketrlhf.serve.engine import SamplingParams
 
-from conftest import teach_adapter
+from conftest import serve_in_background, teach_adapter
 
 KEY = "sk-feedback"
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -50,10 +50,7 @@ def server(adapters, tmp_path_factory):
     votes = tmp_path_factory.mktemp("votes") / "votes.jsonl"
     cfg = ServeConfig(model=str(adapters["stack"]), adapters=f"chat={adapters['chat']}", device="cpu",
                       feedback_file=str(votes), max_tokens=24, max_queue=64)
-    app = create_app(lambda: Engine.load(cfg, parse_adapters(cfg.adapters), max_batch=cfg.max_batch), cfg, api_key=KEY)
-    srv = BackgroundServer(app)
-    wait_ready(srv.url)
-    srv.engine, srv.votes, srv.app = app.state.pocket.engine, votes, app
+    srv = serve_in_background(cfg, KEY)
     yield srv
     srv.stop()
 
@@ -274,20 +271,14 @@ def test_a_page_open_across_a_server_restart_can_still_vote(adapters, tmp_path):
     cfg = ServeConfig(model=str(adapters["stack"]), adapters=f"chat={adapters['chat']}", device="cpu",
                       feedback_file=str(votes), max_tokens=8, max_batch=1)  # the one-at-a-time path, too
 
-    def start():
-        app = create_app(lambda: Engine.load(cfg, parse_adapters(cfg.adapters), max_batch=cfg.max_batch), cfg, api_key=KEY)
-        srv = BackgroundServer(app)
-        wait_ready(srv.url)
-        return srv
-
-    srv = start()
+    srv = serve_in_background(cfg, KEY)
     try:
         pending, texts, _ = run_compare(srv.url, max_tokens=3)
         done, _, _ = run_compare(srv.url, prompt="bye", max_tokens=3)
         assert vote(srv.url, {"comparison": done, "vote": "tie"}).status_code == 200
     finally:
         srv.stop()
-    srv = start()
+    srv = serve_in_background(cfg, KEY)
     try:
         r = vote(srv.url, {"comparison": pending, "vote": "better", "winner": 1})
         assert r.status_code == 200, r.text

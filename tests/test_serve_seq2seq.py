@@ -15,11 +15,11 @@ import pytest
 
 from pocketrlhf.data.templates import prompt_text
 from pocketrlhf.data.tokenize import encode
-from pocketrlhf.serve.api import BackgroundServer, ServeConfig, create_app
+from pocketrlhf.serve.api import ServeConfig, create_app
 from pocketrlhf.serve.chat import ChatSession
-from pocketrlhf.serve.engine import Engine, SamplingParams, ServingOptions, parse_adapters
+from pocketrlhf.serve.engine import Engine, SamplingParams, ServingOptions
 
-from conftest import teach_seq2seq_adapter
+from conftest import serve_in_background, teach_seq2seq_adapter
 
 GREEDY = SamplingParams(temperature=0.0, max_new_tokens=16)
 KEY = "sk-seq2seq"
@@ -155,18 +155,7 @@ def server(t5_adapters, tmp_path_factory):
     votes = tmp_path_factory.mktemp("votes") / "votes.jsonl"
     cfg = ServeConfig(model=str(t5_adapters["stack"]), adapters=f"plain={t5_adapters['plain']}", device="cpu",
                       feedback_file=str(votes), max_tokens=24, max_batch=4)
-    app = create_app(lambda: Engine.load(cfg, parse_adapters(cfg.adapters), max_batch=cfg.max_batch), cfg, api_key=KEY)
-    srv = BackgroundServer(app)
-    deadline = time.monotonic() + 90
-    while True:
-        try:
-            if httpx.get(srv.url + "/health", timeout=5).status_code == 200:
-                break
-        except httpx.TransportError:
-            pass
-        assert time.monotonic() < deadline, "server not ready"
-        time.sleep(0.05)
-    srv.votes = votes
+    srv = serve_in_background(cfg, KEY)
     yield srv
     srv.stop()
 
