@@ -90,49 +90,29 @@ def prompts_file(tmp_path_factory) -> Path:
     return write_jsonl(tmp_path_factory.mktemp("prompts") / "prompts.jsonl", synthetic.prompt_rows(300, seed=2))
 
 
-def teach_adapter(base: Path, out: Path, template: str, pairs: list[tuple[str, str]], steps: int = 80,
+def teach_adapter(base: Path, out: Path, template: str, pairs: list[tuple[str, str]], steps: int = 80, lr: float = 1e-2,
                   train: bool = True) -> Path:
-    """A LoRA that has memorised a few replies (a real adapter dir: peft files + pocketrlhf_adapter.json)."""
-    import torch
-
-    from pocketrlhf.data.templates import prompt_text
-    from pocketrlhf.data.tokenize import tokenize_pair
-    from pocketrlhf.models.adapters import attach_adapter, make_peft_config, save_adapter, write_adapter_info
-    from pocketrlhf.models.loading import load_base, load_tokenizer
-
-    tok = load_tokenizer(str(base))
-    model = attach_adapter(load_base(str(base), device="cpu", training=True), make_peft_config("lora", r=8, alpha=16))
-    examples = [torch.tensor([tokenize_pair(tok, prompt_text(p, template, tok), c, False).input_ids]) for p, c in pairs]
-    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    torch.manual_seed(0)
-    for _ in range(steps if train else 0):
-        loss = sum(model(input_ids=ids, labels=ids).loss for ids in examples)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    save_adapter(model, out, tokenizer=tok)
-    write_adapter_info(out, stage="sft", template=template, base_model=str(base))
-    return out
-
-
-def teach_seq2seq_adapter(base: Path, out: Path, template: str, pairs: list[tuple[str, str]], steps: int = 80, lr: float = 1e-2,
-                          train: bool = True) -> Path:
-    """``teach_adapter`` for an encoder-decoder base (T5, BART): the prompt, rendered in ``template``
-    as serving renders it, is the encoder's input; the reply + EOS is the decoder's target (a
-    plain loop, independent of the training stages)."""
+    """A LoRA that has memorised a few replies (a real adapter dir: peft files + pocketrlhf_adapter.json),
+    in a plain loop independent of the training stages. On an encoder-decoder base (T5, BART) the
+    prompt, rendered in ``template`` as serving renders it, is the encoder's input and the reply +
+    EOS the decoder's target."""
     import torch
 
     from pocketrlhf.data.templates import completion_text, prompt_text, seq2seq_format
-    from pocketrlhf.data.tokenize import encode
+    from pocketrlhf.data.tokenize import encode, tokenize_pair
     from pocketrlhf.models.adapters import attach_adapter, make_peft_config, save_adapter, write_adapter_info
-    from pocketrlhf.models.loading import load_base, load_tokenizer
+    from pocketrlhf.models.loading import is_seq2seq, load_base, load_tokenizer
 
     tok = load_tokenizer(str(base))
-    fmt = seq2seq_format(template, tok)
     model = attach_adapter(load_base(str(base), device="cpu", training=True), make_peft_config("lora", r=8, alpha=16))
-    examples = [(torch.tensor([encode(tok, prompt_text(p, fmt, tok), special=True)]),
-                 torch.tensor([encode(tok, completion_text(c, fmt, tok), special=False) + [tok.eos_token_id]]))
-                for p, c in pairs]
+    if is_seq2seq(str(base)):
+        fmt = seq2seq_format(template, tok)
+        examples = [(torch.tensor([encode(tok, prompt_text(p, fmt, tok), special=True)]),
+                     torch.tensor([encode(tok, completion_text(c, fmt, tok), special=False) + [tok.eos_token_id]]))
+                    for p, c in pairs]
+    else:
+        examples = [(ids, ids) for ids in (torch.tensor([tokenize_pair(tok, prompt_text(p, template, tok), c, False).input_ids])
+                                           for p, c in pairs)]
     opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr)
     torch.manual_seed(0)
     for _ in range(steps if train else 0):
@@ -143,8 +123,6 @@ def teach_seq2seq_adapter(base: Path, out: Path, template: str, pairs: list[tupl
     save_adapter(model, out, tokenizer=tok)
     write_adapter_info(out, stage="sft", template=template, base_model=str(base))
     return out
-
-
 
 
 @pytest.fixture(scope="session")

@@ -19,7 +19,7 @@ from pocketrlhf.serve.api import ServeConfig, create_app
 from pocketrlhf.serve.chat import ChatSession
 from pocketrlhf.serve.engine import Engine, SamplingParams, ServingOptions
 
-from conftest import serve_in_background, teach_seq2seq_adapter
+from conftest import serve_in_background, teach_adapter
 
 GREEDY = SamplingParams(temperature=0.0, max_new_tokens=16)
 KEY = "sk-seq2seq"
@@ -34,9 +34,9 @@ def ask(text: str) -> list[dict]:
 def t5_adapters(tiny_t5, tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("seq2seq_serve")
     return {
-        "stack": teach_seq2seq_adapter(tiny_t5, root / "stack" / "adapter", "stackllama",
+        "stack": teach_adapter(tiny_t5, root / "stack" / "adapter", "stackllama",
                                        [("hi", "fine thanks"), ("bye", "see you")]),
-        "plain": teach_seq2seq_adapter(tiny_t5, root / "plain", "plain", [("hi", "hello friend")]),
+        "plain": teach_adapter(tiny_t5, root / "plain", "plain", [("hi", "hello friend")]),
     }
 
 
@@ -128,7 +128,7 @@ def test_a_bart_adapter_answers_its_decoder_start_token_left_out(tiny_bart, tmp_
     EOS at once; a briefly taught adapter writes words.)"""
     import torch
 
-    adapter = teach_seq2seq_adapter(tiny_bart, tmp_path / "bart", "plain", [("hi", "fine thanks")], steps=60, lr=3e-3)
+    adapter = teach_adapter(tiny_bart, tmp_path / "bart", "plain", [("hi", "fine thanks")], steps=60, lr=3e-3)
     eng = Engine.load(ServingOptions(model=str(adapter), device="cpu"))
     try:
         deltas, stream = reply(eng, None, "hi", SamplingParams(temperature=0.0, max_new_tokens=8))
