@@ -263,12 +263,13 @@ def test_what_has_no_meaning_for_seq2seq_is_a_one_line_error(tmp_path, tiny_t5, 
         sft.train(sft.SFTConfig(**settings))
 
 
-def test_reward_model_ranks_held_out_pairs(tmp_path, tiny_t5, seq2seq_data):
+@pytest.mark.parametrize("quantization", ["none", "8bit"])
+def test_reward_model_ranks_held_out_pairs(tmp_path, tiny_t5, seq2seq_data, quantization):
     """The reward is read at the decoder's state after EOS; ``score`` reads it there too."""
     from pocketrlhf.stages import rm
 
     summary = rm.train(rm.RMConfig(model=str(tiny_t5), data=str(seq2seq_data["pairs"]), output_dir=str(tmp_path / "rm"),
-                                   device="cpu", batch_size=16, learning_rate=3e-3, max_steps=20, eval_fraction=0.2,
+                                   device="cpu", quantization=quantization, batch_size=16, learning_rate=3e-3, max_steps=20, eval_fraction=0.2,
                                    lora_r=8, progress=False, logging_steps=5))
     assert summary["eval_accuracy"] >= 0.75, summary["eval_accuracy"]
     scored = rm.score(rm.ScoreConfig(reward_adapter=str(tmp_path / "rm" / "adapter"), input=str(seq2seq_data["pairs"]),
@@ -308,8 +309,9 @@ def letters_reward(tmp_path_factory):
     return f"{path}:letters"
 
 
+@pytest.mark.parametrize("quantization", ["none", "4bit"])
 def test_ppo_raises_a_rule_reward_with_a_value_head_on_decoder_states(tmp_path, tiny_t5, seq2seq_data,
-                                                                      letters_reward):
+                                                                      letters_reward, quantization):
     """Rollouts sampled from the decoder, log-probs and values recomputed in the row layout: the
     first minibatch of every step is exactly on-policy (ratio 1, approx KL 0), the KL to the
     reference starts at 0, and the held-out score rises."""
@@ -317,7 +319,7 @@ def test_ppo_raises_a_rule_reward_with_a_value_head_on_decoder_states(tmp_path, 
 
     summary = ppo.train(ppo.PPOConfig(
         model=str(tiny_t5), prompts=str(seq2seq_data["prompts"]), output_dir=str(tmp_path), device="cpu",
-        reward_function=letters_reward, max_steps=6, learning_rate=1e-2, rollouts_per_step=32, batch_size=16,
+        quantization=quantization, reward_function=letters_reward, max_steps=6, learning_rate=1e-2, rollouts_per_step=32, batch_size=16,
         gradient_accumulation_steps=1, max_new_tokens=4, ppo_epochs=2, kl_coef=0.05, adaptive_kl=False,
         lr_scheduler="constant", eval_fraction=0.25, eval_at_start=True, progress=False, seed=0, lora_r=8))
     rows = stage_metrics(tmp_path)
