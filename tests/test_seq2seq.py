@@ -263,12 +263,12 @@ def test_what_has_no_meaning_for_seq2seq_is_a_one_line_error(tmp_path, tiny_t5, 
         sft.train(sft.SFTConfig(**settings))
 
 
-@pytest.mark.parametrize("quantization", ["none", "8bit"])
-def test_reward_model_ranks_held_out_pairs(tmp_path, tiny_t5, seq2seq_data, quantization):
+@pytest.mark.parametrize("arch,quantization", [("t5", "none"), ("t5", "8bit"), ("bart", "none")])
+def test_reward_model_ranks_held_out_pairs(tmp_path, tiny_t5, tiny_bart, seq2seq_data, arch, quantization):
     """The reward is read at the decoder's state after EOS; ``score`` reads it there too."""
     from pocketrlhf.stages import rm
 
-    summary = rm.train(rm.RMConfig(model=str(tiny_t5), data=str(seq2seq_data["pairs"]), output_dir=str(tmp_path / "rm"),
+    summary = rm.train(rm.RMConfig(model=str(tiny_t5 if arch == "t5" else tiny_bart), data=str(seq2seq_data["pairs"]), output_dir=str(tmp_path / "rm"),
                                    device="cpu", quantization=quantization, batch_size=16, learning_rate=3e-3, max_steps=20, eval_fraction=0.2,
                                    lora_r=8, progress=False, logging_steps=5))
     assert summary["eval_accuracy"] >= 0.75, summary["eval_accuracy"]
@@ -282,11 +282,11 @@ def test_reward_model_ranks_held_out_pairs(tmp_path, tiny_t5, seq2seq_data, quan
                                 output=str(tmp_path / "text.jsonl"), device="cpu"))
 
 
-@pytest.mark.parametrize("quantization", ["none", "4bit"])
-def test_dpo_raises_implicit_accuracy(tmp_path, tiny_t5, seq2seq_data, quantization):
+@pytest.mark.parametrize("arch,quantization", [("t5", "none"), ("t5", "4bit"), ("bart", "none")])
+def test_dpo_raises_implicit_accuracy(tmp_path, tiny_t5, tiny_bart, seq2seq_data, arch, quantization):
     from pocketrlhf.stages import dpo
 
-    summary = dpo.train(dpo.DPOConfig(model=str(tiny_t5), data=str(seq2seq_data["pairs"]), output_dir=str(tmp_path),
+    summary = dpo.train(dpo.DPOConfig(model=str(tiny_t5 if arch == "t5" else tiny_bart), data=str(seq2seq_data["pairs"]), output_dir=str(tmp_path),
                                       device="cpu", quantization=quantization, batch_size=8, learning_rate=3e-3,
                                       max_steps=15, eval_fraction=0.2, lora_r=8, progress=False, seed=0,
                                       logging_steps=1))

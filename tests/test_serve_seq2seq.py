@@ -267,3 +267,20 @@ def test_the_model_folders_generation_settings_do_not_leak_in(tiny_t5, tmp_path)
             eng.close()
     assert replies[0] == replies[1] and replies[0]
     assert replies[0][0] == tok.decode([first])
+
+
+def test_a_merged_seq2seq_model_answers_like_its_adapter(t5_adapters, tmp_path):
+    """merge folds the taught adapter into encoder and decoder; the merged folder, served as a
+    plain model, gives the adapter's replies in the format it was trained in."""
+    from pocketrlhf.merge import MergeConfig, run
+
+    out = tmp_path / "merged"
+    run(MergeConfig(adapter=str(t5_adapters["stack"]), out=str(out), progress=False))
+    eng = Engine.load(ServingOptions(model=str(out), device="cpu"))
+    try:
+        name = next(iter(eng.models))
+        assert eng.seq2seq and eng.models[name].template == "stackllama"
+        assert "".join(reply(eng, name, "hi")[0]) == "fine thanks"
+        assert "".join(reply(eng, name, "bye")[0]) == "see you"
+    finally:
+        eng.close()
