@@ -104,6 +104,7 @@ def teach_adapter(base: Path, out: Path, template: str, pairs: list[tuple[str, s
     from pocketrlhf.models.loading import is_seq2seq, load_base, load_tokenizer
 
     tok = load_tokenizer(str(base))
+    torch.manual_seed(0)  # the adapter's initialisation must not depend on which tests ran before
     model = attach_adapter(load_base(str(base), device="cpu", training=True), make_peft_config("lora", r=8, alpha=16))
     if is_seq2seq(str(base)):
         fmt = seq2seq_format(template, tok)

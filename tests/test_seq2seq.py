@@ -336,7 +336,7 @@ def test_grpo_on_a_4bit_base(tmp_path, tiny_t5, seq2seq_data, letters_reward):
     summary = grpo.train(grpo.GRPOConfig(
         model=str(tiny_t5), prompts=str(seq2seq_data["prompts"]), output_dir=str(tmp_path), device="cpu",
         quantization="4bit", reward_function=[letters_reward], num_generations=4, prompts_per_step=8,
-        max_new_tokens=4, learning_rate=1e-2, lr_scheduler="constant", max_steps=6, progress=False, lora_r=8,
+        max_new_tokens=4, learning_rate=1e-2, lr_scheduler="constant", max_steps=10, progress=False, lora_r=8,
         batch_size=32, gradient_accumulation_steps=1, eval_fraction=0.25, eval_at_start=True))
     rows = stage_metrics(tmp_path)
     assert rows[0]["first_ratio"] == pytest.approx(1.0, abs=1e-5) and rows[0]["kl"] == pytest.approx(0.0, abs=1e-6)

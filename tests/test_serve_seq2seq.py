@@ -35,8 +35,10 @@ def t5_adapters(tiny_t5, tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("seq2seq_serve")
     return {
         "stack": teach_adapter(tiny_t5, root / "stack" / "adapter", "stackllama",
-                                       [("hi", "fine thanks"), ("bye", "see you")]),
-        "plain": teach_adapter(tiny_t5, root / "plain", "plain", [("hi", "hello friend")]),
+                                       # No letter twice in a row: this tiny T5's relative positions
+                                       # cannot learn "ee" reliably (the causal tests' "see you").
+                                       [("hi", "fine thanks"), ("bye", "so long")]),
+        "plain": teach_adapter(tiny_t5, root / "plain", "plain", [("hi", "what a day")]),
     }
 
 
@@ -66,14 +68,14 @@ def test_the_encoder_reads_the_prompt_and_the_decoder_streams_the_reply(engine, 
     assert "".join(deltas) == "fine thanks" and len(deltas) > 3
     assert stream.finish_reason == "stop" and stream.completion_tokens == len(tok("fine thanks", add_special_tokens=False)["input_ids"]) + 1
     assert stream.prompt_tokens == len(ids)
-    assert "".join(reply(engine, "stack", "bye")[0]) == "see you"
-    assert "".join(reply(engine, "plain", "hi")[0]) == "hello friend"
+    assert "".join(reply(engine, "stack", "bye")[0]) == "so long"
+    assert "".join(reply(engine, "plain", "hi")[0]) == "what a day"
     # A stop string ends the reply before it, as for a causal LM.
-    deltas, stream = reply(engine, "stack", "bye", stops=(" you",))
-    assert "".join(deltas) == "see" and stream.finish_reason == "stop"
+    deltas, stream = reply(engine, "stack", "bye", stops=(" long",))
+    assert "".join(deltas) == "so" and stream.finish_reason == "stop"
     # The base: the adapters off, another answer, cut at max_new_tokens.
     base, stream = reply(engine, "t5", "hi", SamplingParams(temperature=0.0, max_new_tokens=5))
-    assert "".join(base) not in ("fine thanks", "hello friend") and stream.completion_tokens == 5
+    assert "".join(base) not in ("fine thanks", "what a day") and stream.completion_tokens == 5
     assert stream.finish_reason == "length"
 
 
@@ -91,10 +93,10 @@ def test_programmatic_chat_with_a_seq2seq_adapter(engine):
     events = [json.loads(line) for line in out.getvalue().splitlines()]
     assert events[0]["type"] == "ready" and events[0]["template"] == "stackllama"
     replies = [e for e in events if e["type"] == "reply"]
-    assert [r["content"] for r in replies] == ["fine thanks", "see you"]
+    assert [r["content"] for r in replies] == ["fine thanks", "so long"]
     assert all(r["finish_reason"] == "stop" for r in replies)
     deltas = [e["content"] for e in events if e["type"] == "delta"]
-    assert "".join(deltas) == "fine thankssee you" and len(deltas) > 4
+    assert "".join(deltas) == "fine thanksso long" and len(deltas) > 4
 
 
 def test_a_4bit_seq2seq_base_answers(tiny_t5, t5_adapters, tmp_path):
@@ -167,10 +169,10 @@ def test_serve_answers_and_streams_with_seq2seq_adapters(server):
     assert r.choices[0].message.content == "fine thanks" and r.choices[0].finish_reason == "stop"
     chunks = list(client.chat.completions.create(model="plain", messages=ask("hi"), temperature=0, stream=True))
     pieces = [c.choices[0].delta.content for c in chunks if c.choices and c.choices[0].delta.content]
-    assert "".join(pieces) == "hello friend" and len(pieces) > 2
+    assert "".join(pieces) == "what a day" and len(pieces) > 2
     # Raw text completion: the prompt is the encoder's input as it is.
     text = client.completions.create(model="stack", prompt=prompt_text("bye", "stackllama"), temperature=0)
-    assert text.choices[0].text == "see you"
+    assert text.choices[0].text == "so long"
 
 
 def test_compare_streams_two_seq2seq_adapters_and_takes_a_vote(server):
@@ -182,12 +184,12 @@ def test_compare_streams_two_seq2seq_adapters_and_takes_a_vote(server):
     for e in events[1:]:
         if "delta" in e:
             texts[e["slot"]] += e["delta"]
-    assert texts == ["fine thanks", "hello friend"] and events[-1] == {"done": True, "complete": True}
+    assert texts == ["fine thanks", "what a day"] and events[-1] == {"done": True, "complete": True}
     v = httpx.post(server.url + "/feedback/vote", headers=AUTH, timeout=60,
                    json={"comparison": events[0]["comparison"], "vote": "better", "winner": 0})
     assert v.status_code == 200
     row = json.loads(server.votes.read_text().splitlines()[-1])
-    assert (row["prompt"], row["chosen"], row["rejected"]) == ("hi", "fine thanks", "hello friend")
+    assert (row["prompt"], row["chosen"], row["rejected"]) == ("hi", "fine thanks", "what a day")
 
 
 def test_context_limits_count_encoder_and_decoder_apart(tiny_bart):
@@ -281,6 +283,6 @@ def test_a_merged_seq2seq_model_answers_like_its_adapter(t5_adapters, tmp_path):
         name = next(iter(eng.models))
         assert eng.seq2seq and eng.models[name].template == "stackllama"
         assert "".join(reply(eng, name, "hi")[0]) == "fine thanks"
-        assert "".join(reply(eng, name, "bye")[0]) == "see you"
+        assert "".join(reply(eng, name, "bye")[0]) == "so long"
     finally:
         eng.close()
