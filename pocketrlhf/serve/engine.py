@@ -806,7 +806,8 @@ class Engine:
         import torch
         from transformers import DynamicCache
 
-        from pocketrlhf.serve.batching import BASE_ADAPTER, Row, left_pad
+        from pocketrlhf.data.tokenize import left_pad
+        from pocketrlhf.serve.batching import BASE_ADAPTER, Row
 
         rows = []
         for job in jobs:
@@ -831,7 +832,8 @@ class Engine:
         from pocketrlhf.models.generation import safe_pad_id
 
         pad = safe_pad_id(self.model, rows[0].job.served.tokenizer)
-        ids, mask = left_pad([r.job.prompt_ids for r in rows], pad, self._input_device())
+        ids, mask = left_pad([r.job.prompt_ids for r in rows], pad)
+        ids, mask = ids.to(self._input_device()), mask.to(self._input_device())
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         cache = DynamicCache()
         logits = self._forward(ids, mask, positions, cache, [r.adapter for r in rows])
