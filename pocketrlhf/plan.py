@@ -780,13 +780,14 @@ def logprob_bytes(shape: ModelShape, cfg: PlanConfig, rows: int) -> tuple[float,
 def layer_transient_bytes(shape: ModelShape, cfg: PlanConfig, tokens: int, padded: bool, checkpointing: bool) -> float:
     """Largest short-lived memory while one layer runs (forward or backward): about two tensors as
     wide as its MLP (measured), plus, with checkpointing, the layer's recomputed activations, plus
-    a 4-bit layer's dequantized weight."""
+    a quantized layer's dequantized weight."""
     regime = _regime(cfg, shape, padded)
     if shape.seq2seq:
         # One layer at a time over the longer side; checkpointing recomputes one layer's activations.
         enc, dec = decoder_tokens(shape, cfg)
         rows = tokens // cfg.seq_length * max(enc, dec)
-        out = rows * 2 * max(shape.intermediate_size, shape.hidden_size) * regime.stream + dequantized_weight_bytes(shape, cfg)
+        out = rows * 2 * max(shape.intermediate_size, shape.hidden_size) * regime.stream \
+            + dequantized_weight_bytes(shape, cfg, training=True)
         if checkpointing:
             out += seq2seq_activation_bytes(shape, cfg, tokens // cfg.seq_length, padded, False) / \
                 (shape.encoder_layers + shape.num_layers)
@@ -794,7 +795,7 @@ def layer_transient_bytes(shape: ModelShape, cfg: PlanConfig, tokens: int, padde
     adapted = targeted(shape.layer_linears, cfg.target_modules)
     fused_qkv = shape.family in ("gpt2", "gpt_neox")
     wide = max(shape.intermediate_size, (3 if fused_qkv else 1) * shape.hidden_size)
-    weight = dequantized_weight_bytes(shape, cfg)
+    weight = dequantized_weight_bytes(shape, cfg, training=True)
     if not checkpointing:
         return tokens * 2 * wide * regime.stream + weight
     sequences = tokens // cfg.seq_length
@@ -802,11 +803,14 @@ def layer_transient_bytes(shape: ModelShape, cfg: PlanConfig, tokens: int, padde
             + mask_bytes(shape, regime, sequences, cfg.seq_length, padded, False) / shape.num_layers + weight)
 
 
-def dequantized_weight_bytes(shape: ModelShape, cfg: PlanConfig) -> float:
+def dequantized_weight_bytes(shape: ModelShape, cfg: PlanConfig, training: bool = False) -> float:
     """bitsandbytes' 4-bit matmul over more than one token dequantizes the whole weight to the
     compute dtype (bf16) first, in forward and again for the input gradient: the largest linear
-    layer's weight is live for a moment (measured: the 7B and 65B steps of bench/published_setups.py)."""
-    if cfg.quantization != "4bit":
+    layer's weight is live for a moment (measured: the 7B and 65B steps of bench/published_setups.py).
+    Its int8 matmul does the same for the input gradient (MatMul8bitLt's backward on CUDA; on the
+    CPU MatMul8bitFp also in forward), so a training step of an 8-bit base holds one too (measured:
+    the 20B 8-bit PPO update, 0.30 GB at 6144 x 24576); its no-grad forward on CUDA does not."""
+    if cfg.quantization == "none" or (cfg.quantization == "8bit" and not training):
         return 0.0
     return 2.0 * max(lin.in_features * lin.out_features for lin in shape.layer_linears)
 

@@ -255,7 +255,7 @@ def test_trl_peft_20b_ppo_fits_a_24gb_card_at_its_published_settings(neox20b):
     pocketrlhf's defaults (peft's k-bit upcast today, non-reentrant checkpointing) do not."""
     published = P.plan_memory(neox20b, P.PlanConfig(model="unused", gpu_memory="24GiB", **TRL_PEFT_20B))
     ours = published.setups[0]
-    assert published.fits(ours) and ours.peak < 24e9  # 22.95 GB with the context
+    assert published.fits(ours) and ours.peak < 24e9  # 23.25 GB with the context
     defaults = P.plan_memory(neox20b, dataclasses.replace(published.config, kbit_upcast=True,
                                                           reentrant_checkpointing=False))
     assert defaults.fits(defaults.setups[0]) is False
