@@ -190,7 +190,8 @@ def test_seeded_sampling_does_not_depend_on_the_batch(engine, monkeypatch):
     alone = engine.submit("t5", ids, p, ())
     alone.text()
     rec = Recorder(engine, monkeypatch, pause_at=3)
-    others = [engine.submit(name, engine.chat_prompt(name, ask(text)), SamplingParams(temperature=1.0, max_new_tokens=12))
+    unseeded = SamplingParams(temperature=1.0, max_new_tokens=12)
+    others = [engine.submit(name, engine.chat_prompt(name, ask(text)), unseeded)
               for name, text in (("t5", "the quick brown fox jumps"), ("stack", "hi"), ("plain", "bye"))]
     assert rec.paused.wait(60)
     batched = engine.submit("t5", ids, p, ())
@@ -217,6 +218,25 @@ def test_max_batch_1_answers_one_request_at_a_time_through_generate(t5_adapters)
         assert eng.batch_sizes == []  # no batched step: each went through generate
     finally:
         eng.close()
+
+
+def test_encoder_decoders_are_batched_where_each_rows_decoder_positions_can_be_kept(engine, tiny_bart):
+    """T5's relative bias ignores left padding; BART's learned positions are set per row; another
+    scheme (Marian's sinusoidal table) is served one request at a time."""
+    from transformers import AutoModelForSeq2SeqLM, MarianConfig
+
+    from pocketrlhf.models.forward import unwrap
+    from pocketrlhf.models.loading import load_base
+    from pocketrlhf.serve.batching import batchable, decoder_positions
+
+    assert decoder_positions(unwrap(engine.model)[1]) == "relative" and batchable(engine.model) == ""
+    assert decoder_positions(load_base(str(tiny_bart), device="cpu", training=False)) == "learned"
+    marian = AutoModelForSeq2SeqLM.from_config(MarianConfig(
+        vocab_size=64, pad_token_id=1, eos_token_id=2, decoder_start_token_id=1, d_model=16, encoder_layers=1,
+        decoder_layers=1, encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=32, decoder_ffn_dim=32,
+        max_position_embeddings=32))
+    assert decoder_positions(marian) == ""
+    assert batchable(marian) == "an encoder-decoder model (marian) whose decoder positions cannot be set per row"
 
 
 def test_a_4bit_seq2seq_base_answers(tiny_t5, t5_adapters, tmp_path, monkeypatch):

@@ -68,7 +68,10 @@ def decoder_positions(lm) -> str:
     if getattr(lm.config, "model_type", "") in ("t5", "mt5"):
         return "relative"
     embed = getattr(lm.get_decoder(), "embed_positions", None)
-    if isinstance(embed, torch.nn.Embedding) and isinstance(getattr(embed, "offset", None), int):
+    # BART, mBART, PLBart, MVP: an Embedding looked up at position + offset. (Sinusoidal tables, as
+    # Marian's and Pegasus's, are Embeddings too but take no offset; M2M100's counts past padding.)
+    if (isinstance(embed, torch.nn.Embedding) and type(embed).__name__.endswith("LearnedPositionalEmbedding")
+            and isinstance(getattr(embed, "offset", None), int)):
         return "learned"
     return ""
 
