@@ -60,7 +60,7 @@ class Recorder:
         self.gate.set()
 
 
-def generated(engine, name, prompt_ids: list[int], max_new: int):
+def generated(engine, name, prompt_ids: list[int], max_new: int, repetition_penalty: float = 1.0):
     """transformers' generate, greedy, for one prompt alone under model ``name``: the decoder's tokens
     after its start token, and the logits of each step."""
     import torch
@@ -68,11 +68,13 @@ def generated(engine, name, prompt_ids: list[int], max_new: int):
     ids = torch.tensor([prompt_ids])
     with engine._switch(engine.served(name)), torch.no_grad():
         out = engine.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new,
-                                    do_sample=False, output_logits=True, return_dict_in_generate=True)
+                                    do_sample=False, repetition_penalty=repetition_penalty, output_logits=True,
+                                    return_dict_in_generate=True)
     return out.sequences[0, 1:].tolist(), [x[0].float() for x in out.logits]
 
 
-def batched_equals_generate(engine, asks, monkeypatch, max_new: int = 10, atol: float = 1e-4) -> list[list[int]]:
+def batched_equals_generate(engine, asks, monkeypatch, max_new: int = 10, atol: float = 1e-4,
+                            repetition_penalty: float = 1.0) -> list[list[int]]:
     """Half of ``asks`` ((model, text) pairs) submitted together; the rest once the first ones
     have decoded two steps (the worker waits for them): they join a batch whose self-attention
     cache is wider than theirs, and rows leave as they end. Greedy, EOS the only stop. Each
@@ -80,7 +82,7 @@ def batched_equals_generate(engine, asks, monkeypatch, max_new: int = 10, atol: 
     import torch
 
     rec = Recorder(engine, monkeypatch, pause_at=3)
-    params = SamplingParams(temperature=0.0, max_new_tokens=max_new)
+    params = SamplingParams(temperature=0.0, max_new_tokens=max_new, repetition_penalty=repetition_penalty)
     prompts = [engine.chat_prompt(name, ask(text)) for name, text in asks]
     half = (len(asks) + 1) // 2
     streams = [engine.submit(name, ids, params, ()) for (name, _), ids in zip(asks[:half], prompts[:half])]
@@ -93,7 +95,7 @@ def batched_equals_generate(engine, asks, monkeypatch, max_new: int = 10, atol: 
     assert any(call & early and call & late for call in rec.calls), "no late request joined the running batch"
     got = [rec.tokens[id(s)] for s in streams]
     for (name, _), ids, stream in zip(asks, prompts, streams):
-        tokens, logits = generated(engine, name, ids, max_new)
+        tokens, logits = generated(engine, name, ids, max_new, repetition_penalty)
         assert rec.tokens[id(stream)] == tokens
         assert torch.allclose(torch.stack(rec.logits[id(stream)]), torch.stack(logits), atol=atol)
         assert stream.completion_tokens == len(tokens)
@@ -180,6 +182,9 @@ def test_concurrent_requests_are_decoded_together_as_generate_answers_each(engin
     tok = engine.served("stack").tokenizer
     assert [tok.decode(t, skip_special_tokens=True) for t in got[1:4]] == ["fine thanks", "what a day", "so long"]
     assert max(engine.batch_sizes[before:]) >= 3
+    # A repetition penalty counts the decoder's ids (its start token and the reply), as generate's does.
+    # (The logits compared are before the penalty, as generate's output_logits.)
+    batched_equals_generate(engine, asks[:3], monkeypatch, repetition_penalty=1.5)
 
 
 def test_seeded_sampling_does_not_depend_on_the_batch(engine, monkeypatch):
