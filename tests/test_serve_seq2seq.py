@@ -370,8 +370,9 @@ def test_compare_decodes_both_adapters_in_the_same_decoder_steps(server):
     finally:
         handle.remove()
     assert texts == ["fine thanks", "what a day"]
-    # "fine thanks" and "what a day" with EOS: about 5 steps each, one after the other 10, together 5 or 6.
-    assert together < one_by_one and together <= max(one_by_one - 3, 1)
+    # Two answers of about the same length (9-10 tokens with EOS, one decoder pass each): one after the
+    # other 19 passes, together about 10 (the longer answer's, plus one if they were admitted apart).
+    assert together <= one_by_one // 2 + 2
 
 
 def test_context_limits_count_encoder_and_decoder_apart(tiny_bart):
