@@ -2,6 +2,7 @@
 
     OMP_NUM_THREADS=1 python bench/serve_throughput.py                 # llama, hidden 256, 4 layers
     OMP_NUM_THREADS=1 python bench/serve_throughput.py --size tiny     # a quick check of the script
+    OMP_NUM_THREADS=1 python bench/serve_throughput.py --arch t5       # an encoder-decoder (T5 as flan-t5)
 
 Setups (two servers in one child process, same model and adapters; each case runs on one, then
 the other, round after round, so that a change in a shared machine's load hits both alike):
@@ -9,6 +10,9 @@ the other, round after round, so that a change in a shared machine's load hits b
     through transformers' ``generate`` (requests queue on the one worker);
   * batched: ``--max-batch 8``: the requests in flight decode together, requests joining and
     leaving between steps, adapters mixed in one forward pass.
+
+With ``--arch t5`` the model is a T5 (encoder and decoder of that size each) and the adapters
+use the ``plain`` prompt format (an encoder-decoder has no chat template).
 
 Each child serves the base and two LoRA adapters over real HTTP (uvicorn on 127.0.0.1) and, for
 1, 4 and 8 concurrent clients, with the same adapter for every client ("same") or adapters
@@ -38,8 +42,8 @@ SIZES = {"tiny": dict(hidden_size=64, layers=2, heads=4), "small": dict(hidden_s
 SETUPS = {"one-at-a-time": 1, "batched": 8}
 
 
-def build(out: Path, size: str) -> tuple[Path, Path, Path]:
-    """A random llama and two random LoRA adapters on it (cached in ``out``)."""
+def build(out: Path, size: str, arch: str = "llama") -> tuple[Path, Path, Path]:
+    """A random ``arch`` model and two random LoRA adapters on it (cached in ``out``)."""
     import torch
 
     from pocketrlhf.data import synthetic
@@ -47,11 +51,12 @@ def build(out: Path, size: str) -> tuple[Path, Path, Path]:
     from pocketrlhf.models.loading import load_base, load_tokenizer
     from pocketrlhf.models.tiny import build_tiny_model
 
-    base = out / f"llama-{size}"
-    adapters = (out / f"a-{size}", out / f"b-{size}")
+    prefix = "" if arch == "llama" else f"{arch}-"
+    base = out / f"{arch}-{size}"
+    adapters = (out / f"a-{prefix}{size}", out / f"b-{prefix}{size}")
     if all((p / "adapter_config.json").is_file() for p in adapters):
         return base, *adapters
-    build_tiny_model(base, "llama", texts=synthetic.corpus(), vocab_size=320, seed=0, **SIZES[size])
+    build_tiny_model(base, arch, texts=synthetic.corpus(), vocab_size=320, seed=0, **SIZES[size])
     tok = load_tokenizer(str(base))
     for i, path in enumerate(adapters):
         torch.manual_seed(i + 1)
@@ -61,7 +66,7 @@ def build(out: Path, size: str) -> tuple[Path, Path, Path]:
                 if "lora_B" in name:
                     p.normal_(0, 0.02)
         save_adapter(model, path, tokenizer=tok)
-        write_adapter_info(path, stage="sft", template="chatml", base_model=str(base))
+        write_adapter_info(path, stage="sft", template="chatml" if arch == "llama" else "plain", base_model=str(base))
     return base, *adapters
 
 
@@ -115,7 +120,7 @@ def worker(a: argparse.Namespace) -> None:
     from pocketrlhf.serve.engine import Engine, parse_adapters
 
     torch.set_num_threads(a.threads)
-    base, ad_a, ad_b = build(Path(a.models), a.size)
+    base, ad_a, ad_b = build(Path(a.models), a.size, a.arch)
     servers = {}
     for setup, max_batch in SETUPS.items():
         cfg = ServeConfig(model=str(ad_a), name="a", adapters=f"b={ad_b}", device="cpu", max_batch=max_batch,
@@ -156,22 +161,24 @@ def worker(a: argparse.Namespace) -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--size", choices=sorted(SIZES), default="small")
+    p.add_argument("--arch", choices=["llama", "t5"], default="llama", help="the served base: a causal LM or an encoder-decoder")
     p.add_argument("--clients", default="1,4,8", help="concurrent client counts")
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--out", default=str(ROOT / "runs" / "bench" / "serve_throughput"))
+    p.add_argument("--out", default="", help="default: runs/bench/serve_throughput (llama), serve_throughput_t5 (t5)")
     p.add_argument("--worker", choices=["both"], help=argparse.SUPPRESS)
     p.add_argument("--models", help=argparse.SUPPRESS)
     a = p.parse_args()
     a.clients = [int(c) for c in str(a.clients).split(",") if c]
+    a.out = a.out or str(ROOT / "runs" / "bench" / ("serve_throughput" + ("" if a.arch == "llama" else f"_{a.arch}")))
     if a.worker:
         worker(a)
         return
     out = Path(a.out)
     models = out / "models"
     models.mkdir(parents=True, exist_ok=True)
-    args = ["--size", a.size, "--clients", ",".join(map(str, a.clients)), "--max-tokens", str(a.max_tokens),
+    args = ["--size", a.size, "--arch", a.arch, "--clients", ",".join(map(str, a.clients)), "--max-tokens", str(a.max_tokens),
             "--rounds", str(a.rounds), "--models", str(models)]
     results = run_child(__file__, "both", args, out / "both", a.threads)
     one, batched = results["one-at-a-time"]["cases"], results["batched"]["cases"]

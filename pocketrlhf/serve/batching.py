@@ -12,9 +12,21 @@ row's position ids count only its own tokens, so a row's tokens do not depend on
 Sampling is per row (temperature, top-k, top-p, min-p, repetition penalty, and a row's own
 ``torch.Generator`` when the request has a seed).
 
+An encoder-decoder (T5, BART) batches the same way on its decoder: each request's prompt goes
+through the encoder once, alone, when it is admitted (under its own adapter: a LoRA on the encoder
+changes the encoder output), and its first decoder step (the start token) computes the
+cross-attention keys and values, kept in the cross-attention half of transformers'
+EncoderDecoderCache as ``generate`` keeps them. The running batch holds every row's encoder
+states and cross-attention keys/values right-padded to the longest encoder input, with an encoder
+mask; the decoder's self-attention cache grows and is left-padded like a causal LM's. T5's
+relative position bias depends on distances only, so left padding leaves it as it is; BART's
+learned decoder positions are computed from the cache length, the same for every row, so each
+row's own position is put in instead (``DecoderPositions``).
+
 Only what transformers' DynamicCache keeps as plain growing key/value tensors can be merged and
-split like this; other caches (sliding windows, recurrent states) and non-LoRA adapters are
-served one request at a time by ``generate`` instead (``batchable`` says which).
+split like this; other caches (sliding windows, recurrent states), encoder-decoders whose
+decoder positions cannot be set per row, and non-LoRA adapters are served one request at a time
+by ``generate`` instead (``batchable`` says which).
 """
 
 from __future__ import annotations
@@ -40,13 +52,53 @@ def batchable(model) -> str:
         return "a sliding-window attention cache"
     if any(t != "full_attention" for t in (getattr(cfg, "layer_types", None) or ())):
         return "a cache mixing attention kinds"
-    if getattr(cfg, "is_encoder_decoder", False):
-        return "an encoder-decoder model"
+    if getattr(cfg, "is_encoder_decoder", False) and not decoder_positions(lm):
+        return f"an encoder-decoder model ({getattr(cfg, 'model_type', '?')}) whose decoder positions cannot be set per row"
     if isinstance(model, peft.PeftModel):
         kinds = {str(getattr(c, "peft_type", "")).split(".")[-1] for c in model.peft_config.values()}
         if kinds - {"LORA"}:
             return f"{', '.join(sorted(kinds))} adapters (mixed-adapter batches need LoRA)"
     return ""
+
+
+def decoder_positions(lm) -> str:
+    """How an encoder-decoder's decoder knows where a token is: "relative" (T5's bias over distances:
+    left padding changes nothing), "learned" (BART-style absolute embeddings with an index offset,
+    set per row by ``DecoderPositions``), or "" (another scheme: not batched here)."""
+    if getattr(lm.config, "model_type", "") in ("t5", "mt5"):
+        return "relative"
+    embed = getattr(lm.get_decoder(), "embed_positions", None)
+    # BART, mBART, PLBart, MVP: an Embedding looked up at position + offset. (Sinusoidal tables, as
+    # Marian's and Pegasus's, are Embeddings too but take no offset; M2M100's counts past padding.)
+    if (isinstance(embed, torch.nn.Embedding) and type(embed).__name__.endswith("LearnedPositionalEmbedding")
+            and isinstance(getattr(embed, "offset", None), int)):
+        return "learned"
+    return ""
+
+
+class DecoderPositions:
+    """Each row's own decoder position for a BART-style decoder, which otherwise numbers the new
+    token by the cache length (the same for every row, padding included)."""
+
+    def __init__(self, lm):
+        self.embed = lm.get_decoder().embed_positions if decoder_positions(lm) == "learned" else None
+
+    @contextlib.contextmanager
+    def use(self, positions: torch.Tensor):
+        """``positions`` [rows, tokens]: the decoder's position ids for this forward pass."""
+        if self.embed is None:
+            yield
+            return
+        embed = self.embed
+
+        def own_positions(module, args, output):
+            return torch.nn.Embedding.forward(module, positions.to(output.device) + embed.offset)
+
+        handle = embed.register_forward_hook(own_positions)
+        try:
+            yield
+        finally:
+            handle.remove()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -108,59 +160,98 @@ def _pad_left(t: torch.Tensor, extra: int, dim: int) -> torch.Tensor:
     return torch.cat([t.new_zeros(shape), t], dim=dim)
 
 
+def _pad_right(t: torch.Tensor, extra: int, dim: int) -> torch.Tensor:
+    if extra == 0:
+        return t
+    shape = list(t.shape)
+    shape[dim] = extra
+    return torch.cat([t, t.new_zeros(shape)], dim=dim)
+
+
+def _merge(mine: torch.Tensor, theirs: torch.Tensor, dim: int, pad) -> torch.Tensor:
+    """Two row blocks stacked along dim 0, the shorter padded along ``dim`` (by ``pad``) to the longer."""
+    width = max(mine.shape[dim], theirs.shape[dim])
+    return torch.cat([pad(mine, width - mine.shape[dim], dim), pad(theirs, width - theirs.shape[dim], dim)], dim=0)
+
+
 class Batch:
-    """The running rows with one DynamicCache: ``add`` merges prefilled rows in, ``keep`` drops
-    finished ones, ``trim`` drops leading columns that no row uses any more."""
+    """The running rows with one DynamicCache (an EncoderDecoderCache for an encoder-decoder):
+    ``add`` merges prefilled rows in, ``keep`` drops finished ones, ``trim`` drops columns no row
+    uses any more (leading ones of the left-padded self-attention cache, trailing ones of the
+    right-padded encoder states)."""
 
     def __init__(self):
         self.rows: list[Row] = []
         self.cache = None
         self.mask: torch.Tensor | None = None  # [rows, cached columns]
+        self.encoder: torch.Tensor | None = None  # encoder-decoder: [rows, encoder columns, d_model]
+        self.encoder_mask: torch.Tensor | None = None  # [rows, encoder columns]
 
     def __len__(self) -> int:
         return len(self.rows)
 
     @staticmethod
     def _layers(cache) -> list:
-        return list(cache.layers)
+        """The self-attention layers (the only ones of a decoder-only model's cache)."""
+        return list(getattr(cache, "self_attention_cache", cache).layers)
 
-    def add(self, rows: list[Row], cache, mask: torch.Tensor) -> None:
+    @staticmethod
+    def _cross_layers(cache) -> list:
+        cross = getattr(cache, "cross_attention_cache", None)
+        return list(cross.layers) if cross is not None else []
+
+    def add(self, rows: list[Row], cache, mask: torch.Tensor, encoder: torch.Tensor | None = None,
+            encoder_mask: torch.Tensor | None = None) -> None:
         if not self.rows:
             self.rows, self.cache, self.mask = list(rows), cache, mask
+            self.encoder, self.encoder_mask = encoder, encoder_mask
             return
-        width = max(self.mask.shape[1], mask.shape[1])
         for mine, theirs in zip(self._layers(self.cache), self._layers(cache)):
             for attr in ("keys", "values"):
-                a = _pad_left(getattr(mine, attr), width - self.mask.shape[1], 2)
-                b = _pad_left(getattr(theirs, attr), width - mask.shape[1], 2)
-                setattr(mine, attr, torch.cat([a, b], dim=0))
-        self.mask = torch.cat([_pad_left(self.mask, width - self.mask.shape[1], 1),
-                               _pad_left(mask, width - mask.shape[1], 1)], dim=0)
+                setattr(mine, attr, _merge(getattr(mine, attr), getattr(theirs, attr), 2, _pad_left))
+        for mine, theirs in zip(self._cross_layers(self.cache), self._cross_layers(cache)):
+            for attr in ("keys", "values"):
+                setattr(mine, attr, _merge(getattr(mine, attr), getattr(theirs, attr), 2, _pad_right))
+        self.mask = _merge(self.mask, mask, 1, _pad_left)
+        if self.encoder is not None:
+            self.encoder = _merge(self.encoder, encoder, 1, _pad_right)
+            self.encoder_mask = _merge(self.encoder_mask, encoder_mask, 1, _pad_right)
         self.rows += rows
 
     def keep(self, alive: list[int]) -> None:
         if len(alive) == len(self.rows):
             return
         if not alive:
-            self.rows, self.cache, self.mask = [], None, None
+            self.rows, self.cache, self.mask, self.encoder, self.encoder_mask = [], None, None, None, None
             return
         index = torch.tensor(alive, dtype=torch.long, device=self.mask.device)
-        for layer in self._layers(self.cache):
-            layer.keys = layer.keys.index_select(0, index)
-            layer.values = layer.values.index_select(0, index)
+        for layer in self._layers(self.cache) + self._cross_layers(self.cache):
+            layer.keys = layer.keys.index_select(0, index.to(layer.keys.device))
+            layer.values = layer.values.index_select(0, index.to(layer.values.device))
         self.mask = self.mask.index_select(0, index)
+        if self.encoder is not None:
+            self.encoder = self.encoder.index_select(0, index.to(self.encoder.device))
+            self.encoder_mask = self.encoder_mask.index_select(0, index.to(self.encoder_mask.device))
         self.rows = [self.rows[i] for i in alive]
         self.trim()
 
     def trim(self) -> None:
         used = self.mask.any(dim=0).nonzero()
         start = int(used[0]) if used.numel() else self.mask.shape[1]
-        if start == 0:
+        if start:
+            for layer in self._layers(self.cache):
+                layer.keys = layer.keys[:, :, start:]
+                layer.values = layer.values[:, :, start:]
+            self.mask = self.mask[:, start:]
+        if self.encoder_mask is None:
             return
-        for layer in self._layers(self.cache):
-            layer.keys = layer.keys[:, :, start:]
-            layer.values = layer.values[:, :, start:]
-        self.mask = self.mask[:, start:]
+        used = self.encoder_mask.any(dim=0).nonzero()
+        end = int(used[-1]) + 1 if used.numel() else 0
+        if end < self.encoder_mask.shape[1]:
+            for layer in self._cross_layers(self.cache):
+                layer.keys = layer.keys[:, :, :end]
+                layer.values = layer.values[:, :, :end]
+            self.encoder, self.encoder_mask = self.encoder[:, :end], self.encoder_mask[:, :end]
 
 
 def _plain_lora(module) -> bool:

@@ -12,11 +12,12 @@ Replies stop on EOS, on the prompt format's end-of-turn/stop strings and on the 
 strings; a stop string is never part of the text handed out (text that could be the start of a
 stop string is held back until it is known not to be one).
 
-An encoder-decoder base (T5, BART: ``models.loading.is_seq2seq``) answers one request at a time
-through ``generate``: the prompt goes to the encoder, the decoder's tokens are streamed (its start
-token is not part of the reply), with the same stop rules. The hand-written batched decoder keeps
-a causal KV cache only, so continuous batching does not apply to it (the log says so). Such a base
-has no chat template: ``auto`` renders its input as plain text (``data.templates.seq2seq_format``).
+An encoder-decoder base (T5, BART: ``models.loading.is_seq2seq``) is batched the same way on its
+decoder: a request's prompt goes through the encoder once when it joins (under its own adapter),
+the decoder's tokens are streamed (its start token is not part of the reply), with the same stop
+rules (batching.py says how the encoder states and the cross-attention cache are kept). Such a
+base has no chat template: ``auto`` renders its input as plain text
+(``data.templates.seq2seq_format``).
 
 torch and transformers are imported inside functions, so ``pocketrlhf chat --help`` stays instant.
 """
@@ -526,6 +527,12 @@ class Engine:
         self.batch_sizes: list[int] = []  # rows of each decoding step (tests, benchmarks)
         self._accepted: set[str] | None = None  # the model's forward arguments
         self._mixed = None  # batching.MixedAdapters, made on the first batch that mixes adapters
+        self._positions = None  # batching.DecoderPositions of an encoder-decoder, made on its first batch
+        self._start_id = None
+        if self.seq2seq:
+            from pocketrlhf.models.forward import decoder_start_id, unwrap
+
+            self._start_id = decoder_start_id(unwrap(model)[1])
         self._worker = threading.Thread(target=self._work, name="pocketrlhf-generate", daemon=True)
         self._worker.start()
 
@@ -770,13 +777,15 @@ class Engine:
                     stop_ids.add(ids[0])
         return stop_ids
 
-    def _forward(self, ids, mask, positions, cache, adapters: list[str]):
-        """Last-position logits [rows, vocab] of one pass over the rows (each with its adapter)."""
+    def _forward(self, ids, mask, positions, cache, adapters: list[str], encoder=None, encoder_mask=None):
+        """Last-position logits [rows, vocab] of one pass over the rows (each with its adapter).
+        An encoder-decoder takes the decoder's ids, mask and positions, and the rows' encoder
+        states (``encoder``, ``encoder_mask``); its encoder does not run here."""
         import peft
         import torch
 
         from pocketrlhf.models.forward import unwrap
-        from pocketrlhf.serve.batching import BASE_ADAPTER, MixedAdapters
+        from pocketrlhf.serve.batching import BASE_ADAPTER, DecoderPositions, MixedAdapters
 
         kwargs = {}
         switch = contextlib.nullcontext()
@@ -797,9 +806,29 @@ class Engine:
         kwargs["cache" if "cache" in accepted else "past_key_values"] = cache
         if "logits_to_keep" in accepted:  # the vocabulary projection of the last position only
             kwargs["logits_to_keep"] = 1
-        with switch, torch.no_grad():
-            out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, **kwargs)
+        if encoder is None:
+            with switch, torch.no_grad():
+                out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, **kwargs)
+            return out.logits[:, -1, :]
+        from transformers.modeling_outputs import BaseModelOutput
+
+        if self._positions is None:
+            self._positions = DecoderPositions(unwrap(self.model)[1])
+        with switch, self._positions.use(positions), torch.no_grad():
+            out = self.model(encoder_outputs=BaseModelOutput(last_hidden_state=encoder), attention_mask=encoder_mask,
+                             decoder_input_ids=ids, decoder_attention_mask=mask, use_cache=True, **kwargs)
         return out.logits[:, -1, :]
+
+    def _encode(self, job: _Job):
+        """The encoder's states [1, prompt tokens, d_model] for one job's prompt, under its adapter
+        (alone: exactly what ``generate`` computes for it)."""
+        import torch
+
+        from pocketrlhf.models.forward import unwrap
+
+        ids = torch.tensor([job.prompt_ids], dtype=torch.long, device=self._input_device())
+        with self._switch(job.served), torch.no_grad():
+            return unwrap(self.model)[1].get_encoder()(input_ids=ids, attention_mask=torch.ones_like(ids)).last_hidden_state
 
     def _admit(self, batch, jobs: list[_Job]) -> None:
         """Prefill the new jobs' prompts together, sample their first tokens, merge them into the batch."""
@@ -824,10 +853,16 @@ class Engine:
             generator = None
             if p.seed is not None and p.temperature > 0:
                 generator = torch.Generator(device=self._input_device()).manual_seed(p.seed)
-            seen = torch.tensor(job.prompt_ids, dtype=torch.long) if p.repetition_penalty != 1.0 else None
+            # The repetition penalty covers the ids the model has been fed, as in generate: for an
+            # encoder-decoder that is the decoder's (its start token), not the encoder's prompt.
+            penalised = [self._start_id] if self.seq2seq else job.prompt_ids
+            seen = torch.tensor(penalised, dtype=torch.long) if p.repetition_penalty != 1.0 else None
             decoder = _Decoder(job.stream, job.served.tokenizer, self.tok_lock, self._stop_ids(job), job.stops)
             rows.append(Row(job, decoder, job.served.adapter or BASE_ADAPTER, max_new, generator, seen))
         if not rows:
+            return
+        if self.seq2seq:
+            self._admit_seq2seq(batch, rows)
             return
         from pocketrlhf.models.generation import safe_pad_id
 
@@ -841,6 +876,27 @@ class Engine:
         batch.add(rows, cache, mask)
         self._retire(batch)
 
+    def _admit_seq2seq(self, batch, rows) -> None:
+        """Each new row's prompt through the encoder (one job at a time, its adapter on), then the
+        decoder's start token for all of them in one pass, which fills their cross-attention
+        cache; their first tokens are sampled and the rows merged into the batch."""
+        import torch
+        from transformers import DynamicCache, EncoderDecoderCache
+
+        states = [self._encode(r.job)[0] for r in rows]
+        lengths = torch.tensor([s.shape[0] for s in states], device=states[0].device)
+        width = int(lengths.max())
+        # Right-padded: the encoder states carry no position of their own in cross-attention.
+        encoder = torch.stack([torch.cat([s, s.new_zeros(width - s.shape[0], s.shape[1])]) for s in states])
+        encoder_mask = (torch.arange(width, device=lengths.device)[None, :] < lengths[:, None]).long()
+        ids = torch.full((len(rows), 1), self._start_id, dtype=torch.long, device=self._input_device())
+        mask = torch.ones_like(ids)
+        cache = EncoderDecoderCache(DynamicCache(), DynamicCache())
+        logits = self._forward(ids, mask, torch.zeros_like(ids), cache, [r.adapter for r in rows], encoder, encoder_mask)
+        self._sample(rows, logits)
+        batch.add(rows, cache, mask, encoder, encoder_mask)
+        self._retire(batch)
+
     def _decode(self, batch) -> None:
         """One token for every row of the batch."""
         import torch
@@ -850,7 +906,8 @@ class Engine:
         positions = batch.mask.sum(-1, keepdim=True)
         batch.mask = torch.cat([batch.mask, batch.mask.new_ones((len(batch), 1))], dim=1)
         self.batch_sizes.append(len(batch))
-        logits = self._forward(ids, batch.mask, positions, batch.cache, [r.adapter for r in batch.rows])
+        logits = self._forward(ids, batch.mask, positions, batch.cache, [r.adapter for r in batch.rows],
+                               batch.encoder, batch.encoder_mask)
         self._sample(batch.rows, logits)
         self._retire(batch)
 
