@@ -577,6 +577,16 @@ def test_adapter_scope_decoder_leaves_the_encoder_alone_and_is_refused_on_causal
         attach_adapter(load_base(str(llama), device="cpu", training=False), make_peft_config("lora"), scope="decoder")
 
 
+def test_adapter_scope_decoder_on_a_causal_base_is_a_one_line_error(tmp_path, llama, seq2seq_data, capsys):
+    from pocketrlhf.cli import main
+
+    code = main(["sft", "--model", str(llama), "--data", str(seq2seq_data["sft"]), "--device", "cpu", "--max-steps", "1",
+                 "--no-progress", "--output-dir", str(tmp_path), "--adapter-scope", "decoder"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code != 0 and "--adapter-scope decoder applies to encoder-decoder bases (T5, BART) only" in err[-1]
+    assert "Traceback" not in "\n".join(err)
+
+
 @pytest.fixture(scope="module")
 def decoder_only_adapters(tmp_path_factory, tiny_t5, seq2seq_data):
     """An SFT adapter and a reward adapter + head trained with --adapter-scope decoder (a few steps)."""
