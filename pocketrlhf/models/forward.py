@@ -28,7 +28,9 @@ encoder (``encoder_class``): an adapter with no weights in the encoder leaves it
 the reference with adapters off, a decoder-only policy, value and reward adapters all read one
 pass (``--adapter-scope decoder``). Two adapters that both act in the encoder never share, and an
 encoder with trainable weights always runs its own pass. A reused output is the very tensor the
-first call computed, so results are bitwise those without reuse.
+first call computed, so results are bitwise those without reuse. A scope keeps the outputs of its
+no-grad passes until it ends (an online step: rollouts x prompt length x d_model values per
+encoder class); a pass with gradient reads them but is not kept.
 """
 
 from __future__ import annotations

@@ -13,7 +13,9 @@ One step of ``train``::
 Every role lives on ONE frozen base: the policy is adapter "policy", the reference the frozen
 copy "reference" of the SFT adapter (or adapters off), a reward model the frozen adapter "reward".
 Under FSDP that base is sharded and every role's forward runs through its root (``wrap``,
-``Roles.run``), all processes running the same number of them (generation in lockstep).
+``Roles.run``), all processes running the same number of them (generation in lockstep). On an
+encoder-decoder base the passes of one step share encoder passes where the roles' adapters leave
+the encoder the same (``forward.encoder_reuse``; not under FSDP).
 """
 
 from __future__ import annotations
