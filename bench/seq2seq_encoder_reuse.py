@@ -145,7 +145,8 @@ def main() -> None:
 
     root = Path(tempfile.mkdtemp(prefix="encoder_reuse_bench_"))
     model_dir = build_tiny_model(root / "t5", "t5", texts=synthetic.corpus(), **SIZES[args.size])
-    vocab, eos = SIZES[args.size]["vocab_size"], 1
+    config = json.loads((model_dir / "config.json").read_text())  # the tokenizer may have fewer tokens than asked
+    vocab, eos = config["vocab_size"], config["eos_token_id"]
     ids, attn, resp = rollout_rows(args.rollouts, args.prompt_length, args.answer_length, vocab, 0, eos)
     pairs = rollout_rows(args.batch, args.prompt_length, args.answer_length, vocab, 1, eos)
     print(f"[bench] T5 {args.size}, {args.rollouts} rollouts in micro-batches of {args.batch}, prompts "
