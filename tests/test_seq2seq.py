@@ -389,21 +389,33 @@ def test_dpo_loss_on_a_batch_equals_the_formula_by_hand(tiny_t5):
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for n, p in model.named_parameters() if "encoder" in n)
 
 
-def test_the_pipeline_runs_every_stage_on_a_t5_base(tmp_path, tiny_t5, seq2seq_data):
+@pytest.mark.parametrize("scope", ["all", "decoder"])
+def test_the_pipeline_runs_every_stage_on_a_t5_base(tmp_path, tiny_t5, seq2seq_data, scope):
     """sft (packing off without being told), rm, ppo with the reward adapter and a value adapter on
-    the decoder, dpo and the evaluation (sampling, KL to the SFT adapter, reward-model scores)."""
+    the decoder, dpo and the evaluation (sampling, KL to the SFT adapter, reward-model scores).
+    With ``adapter_scope: decoder`` every stage's adapter leaves the encoder alone, and PPO's
+    policy, reference, reward and value read one encoder pass per micro-batch."""
+    from safetensors import safe_open
+
     from pocketrlhf.pipeline import Pipeline, PipelineConfig
 
     from test_pipeline import tiny_pipeline
 
     data = {k: str(v) for k, v in seq2seq_data.items()}
-    cfg = tiny_pipeline(tiny_t5, data, tmp_path / "run")
+    cfg = tiny_pipeline(tiny_t5, data, tmp_path / "run", adapter_scope=scope)
     cfg["sft"].pop("packing")
     cfg["ppo"]["value_model"] = "adapter"  # a value adapter of its own, started from the reward model
     Pipeline(PipelineConfig(**cfg)).run()
+    for stage in ("sft", "rm", "ppo", "dpo"):
+        with safe_open(str(tmp_path / "run" / stage / "adapter" / "adapter_model.safetensors"), "pt") as f:
+            assert any(k.startswith("base_model.model.encoder.") for k in f.keys()) == (scope == "all"), stage
+    if scope == "decoder":  # 8 rollouts in 2 micro-batches: the reward's pass serves old policy, value, reference
+        assert all(r["encoder_passes_reused"] >= 6 for r in stage_metrics(tmp_path / "run" / "ppo"))
     results = json.loads((tmp_path / "run" / "evaluation" / "results.json").read_text())
     assert set(results) == {"base", "sft", "ppo", "dpo"}
-    assert results["sft"]["kl_to_sft"] == 0.0 and results["ppo"]["kl_to_sft"] > 0
+    # (2 tiny PPO steps: the sampled KL estimate of a policy that moved little may come out slightly negative)
+    assert results["sft"]["kl_to_sft"] == 0.0 and (results["ppo"]["kl_to_sft"] > 0 if scope == "all"
+                                                   else results["ppo"]["kl_to_sft"] != 0)
     assert all(0 <= row["eos_fraction"] <= 1 and "reward_model_score" in row for row in results.values())
     assert json.loads((tmp_path / "run" / "sft" / "summary.json").read_text())["train_loss"] > 0
     first = stage_metrics(tmp_path / "run" / "ppo")[0]
