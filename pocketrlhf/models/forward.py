@@ -225,7 +225,8 @@ class EncoderCache:
     @staticmethod
     def key(cls: frozenset[str], ids: torch.Tensor, mask: torch.Tensor) -> tuple:
         device = ids.device.type
-        autocast = (torch.is_autocast_enabled(device), torch.get_autocast_dtype(device)) if device in ("cpu", "cuda") else ()
+        autocast = ((torch.is_autocast_enabled(device), torch.get_autocast_dtype(device)) if device in ("cpu", "cuda")
+                    else ())
         return (cls, autocast, tuple(ids.shape), ids.cpu().numpy().tobytes(), mask.cpu().numpy().tobytes())
 
 
@@ -264,8 +265,10 @@ def _encode(lm: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> torch
     return encoded
 
 
-def describe_encoder_sharing(model: torch.nn.Module, roles: dict[str, str | None], trained: set[str] = frozenset()) -> str:
-    """One line saying which roles (role -> adapter name, None: adapters off) read one encoder pass."""
+def describe_encoder_sharing(model: torch.nn.Module, roles: dict[str, str | None], trained: set[str] = frozenset(),
+                             enabled: bool = True) -> str:
+    """One line saying which roles (role -> adapter name, None: adapters off) read one encoder pass
+    (``enabled``: whether the run opens ``encoder_reuse`` scopes at all)."""
     touching = encoder_adapters(model)
     groups: dict[str, list[str]] = {}
     for role, adapter in roles.items():
@@ -277,6 +280,8 @@ def describe_encoder_sharing(model: torch.nn.Module, roles: dict[str, str | None
         parts.append(f"one for {', '.join(names)} (adapter '{adapter}' acts in the encoder"
                      + ("; trained: run anew in every call" if adapter in trained else "") + ")")
     hint = "" if not touching else " (--adapter-scope decoder keeps adapters out of the encoder)"
+    if not enabled:
+        hint += "; under FSDP every role runs its own (every process must run the same passes)"
     return "encoder passes: " + "; ".join(parts) + hint
 
 

@@ -289,8 +289,8 @@ def train(cfg: DPOConfig) -> dict:
     if is_seq2seq(model):
         from pocketrlhf.models.forward import describe_encoder_sharing
 
-        log.info("%s%s", describe_encoder_sharing(model, {"policy": "default", "reference": reference}, {"default"}),
-                 "" if stage.reuse_encoder else " (not under FSDP: every process runs every pass)")
+        log.info("%s", describe_encoder_sharing(model, {"policy": "default", "reference": reference}, {"default"},
+                                                enabled=stage.reuse_encoder))
     if cfg.precompute_ref_logprobs:  # before any checkpoint is loaded: the reference never trains anyway
         sets = with_reference(run.dir / REFERENCE_CACHE, {"train": train_set, "eval": eval_set}, stage, cfg, device,
                               accelerator)

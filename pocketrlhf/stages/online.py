@@ -525,9 +525,8 @@ def train(cfg, algorithm: OnlineAlgorithm) -> dict:
              f"frozen copy of the SFT adapter ({cfg.sft_adapter})" if roles.reference else "base (adapters off)",
              " + ".join(f"{s.weight:g} x {s.name}" for s in roles.reward.sources), algorithm.describe())
     if is_seq2seq(roles.model):
-        log.info("%s%s", describe_encoder_sharing(roles.model, model_roles(roles), trained=set(
-            name for name in (POLICY, roles.value_adapter) if name)),
-                 "" if not roles.sharded else " (not under FSDP: every process runs every pass)")
+        trained = {name for name in (POLICY, roles.value_adapter) if name}
+        log.info("%s", describe_encoder_sharing(roles.model, model_roles(roles), trained, enabled=not roles.sharded))
     before = {}
     if cfg.eval_at_start and start_step == 0 and len(eval_prompts):
         before = {f"eval_start_{k}": v for k, v in _log_eval(cfg, run, roles, tokenizer, eval_prompts, 0).items()}
