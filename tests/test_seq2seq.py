@@ -652,14 +652,21 @@ def test_a_ppo_scoring_step_encodes_each_batch_once_for_every_role(tiny_t5, seq2
     assert torch.allclose(scores.float(), r.raw_scores, atol=1e-5)
 
 
-def test_dpo_policy_reads_the_reference_encoder_pass(tiny_t5):
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_dpo_policy_reads_the_reference_encoder_pass(tiny_t5, checkpointing):
     """A decoder-only DPO adapter, reference with adapters off, reference log-probs computed in the
-    step: one encoder pass per batch for both, loss and gradients bitwise those without reuse."""
+    step: one encoder pass per batch for both, loss and gradients bitwise those without reuse
+    (with gradient checkpointing too, whose recomputation reads the shared encoder output)."""
     from pocketrlhf.data.formats import PreferencePair, Skipped
     from pocketrlhf.stages import dpo
 
     tok = load_tokenizer(str(tiny_t5))
-    model = scoped_lora(load_base(str(tiny_t5), device="cpu"), "default", "decoder", 0, scale=0.1)
+    base = load_base(str(tiny_t5), device="cpu")
+    if checkpointing:
+        base.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        assert base.is_gradient_checkpointing
+    model = scoped_lora(base, "default", "decoder", 0, scale=0.1)
+    model.train()
     cfg = dpo.DPOConfig(model=str(tiny_t5), data="unused", beta=0.3)
     examples = dpo.tokenize(tok, [PreferencePair(p, a, b) for p, a, b in zip(PROMPTS, ANSWERS, ANSWERS[::-1][:2] + ["x"])],
                             None, Skipped())
