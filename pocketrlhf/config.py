@@ -63,6 +63,10 @@ class AdapterOptions:
     target_modules: str = option(
         "all-linear", "comma-separated module names, or all-linear (every linear layer but the output head)"
     )
+    adapter_scope: Literal["all", "decoder"] = option(
+        "all", "encoder-decoder bases (T5, BART): adapt encoder and decoder (all), or the decoder only (decoder: the "
+        "encoder stays the base's, and every role whose adapters leave it so, the reference included, reads one "
+        "encoder pass per prompt); causal LMs: all only")
     num_virtual_tokens: int = option(16, "prompt/prefix tuning: number of virtual tokens")
     gradient_checkpointing: bool = option(False, "recompute activations in backward to save memory")
     reentrant_checkpointing: bool = option(

@@ -26,6 +26,7 @@ import dataclasses
 import json
 import time
 from pathlib import Path
+from typing import Literal
 
 from pocketrlhf.config import ModelOptions, check_paths, from_dict, option, save_config
 from pocketrlhf.data.templates import TemplateName
@@ -36,7 +37,7 @@ from pocketrlhf.paths import missing_model_message
 STAGES = ("data", "sft", "rm", "ppo", "grpo", "dpo", "eval")
 POLICY_STAGES = ("ppo", "grpo", "dpo")  # the policies the evaluation compares
 SHARED = ("model", "quantization", "quant_type", "double_quant", "compute_dtype", "dtype", "device",
-          "trust_remote_code", "template", "seed", "progress")
+          "trust_remote_code", "template", "seed", "progress", "adapter_scope")
 # Checkpoint cadence when a stage section sets none, so an interrupted pipeline can resume.
 DEFAULT_SAVE_STEPS = {"sft": 100, "rm": 100, "dpo": 100, "ppo": 10, "grpo": 10}
 
@@ -46,6 +47,9 @@ class PipelineConfig(ModelOptions):
     output_dir: str = option("runs/pipeline", "one folder for every stage's run, the data and the evaluation")
     template: TemplateName = option("plain", "prompt format of every stage (stackllama for Stack Exchange data)")
     seed: int = option(0, "seed of every stage")
+    adapter_scope: Literal["all", "decoder"] = option(
+        "all", "encoder-decoder bases: every stage's adapters on encoder and decoder (all) or the decoder only "
+        "(decoder: PPO's and DPO's roles then share one encoder pass)")
     progress: bool = option(True, "progress bars")
     stages: list[str] = option(["sft", "rm", "ppo", "eval"], f"stages to run, in order: any of {', '.join(STAGES)}")
     stackexchange: str = option("", "raw Stack Exchange data for the data stage (Posts.xml[.gz|.bz2|.7z] or paired data)")

@@ -282,14 +282,22 @@ def test_reward_model_ranks_held_out_pairs(tmp_path, tiny_t5, tiny_bart, seq2seq
                                 output=str(tmp_path / "text.jsonl"), device="cpu"))
 
 
-@pytest.mark.parametrize("arch,quantization", [("t5", "none"), ("t5", "4bit"), ("bart", "none")])
-def test_dpo_raises_implicit_accuracy(tmp_path, tiny_t5, tiny_bart, seq2seq_data, arch, quantization):
+@pytest.mark.parametrize("arch,quantization,scope", [("t5", "none", "all"), ("t5", "4bit", "all"), ("bart", "none", "all"),
+                                                    ("t5", "none", "decoder")])
+def test_dpo_raises_implicit_accuracy(tmp_path, tiny_t5, tiny_bart, seq2seq_data, arch, quantization, scope, caplog):
+    """Also with a decoder-only adapter and the reference run in every step: the policy then reads
+    the reference's encoder pass."""
+    import logging
+
     from pocketrlhf.stages import dpo
 
+    caplog.set_level(logging.INFO, logger="pocketrlhf")
     summary = dpo.train(dpo.DPOConfig(model=str(tiny_t5 if arch == "t5" else tiny_bart), data=str(seq2seq_data["pairs"]), output_dir=str(tmp_path),
                                       device="cpu", quantization=quantization, batch_size=8, learning_rate=3e-3,
                                       max_steps=15, eval_fraction=0.2, lora_r=8, progress=False, seed=0,
-                                      logging_steps=1))
+                                      logging_steps=1, adapter_scope=scope, precompute_ref_logprobs=scope == "all"))
+    shared = "encoder passes: one for policy, reference (the base's encoder)"
+    assert (shared in caplog.text) == (scope == "decoder"), caplog.text[-2000:]
     rows = stage_metrics(tmp_path)
     assert rows[0]["loss"] == pytest.approx(0.6931, abs=1e-3)  # a fresh adapter is its reference
     assert summary["eval_accuracy"] >= 0.75 and summary["eval_loss"] < 0.6, summary
@@ -309,20 +317,28 @@ def letters_reward(tmp_path_factory):
     return f"{path}:letters"
 
 
-@pytest.mark.parametrize("quantization", ["none", "4bit"])
+@pytest.mark.parametrize("quantization,scope", [("none", "all"), ("4bit", "all"), ("none", "decoder")])
 def test_ppo_raises_a_rule_reward_with_a_value_head_on_decoder_states(tmp_path, tiny_t5, seq2seq_data,
-                                                                      letters_reward, quantization):
+                                                                      letters_reward, quantization, scope):
     """Rollouts sampled from the decoder, log-probs and values recomputed in the row layout: the
     first minibatch of every step is exactly on-policy (ratio 1, approx KL 0), the KL to the
-    reference starts at 0, and the held-out score rises."""
+    reference starts at 0, and the held-out score rises. With a decoder-only policy the reference
+    (adapters off) reads the old policy pass's encoder output."""
     from pocketrlhf.stages import ppo
 
     summary = ppo.train(ppo.PPOConfig(
         model=str(tiny_t5), prompts=str(seq2seq_data["prompts"]), output_dir=str(tmp_path), device="cpu",
         quantization=quantization, reward_function=letters_reward, max_steps=6, learning_rate=1e-2, rollouts_per_step=32, batch_size=16,
         gradient_accumulation_steps=1, max_new_tokens=4, ppo_epochs=2, kl_coef=0.05, adaptive_kl=False,
-        lr_scheduler="constant", eval_fraction=0.25, eval_at_start=True, progress=False, seed=0, lora_r=8))
+        lr_scheduler="constant", eval_fraction=0.25, eval_at_start=True, progress=False, seed=0, lora_r=8,
+        adapter_scope=scope))
     rows = stage_metrics(tmp_path)
+    # 2 micro-batches a step. Scope decoder: the policy's encoder is the frozen base's, so the old policy
+    # pass encodes them, the reference reads them, and so may the 2 epochs x 2 shuffled micro-batches of
+    # the update (when they hold the same prompts). Scope all: only the reference's passes go through.
+    passes = [(r["encoder_passes"], r["encoder_passes_reused"]) for r in rows]
+    assert all(run + reused == (8 if scope == "decoder" else 2) for run, reused in passes), passes
+    assert all(reused >= 2 for _, reused in passes) if scope == "decoder" else passes[0] == (2, 0)
     assert rows[0]["kl"] == 0.0
     assert all(r["first_ratio"] == pytest.approx(1.0, abs=1e-5) and abs(r["first_approxkl"]) < 1e-6 for r in rows)
     assert summary["eval_score"] > summary["eval_start_score"] + 0.1, summary
@@ -373,21 +389,33 @@ def test_dpo_loss_on_a_batch_equals_the_formula_by_hand(tiny_t5):
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for n, p in model.named_parameters() if "encoder" in n)
 
 
-def test_the_pipeline_runs_every_stage_on_a_t5_base(tmp_path, tiny_t5, seq2seq_data):
+@pytest.mark.parametrize("scope", ["all", "decoder"])
+def test_the_pipeline_runs_every_stage_on_a_t5_base(tmp_path, tiny_t5, seq2seq_data, scope):
     """sft (packing off without being told), rm, ppo with the reward adapter and a value adapter on
-    the decoder, dpo and the evaluation (sampling, KL to the SFT adapter, reward-model scores)."""
+    the decoder, dpo and the evaluation (sampling, KL to the SFT adapter, reward-model scores).
+    With ``adapter_scope: decoder`` every stage's adapter leaves the encoder alone, and PPO's
+    policy, reference, reward and value read one encoder pass per micro-batch."""
+    from safetensors import safe_open
+
     from pocketrlhf.pipeline import Pipeline, PipelineConfig
 
     from test_pipeline import tiny_pipeline
 
     data = {k: str(v) for k, v in seq2seq_data.items()}
-    cfg = tiny_pipeline(tiny_t5, data, tmp_path / "run")
+    cfg = tiny_pipeline(tiny_t5, data, tmp_path / "run", adapter_scope=scope)
     cfg["sft"].pop("packing")
     cfg["ppo"]["value_model"] = "adapter"  # a value adapter of its own, started from the reward model
     Pipeline(PipelineConfig(**cfg)).run()
+    for stage in ("sft", "rm", "ppo", "dpo"):
+        with safe_open(str(tmp_path / "run" / stage / "adapter" / "adapter_model.safetensors"), "pt") as f:
+            assert any(k.startswith("base_model.model.encoder.") for k in f.keys()) == (scope == "all"), stage
+    if scope == "decoder":  # 8 rollouts in 2 micro-batches: the reward's pass serves old policy, value, reference
+        assert all(r["encoder_passes_reused"] >= 6 for r in stage_metrics(tmp_path / "run" / "ppo"))
     results = json.loads((tmp_path / "run" / "evaluation" / "results.json").read_text())
     assert set(results) == {"base", "sft", "ppo", "dpo"}
-    assert results["sft"]["kl_to_sft"] == 0.0 and results["ppo"]["kl_to_sft"] > 0
+    # (2 tiny PPO steps: the sampled KL estimate of a policy that moved little may come out slightly negative)
+    assert results["sft"]["kl_to_sft"] == 0.0 and (results["ppo"]["kl_to_sft"] > 0 if scope == "all"
+                                                   else results["ppo"]["kl_to_sft"] != 0)
     assert all(0 <= row["eos_fraction"] <= 1 and "reward_model_score" in row for row in results.values())
     assert json.loads((tmp_path / "run" / "sft" / "summary.json").read_text())["train_loss"] > 0
     first = stage_metrics(tmp_path / "run" / "ppo")[0]
@@ -434,3 +462,224 @@ def test_dpo_on_a_t5_under_fsdp_matches_one_process(tmp_path, tiny_t5, seq2seq_d
     assert a.keys() == b.keys() and any("encoder" in k for k in a)
     for k in a:
         assert (a[k] - b[k]).abs().max().item() < 1e-4, k
+
+
+# ---------------------------------------------------------------------------------------------
+# One encoder pass for the roles whose adapters leave the encoder the base's (forward.encoder_reuse).
+
+
+def scoped_lora(model, name, scope, seed, scale=0.3):
+    """``perturbed_lora`` limited to the decoder (scope "decoder") or on both stacks ("all")."""
+    model = attach_adapter(model, make_peft_config("lora", r=4, alpha=8), name, scope=scope)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if f"lora_B.{name}." in n:
+                p.copy_(torch.randn(p.shape, generator=g) * scale)
+    return model
+
+
+def role_outputs(model, adapters, roles, ids, attn, resp, trained="policy"):
+    """Each role's no-grad log-probs, then the trained adapter's log-probs with gradient and the
+    gradient of their sum over its weights."""
+    out = {}
+    with torch.no_grad():
+        for role in roles:
+            with adapters.use(role):
+                out[role] = response_logprobs(model, ids, attn, resp, return_hidden=True)
+    with adapters.use(trained):
+        loss = response_logprobs(model, ids, attn, resp).logprobs.sum()
+        weights = [p for n, p in model.named_parameters() if f".{trained}." in n]
+        grads = torch.autograd.grad(loss, weights)
+    return out, loss.detach(), grads
+
+
+@pytest.mark.parametrize("quantization", ["none", "4bit"])
+def test_decoder_only_adapters_share_one_encoder_pass_exactly(tiny_t5, quantization):
+    """Policy, reward and value adapters on the decoder only, reference with adapters off: within
+    encoder_reuse the encoder runs once for all of them, the policy's training forward included
+    (its encoder is frozen), and every number, gradients too, is bitwise the one without reuse."""
+    from pocketrlhf.models.forward import encoder_reuse, unwrap
+
+    tok = load_tokenizer(str(tiny_t5))
+    model = load_base(str(tiny_t5), quantization, device="cpu", training=False)
+    for seed, name in enumerate(("policy", "reward", "value")):
+        model = scoped_lora(model, name, "decoder", seed)
+    for n, p in model.named_parameters():
+        p.requires_grad_(".policy." in n)  # what trains: the policy only
+    model.eval()
+    adapters = AdapterSet(model)
+    calls = count_encoder_rows(model)
+    _, ids, attn, resp = rows(tok, PROMPTS + PROMPTS[:1], ANSWERS + ANSWERS[1:2])
+    roles = ("policy", None, "reward", "value")
+    plain, plain_loss, plain_grads = role_outputs(model, adapters, roles, ids, attn, resp)
+    assert calls == [3] * 5  # each call encodes the 3 distinct prompts
+    calls.clear()
+    with encoder_reuse(model) as cache:
+        shared, shared_loss, shared_grads = role_outputs(model, adapters, roles, ids, attn, resp)
+    assert calls == [3] and (cache.runs, cache.reused) == (1, 4)
+    assert unwrap(model)[1]._pocketrlhf_encoder_cache is None  # the scope ends with its body
+    for role in roles:
+        assert torch.equal(shared[role].logprobs, plain[role].logprobs) and torch.equal(shared[role].hidden,
+                                                                                      plain[role].hidden)
+    assert torch.equal(shared_loss, plain_loss) and all(torch.equal(a, b) for a, b in zip(shared_grads, plain_grads))
+    assert not torch.equal(plain["policy"].logprobs, plain[None].logprobs)  # the adapters do change the outputs
+
+
+def test_an_adapter_in_the_encoder_gets_its_own_pass(tiny_t5):
+    """A policy adapter on encoder and decoder: its encoder differs from the base's, so the
+    reference (adapters off) and a decoder-only reward share one pass, the policy runs its own,
+    and, being trained, runs it again in every call with gradient (which reaches its encoder
+    weights); every number equals the path without reuse."""
+    from pocketrlhf.models.forward import describe_encoder_sharing, encoder_class, encoder_reuse, unwrap
+
+    tok = load_tokenizer(str(tiny_t5))
+    model = scoped_lora(load_base(str(tiny_t5), device="cpu", training=False), "policy", "all", 1)
+    model = scoped_lora(model, "reward", "decoder", 2)
+    model = scoped_lora(model, "critic", "all", 3)  # frozen, on the encoder too
+    for n, p in model.named_parameters():
+        p.requires_grad_(".policy." in n)
+    model.eval()
+    adapters = AdapterSet(model)
+    lm = unwrap(model)[1]
+    with adapters.use("policy"):
+        assert encoder_class(lm) == (frozenset({"policy"}), False)
+    with adapters.use("critic"):
+        assert encoder_class(lm) == (frozenset({"critic"}), True)
+    for role in (None, "reward"):
+        with adapters.use(role):
+            assert encoder_class(lm) == (frozenset(), True)  # the trainable policy's weights are idle there
+    assert describe_encoder_sharing(model, {"policy": "policy", "reference": None, "reward": "reward", "critic": "critic"},
+                                    {"policy"}) == (
+        "encoder passes: one for reference, reward (the base's encoder); one for policy (adapter 'policy' acts in the "
+        "encoder; trained: run anew in every call); one for critic (adapter 'critic' acts in the encoder) "
+        "(--adapter-scope decoder keeps adapters out of the encoder)")
+    _, ids, attn, resp = rows(tok, PROMPTS, ANSWERS)
+    roles = ("policy", None, "reward", "critic", "critic")
+    plain, plain_loss, plain_grads = role_outputs(model, adapters, roles, ids, attn, resp)
+    calls = count_encoder_rows(model)
+    with encoder_reuse(model) as cache:
+        shared, shared_loss, shared_grads = role_outputs(model, adapters, roles, ids, attn, resp)
+        with torch.no_grad(), adapters.use("policy"):  # trainable encoder: never kept, never reused
+            response_logprobs(model, ids, attn, resp)
+    # policy, base (reference + reward), critic (twice, once run), policy with grad, policy again
+    assert len(calls) == 5 and (cache.runs, cache.reused) == (2, 2)
+    for role in roles:
+        assert torch.equal(shared[role].logprobs, plain[role].logprobs)
+    assert torch.equal(shared_loss, plain_loss) and all(torch.equal(a, b) for a, b in zip(shared_grads, plain_grads))
+    names = [n for n, p in model.named_parameters() if ".policy." in n]
+    assert any(g.abs().sum() > 0 for n, g in zip(names, shared_grads) if ".encoder." in n)
+    assert not torch.allclose(plain["policy"].hidden, plain[None].hidden)
+
+
+def test_adapter_scope_decoder_leaves_the_encoder_alone_and_is_refused_on_causal_bases(tiny_t5, tiny_bart, llama):
+    from pocketrlhf.errors import ModelLoadError
+    from pocketrlhf.models.forward import encoder_adapters
+
+    for path in (tiny_t5, tiny_bart):
+        for method in ("lora", "ia3", "loha"):
+            model = attach_adapter(load_base(str(path), device="cpu", training=False), make_peft_config(method, r=4),
+                                   scope="decoder")
+            adapted = [n for n, p in model.named_parameters() if p.requires_grad]
+            assert adapted and all(".decoder." in n for n in adapted), (path.name, method)
+            assert encoder_adapters(model) == set()
+        if path == tiny_bart:  # the decoder's cross-attention reads the encoder but belongs to the decoder
+            assert any("encoder_attn" in n for n in adapted)
+    with pytest.raises(ModelLoadError, match="--adapter-scope decoder applies to encoder-decoder bases"):
+        attach_adapter(load_base(str(llama), device="cpu", training=False), make_peft_config("lora"), scope="decoder")
+
+
+def test_adapter_scope_decoder_on_a_causal_base_is_a_one_line_error(tmp_path, llama, seq2seq_data, capsys):
+    from pocketrlhf.cli import main
+
+    code = main(["sft", "--model", str(llama), "--data", str(seq2seq_data["sft"]), "--device", "cpu", "--max-steps", "1",
+                 "--no-progress", "--output-dir", str(tmp_path), "--adapter-scope", "decoder"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code != 0 and "--adapter-scope decoder applies to encoder-decoder bases (T5, BART) only" in err[-1]
+    assert "Traceback" not in "\n".join(err)
+
+
+@pytest.fixture(scope="module")
+def decoder_only_adapters(tmp_path_factory, tiny_t5, seq2seq_data):
+    """An SFT adapter and a reward adapter + head trained with --adapter-scope decoder (a few steps)."""
+    from pocketrlhf.stages import rm, sft
+
+    root = tmp_path_factory.mktemp("decoder_only")
+    common = dict(model=str(tiny_t5), device="cpu", adapter_scope="decoder", max_steps=3, lora_r=8, progress=False,
+                  eval_fraction=0.0, batch_size=8, learning_rate=3e-3)
+    sft.train(sft.SFTConfig(data=str(seq2seq_data["sft"]), output_dir=str(root / "sft"), packing=False, seq_length=64,
+                            **common))
+    rm.train(rm.RMConfig(data=str(seq2seq_data["pairs"]), output_dir=str(root / "rm"), **common))
+    return {"sft": root / "sft" / "adapter", "rm": root / "rm" / "adapter"}
+
+
+@pytest.mark.parametrize("group_size", [1, 2])
+def test_a_ppo_scoring_step_encodes_each_batch_once_for_every_role(tiny_t5, seq2seq_data, decoder_only_adapters,
+                                                                   group_size):
+    """PPO with a decoder-only policy (a copy of a decoder-only SFT adapter), its frozen copy as the
+    reference, a decoder-only reward adapter and a value adapter started from it: the reward's
+    encoder pass of each micro-batch serves the old policy, the value and the reference (GRPO's
+    policy and reference passes too), with the numbers of the path without reuse."""
+    from pocketrlhf.models.forward import describe_encoder_sharing, encoder_reuse
+    from pocketrlhf.stages import online, ppo
+
+    tok = load_tokenizer(str(tiny_t5))
+    cfg = ppo.PPOConfig(model=str(tiny_t5), device="cpu", sft_adapter=str(decoder_only_adapters["sft"]),
+                        reward_adapter=str(decoder_only_adapters["rm"]), value_model="adapter", adapter_scope="decoder",
+                        batch_size=4, max_new_tokens=5, lora_r=8)
+    roles = ppo.build_roles(cfg, 10)
+    assert roles.reference == ppo.REFERENCE and roles.value_adapter == ppo.VALUE
+    line = describe_encoder_sharing(roles.model, online.model_roles(roles))
+    assert line == "encoder passes: one for policy, reference, reward, value (the base's encoder)"
+    module = ppo.PPO(cfg).trained_module(roles)
+    prompts = online.Prompts([tok(p)["input_ids"] for p in PROMPTS * 2 + ["good"] * 2], [{}] * 8)
+    seeds = list(range(8 * group_size))
+    calls = count_encoder_rows(roles.model)
+    with encoder_reuse(roles.model) as cache:
+        r = online.generate_rollouts(cfg, roles, tok, prompts, seeds, group_size=group_size)
+        batches = cache.runs  # the reward adapter's passes, one per micro-batch
+        assert batches == len(online.micro_batches(8 * group_size, cfg.batch_size, group_size)) and cache.reused == 0
+        calls.clear()
+        old = ppo.old_policy_pass(cfg, roles, module, r)
+        grpo_policy = online.adapter_logprobs(cfg, roles, r, ppo.POLICY)
+        assert calls == [] and cache.reused == 4 * batches  # old policy + value, reference, GRPO's policy pass
+    want = ppo.old_policy_pass(cfg, roles, module, r)
+    assert len(calls) == 3 * batches  # without reuse: policy, value and reference encode every micro-batch
+    for k in want:
+        assert torch.equal(old[k], want[k]), k
+    assert torch.equal(grpo_policy, online.adapter_logprobs(cfg, roles, r, ppo.POLICY))
+    scores = roles.reward.sources[0].score(r.input_ids, r.attention_mask, None, None, None, 1, r.prompt_lengths)
+    assert torch.allclose(scores.float(), r.raw_scores, atol=1e-5)
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_dpo_policy_reads_the_reference_encoder_pass(tiny_t5, checkpointing):
+    """A decoder-only DPO adapter, reference with adapters off, reference log-probs computed in the
+    step: one encoder pass per batch for both, loss and gradients bitwise those without reuse
+    (with gradient checkpointing too, whose recomputation reads the shared encoder output)."""
+    from pocketrlhf.data.formats import PreferencePair, Skipped
+    from pocketrlhf.stages import dpo
+
+    tok = load_tokenizer(str(tiny_t5))
+    base = load_base(str(tiny_t5), device="cpu")
+    if checkpointing:
+        base.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        assert base.is_gradient_checkpointing
+    model = scoped_lora(base, "default", "decoder", 0, scale=0.1)
+    model.train()
+    cfg = dpo.DPOConfig(model=str(tiny_t5), data="unused", beta=0.3)
+    examples = dpo.tokenize(tok, [PreferencePair(p, a, b) for p, a, b in zip(PROMPTS, ANSWERS, ANSWERS[::-1][:2] + ["x"])],
+                            None, Skipped())
+    stage = dpo.DPOLoss(cfg, tok.pad_token_id, dpo.PairLogps(model), AdapterSet(model), None, share_prompt=False)
+    batch = stage.batch(examples)
+    weights = [p for p in model.parameters() if p.requires_grad]
+    calls = count_encoder_rows(model)
+    results = {}
+    for reuse in (True, False):
+        stage.reuse_encoder = reuse
+        calls.clear()
+        loss, _ = stage.loss(stage.logps, batch)
+        results[reuse] = (loss.detach(), torch.autograd.grad(loss, weights), len(calls))
+    assert results[True][2] == 1 and results[False][2] == 2
+    assert torch.equal(results[True][0], results[False][0]) and abs(results[True][0].item() - 3 * 0.6931) > 1e-3
+    assert all(torch.equal(a, b) for a, b in zip(results[True][1], results[False][1]))

@@ -102,22 +102,44 @@ def make_peft_config(
     raise ValueError(f"unknown adapter method '{method}'")
 
 
-def attach_adapter(model: torch.nn.Module, peft_config, name: str = "default"):
+ADAPTER_SCOPES = ("all", "decoder")
+
+
+def encoder_exclusion(model: torch.nn.Module) -> str:
+    """A peft ``exclude_modules`` pattern matching every module of the encoder of ``model`` (a
+    transformers encoder-decoder), whatever the family calls it (T5: ``encoder.``, BART:
+    ``model.encoder.``; BART's cross-attention ``encoder_attn`` sits in the decoder and stays)."""
+    encoder = model.get_encoder()
+    prefix = next(name for name, module in model.named_modules() if module is encoder)
+    return re.escape(prefix) + r"(\..*)?"
+
+
+def attach_adapter(model: torch.nn.Module, peft_config, name: str = "default", scope: str = "all"):
     """Add a fresh trainable adapter. ``model`` may be a plain transformers model or a PeftModel.
 
     The peft task type follows the base: SEQ_2_SEQ_LM on an encoder-decoder (``is_seq2seq``), where
     ``all-linear`` adapts encoder and decoder alike (T5: q, k, v, o, wi_0, wi_1, wo; BART: q/k/v/out_proj,
-    fc1, fc2), the output layer excepted."""
+    fc1, fc2), the output layer excepted. ``scope="decoder"`` keeps the adapter out of the encoder:
+    the encoder stays the base's, so every role reads one encoder pass (``forward.encoder_reuse``)."""
     import peft
 
     from pocketrlhf.models.loading import is_seq2seq
 
+    if scope not in ADAPTER_SCOPES:
+        raise ModelLoadError(f"--adapter-scope {scope}: choose one of {', '.join(ADAPTER_SCOPES)}")
     if is_seq2seq(model):
         if peft_config.is_prompt_learning:
             method = str(getattr(peft_config.peft_type, "value", peft_config.peft_type)).lower()
             raise ModelLoadError(f"--adapter {method} is not supported on an encoder-decoder base yet; use lora, "
                                  "loha, lokr, adalora or ia3")
         peft_config.task_type = "SEQ_2_SEQ_LM"
+        if scope == "decoder":
+            from pocketrlhf.models.forward import unwrap
+
+            peft_config.exclude_modules = encoder_exclusion(unwrap(model)[1])
+    elif scope != "all":
+        raise ModelLoadError(f"--adapter-scope {scope} applies to encoder-decoder bases (T5, BART) only: this base is "
+                             "a causal LM (it has no encoder); leave it at all")
     try:
         with warnings.catch_warnings():
             # peft reads attributes transformers 5 deprecates: notices no user can act on.

@@ -20,15 +20,25 @@ batch (a DPO pair's two answers, GRPO's G completions, share it), and the decode
 ``[decoder_start, r_0 .. r_{n-1}]``. Decoder state j is put at row position (last prompt
 token) + j, so ``hidden[:, t-1]`` predicts token t exactly as for a causal LM, and the last real
 position holds the state after the final response token (EOS): where rewards are read and where
-``token_aligned`` values come from. Positions before the last prompt token hold zeros. The
-encoder output is computed inside every call, under the adapter active then: never reused
-across adapters (policy, reference, reward differ as soon as an adapter touches the encoder).
+``token_aligned`` values come from. Positions before the last prompt token hold zeros.
+
+The encoder output is computed under the adapter active then. Inside ``encoder_reuse(model)`` one
+encoder pass serves every call on the same prompts whose active adapters give the same, frozen
+encoder (``encoder_class``): an adapter with no weights in the encoder leaves it the base's, so
+the reference with adapters off, a decoder-only policy, value and reward adapters all read one
+pass (``--adapter-scope decoder``). Two adapters that both act in the encoder never share, and an
+encoder with trainable weights always runs its own pass. A reused output is the very tensor the
+first call computed, so results are bitwise those without reuse. A scope keeps the outputs of its
+no-grad passes until it ends (an online step: rollouts x prompt length x d_model values per
+encoder class); a pass with gradient reads them but is not kept.
 """
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 from dataclasses import dataclass
+from typing import Iterator
 
 import torch
 from torch.utils.checkpoint import checkpoint
@@ -153,16 +163,139 @@ def split_rows(input_ids: torch.Tensor, attention_mask: torch.Tensor, response_m
     return Seq2SeqRows(enc_ids, enc_mask, dec_ids, dec_mask, db, dj, last_prompt[db] + dj)
 
 
+# ---------------------------------------------------------------------------------------------
+# One encoder pass for every role whose adapters leave the encoder the same (module docstring).
+
+
+def _adapter_weights(layer: torch.nn.Module) -> dict[str, list[torch.nn.Parameter]]:
+    """adapter name -> its weights in one peft layer (LoRA, LoHa, IA3, modules_to_save...)."""
+    held: dict[str, list[torch.nn.Parameter]] = {}
+    for attr in getattr(layer, "adapter_layer_names", ()):
+        per_adapter = getattr(layer, attr, None)
+        if isinstance(per_adapter, torch.nn.ModuleDict):
+            for name, module in per_adapter.items():
+                held.setdefault(name, []).extend(module.parameters())
+        elif isinstance(per_adapter, torch.nn.ParameterDict):
+            for name, param in per_adapter.items():
+                held.setdefault(name, []).append(param)
+    return held
+
+
+def _peft_layers(module: torch.nn.Module) -> list[torch.nn.Module]:
+    return [m for m in module.modules() if hasattr(m, "adapter_layer_names") and hasattr(m, "disable_adapters")]
+
+
+def encoder_adapters(model: torch.nn.Module) -> set[str]:
+    """The adapters that act in the encoder of an encoder-decoder ``model`` (weights in one of its
+    layers); every other adapter leaves the encoder equal to the base's."""
+    encoder = unwrap(model)[1].get_encoder()
+    return {name for layer in _peft_layers(encoder) for name in _adapter_weights(layer)}
+
+
+def encoder_class(lm: torch.nn.Module) -> tuple[frozenset[str], bool] | None:
+    """``(adapters acting in the encoder now, whether that encoder is frozen)``: two states with the
+    same adapters compute the same encoder output (the empty set: the base's). Frozen: neither the
+    base's encoder weights nor those of the acting adapters train. None when a layer holds merged
+    adapter weights (the base weights themselves changed: never shared)."""
+    encoder = lm.get_encoder()
+    acting: set[str] = set()
+    idle: set[int] = set()  # weights of adapters not acting now: a trainable one changes nothing here
+    for layer in _peft_layers(encoder):
+        if getattr(layer, "merged", False):
+            return None
+        active = set() if layer.disable_adapters else set(layer.active_adapters)
+        for name, params in _adapter_weights(layer).items():
+            if name in active:
+                acting.add(name)
+            else:
+                idle.update(id(p) for p in params)
+    frozen = not any(p.requires_grad and id(p) not in idle for p in encoder.parameters())
+    return frozenset(acting), frozen
+
+
+class EncoderCache:
+    """Encoder outputs of one scope (``encoder_reuse``), keyed by encoder class and prompts.
+    ``runs``/``reused`` count the passes computed and saved."""
+
+    def __init__(self):
+        self.entries: dict[tuple, torch.Tensor] = {}
+        self.runs = 0
+        self.reused = 0
+
+    @staticmethod
+    def key(cls: frozenset[str], ids: torch.Tensor, mask: torch.Tensor) -> tuple:
+        device = ids.device.type
+        autocast = ((torch.is_autocast_enabled(device), torch.get_autocast_dtype(device)) if device in ("cpu", "cuda")
+                    else ())
+        return (cls, autocast, tuple(ids.shape), ids.cpu().numpy().tobytes(), mask.cpu().numpy().tobytes())
+
+
+@contextlib.contextmanager
+def encoder_reuse(model: torch.nn.Module, enabled: bool = True) -> Iterator[EncoderCache | None]:
+    """Within the body, calls on an encoder-decoder base share encoder passes where the adapters
+    allow (module docstring); nested scopes use the outer one. A no-op on a causal LM, or when not
+    ``enabled`` (under FSDP, where every process must run the same encoder passes: a pass saved on
+    one process only would leave the others waiting in its weight gathers)."""
+    lm = unwrap(model)[1]
+    if not enabled or not is_seq2seq_model(lm) or getattr(lm, "_pocketrlhf_encoder_cache", None) is not None:
+        yield getattr(lm, "_pocketrlhf_encoder_cache", None) if enabled else None
+        return
+    cache = EncoderCache()
+    lm._pocketrlhf_encoder_cache = cache
+    try:
+        yield cache
+    finally:
+        lm._pocketrlhf_encoder_cache = None
+
+
+def _encode(lm: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    cache: EncoderCache | None = getattr(lm, "_pocketrlhf_encoder_cache", None)
+    state = encoder_class(lm) if cache is not None else None
+    if state is None or not state[1]:  # no scope, merged weights, or a trainable encoder: its own pass
+        return lm.get_encoder()(input_ids=ids, attention_mask=mask).last_hidden_state
+    key = cache.key(state[0], ids, mask)
+    hit = cache.entries.get(key)
+    if hit is not None:
+        cache.reused += 1
+        return hit
+    encoded = lm.get_encoder()(input_ids=ids, attention_mask=mask).last_hidden_state.detach()  # frozen: no gradient
+    cache.runs += 1
+    if not torch.is_grad_enabled():  # the no-grad passes come first (scoring, reference); a training batch's
+        cache.entries[key] = encoded  # own rows are rarely asked again: not kept
+    return encoded
+
+
+def describe_encoder_sharing(model: torch.nn.Module, roles: dict[str, str | None], trained: set[str] = frozenset(),
+                             enabled: bool = True) -> str:
+    """One line saying which roles (role -> adapter name, None: adapters off) read one encoder pass
+    (``enabled``: whether the run opens ``encoder_reuse`` scopes at all)."""
+    touching = encoder_adapters(model)
+    groups: dict[str, list[str]] = {}
+    for role, adapter in roles.items():
+        groups.setdefault(adapter if adapter in touching else "", []).append(role)
+    parts = []
+    if "" in groups:
+        parts.append(f"one for {', '.join(groups.pop(''))} (the base's encoder)")
+    for adapter, names in groups.items():
+        parts.append(f"one for {', '.join(names)} (adapter '{adapter}' acts in the encoder"
+                     + ("; trained: run anew in every call" if adapter in trained else "") + ")")
+    hint = "" if not touching else " (--adapter-scope decoder keeps adapters out of the encoder)"
+    if not enabled:
+        hint += "; under FSDP every role runs its own (every process must run the same passes)"
+    return "encoder passes: " + "; ".join(parts) + hint
+
+
 def seq2seq_hidden_states(lm: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                           response_mask: torch.Tensor) -> torch.Tensor:
     """Decoder states [B, T, d] of an encoder-decoder in the row layout (module docstring). Rows
-    with the same prompt share one encoder pass."""
+    with the same prompt share one encoder pass, and within ``encoder_reuse`` so do roles."""
     split = split_rows(input_ids, attention_mask, response_mask, decoder_start_id(lm))
+    # Sorted unique prompts: the same rows in another order give the same encoder batch.
     unique, inverse = torch.unique(torch.cat([split.encoder_ids, split.encoder_mask], dim=1), dim=0,
                                    return_inverse=True)
     width = split.encoder_ids.shape[1]
     enc_ids, enc_mask = unique[:, :width], unique[:, width:]
-    encoded = lm.get_encoder()(input_ids=enc_ids, attention_mask=enc_mask).last_hidden_state
+    encoded = _encode(lm, enc_ids, enc_mask)
     decoded = lm.get_decoder()(input_ids=split.decoder_ids, attention_mask=split.decoder_mask,
                                encoder_hidden_states=encoded[inverse], encoder_attention_mask=enc_mask[inverse],
                                use_cache=False).last_hidden_state

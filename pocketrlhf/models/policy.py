@@ -20,6 +20,7 @@ copied from the policy's starting adapter equals it exactly.
 
 from __future__ import annotations
 
+import logging
 import os
 import warnings
 from pathlib import Path
@@ -48,14 +49,18 @@ def build_policy(cfg: Any, tokenizer=None, total_steps: int = 1000, adapter_name
     from peft import prepare_model_for_kbit_training
 
     from pocketrlhf.models.adapters import attach_adapter, load_adapter, make_peft_config
-    from pocketrlhf.models.forward import disable_dropout
-    from pocketrlhf.models.loading import load_base
+    from pocketrlhf.models.forward import disable_dropout, encoder_adapters
+    from pocketrlhf.models.loading import is_seq2seq, load_base
 
     reentrant = bool(getattr(cfg, "reentrant_checkpointing", False)) and cfg.gradient_checkpointing
     if reentrant and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         # Untested with DDP's gradient hooks and FSDP's gathers, which recomputation without grad interleaves.
         raise ConfigError("--reentrant-checkpointing runs on one process only: drop it (non-reentrant checkpointing "
                           "works on several) or launch one process")
+    scope = getattr(cfg, "adapter_scope", "all")
+    if scope != "all" and not is_seq2seq(cfg.model):  # before minutes of loading
+        raise ConfigError(f"--adapter-scope {scope} applies to encoder-decoder bases (T5, BART) only: {cfg.model} is a "
+                          "causal LM (it has no encoder); leave it at all")
     spec = BaseSpec.from_config(cfg)
     base = load_base(spec, training=True)
     disable_dropout(base)
@@ -74,10 +79,14 @@ def build_policy(cfg: Any, tokenizer=None, total_steps: int = 1000, adapter_name
     init = getattr(cfg, "init_adapter", "") if init_adapter is None else init_adapter
     if init:
         model = load_adapter(base, init, name=adapter_name, trainable=True)
+        if scope == "decoder" and adapter_name in encoder_adapters(model):
+            logging.getLogger("pocketrlhf").warning(
+                "--adapter-scope decoder: the adapter %s this run starts from acts in the encoder too (its scope was set "
+                "when it was trained), so the policy's encoder is its own", init)
     else:
         peft_cfg = make_peft_config(cfg.adapter, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.target_modules,
                                     cfg.num_virtual_tokens, total_steps)
-        model = attach_adapter(base, peft_cfg, adapter_name)
+        model = attach_adapter(base, peft_cfg, adapter_name, getattr(cfg, "adapter_scope", "all"))
     cast_adapter(model, adapter_name, getattr(cfg, "adapter_dtype", "float32"))
     model.train()
     return model

@@ -138,6 +138,7 @@ class DPOLoss:
                  share_prompt: bool):
         self.cfg, self.pad_id, self.logps, self.adapters = cfg, pad_id, logps, adapters
         self.reference_adapter, self.share_prompt = reference_adapter, share_prompt
+        self.reuse_encoder = True  # off under FSDP
 
     def batch(self, examples: list[DPOExample]) -> dict[str, torch.Tensor]:
         batch = collate_preferences(examples, self.pad_id)
@@ -160,8 +161,13 @@ class DPOLoss:
         return chosen, rejected
 
     def loss(self, module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        ref_chosen, ref_rejected = self.reference(batch)
-        chosen, rejected = module(batch).chunk(2)
+        from pocketrlhf.models.forward import encoder_reuse
+
+        # An encoder-decoder's policy reads the reference's encoder pass when its adapters leave both
+        # encoders the base's, frozen (--adapter-scope decoder); not under FSDP (forward.encoder_reuse).
+        with encoder_reuse(self.logps.model, enabled=self.reuse_encoder):
+            ref_chosen, ref_rejected = self.reference(batch)
+            chosen, rejected = module(batch).chunk(2)
         chosen_len, rejected_len = batch["response_mask"].sum(-1).chunk(2)
         losses, chosen_rewards, rejected_rewards = dpo_loss(
             chosen, rejected, ref_chosen, ref_rejected, self.cfg.beta, self.cfg.loss_type, self.cfg.label_smoothing,
@@ -279,6 +285,12 @@ def train(cfg: DPOConfig) -> dict:
     device = next(p for p in model.parameters() if p.requires_grad).device
     logps = PairLogps(model)
     stage = DPOLoss(cfg, tokenizer.pad_token_id, logps, adapters, reference, share_prompt)
+    stage.reuse_encoder = common.strategy(accelerator)["strategy"] != "fsdp"
+    if is_seq2seq(model):
+        from pocketrlhf.models.forward import describe_encoder_sharing
+
+        log.info("%s", describe_encoder_sharing(model, {"policy": "default", "reference": reference}, {"default"},
+                                                enabled=stage.reuse_encoder))
     if cfg.precompute_ref_logprobs:  # before any checkpoint is loaded: the reference never trains anyway
         sets = with_reference(run.dir / REFERENCE_CACHE, {"train": train_set, "eval": eval_set}, stage, cfg, device,
                               accelerator)

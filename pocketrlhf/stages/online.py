@@ -13,7 +13,9 @@ One step of ``train``::
 Every role lives on ONE frozen base: the policy is adapter "policy", the reference the frozen
 copy "reference" of the SFT adapter (or adapters off), a reward model the frozen adapter "reward".
 Under FSDP that base is sharded and every role's forward runs through its root (``wrap``,
-``Roles.run``), all processes running the same number of them (generation in lockstep).
+``Roles.run``), all processes running the same number of them (generation in lockstep). On an
+encoder-decoder base the passes of one step share encoder passes where the roles' adapters leave
+the encoder the same (``forward.encoder_reuse``; not under FSDP).
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ from pocketrlhf.data.templates import TemplateName
 from pocketrlhf.data.tokenize import TokenExample, collate, encode
 from pocketrlhf.diagnostics import reward_model_warnings
 from pocketrlhf.errors import ConfigError, DataError, NonFiniteError, PocketError, RewardFunctionError
+from pocketrlhf.models.forward import describe_encoder_sharing, encoder_reuse
 from pocketrlhf.models.generation import row_seed
 from pocketrlhf.models.loading import is_seq2seq
 from pocketrlhf.models.policy import add_frozen_adapter, build_policy
@@ -386,6 +389,16 @@ def adapter_logprobs(cfg, roles: Roles, r: Rollout, adapter: str | None) -> torc
     return torch.cat(parts)
 
 
+def model_roles(roles: Roles) -> dict[str, str | None]:
+    """The roles that run the shared base, each with its adapter (None: adapters off)."""
+    out: dict[str, str | None] = {POLICY: POLICY, REFERENCE: roles.reference}
+    if roles.reward.uses_model:
+        out[REWARD] = REWARD
+    if roles.value_adapter:
+        out["value"] = roles.value_adapter
+    return out
+
+
 def reference_logprobs(cfg, roles: Roles, r: Rollout) -> torch.Tensor:
     """log pi_ref of the sampled tokens [N, T]: the reference adapter (or adapters off) on the same base."""
     return adapter_logprobs(cfg, roles, r, roles.reference)
@@ -396,10 +409,12 @@ def evaluate(cfg, roles: Roles, tokenizer, prompts: Prompts) -> tuple[dict, list
     """Mean score (and each reward's mean), KL to the reference, EOS rate and length on held-out
     prompts, one answer each, plus a few samples to look at. Prompt i is answered from the same
     random stream at every evaluation (less noisy curves)."""
-    r = generate_rollouts(cfg, roles, tokenizer, prompts, [row_seed(cfg.seed, -1, i) for i in range(len(prompts))])
+    with encoder_reuse(roles.model, enabled=not roles.sharded):  # reward, policy, reference: one encoder pass if allowed
+        r = generate_rollouts(cfg, roles, tokenizer, prompts, [row_seed(cfg.seed, -1, i) for i in range(len(prompts))])
+        seq_kl = sequence_kl(adapter_logprobs(cfg, roles, r, POLICY), reference_logprobs(cfg, roles, r),
+                             r.response_mask.float())
     mask = r.response_mask.float()
     kept = r.kept if r.kept is not None else torch.ones_like(r.has_eos)  # --skip-nonfinite drops unscored answers
-    seq_kl = sequence_kl(adapter_logprobs(cfg, roles, r, POLICY), reference_logprobs(cfg, roles, r), mask)
     metrics = {"score": r.raw_scores[kept].mean().item(), "kl": seq_kl[kept].mean().item(),
                "eos_fraction": r.has_eos[kept].float().mean().item(), "response_length": mask.sum(1)[kept].mean().item()}
     if len(r.reward_parts) > 1:
@@ -509,6 +524,9 @@ def train(cfg, algorithm: OnlineAlgorithm) -> dict:
              len(train_prompts), total_steps, per_step, G,
              f"frozen copy of the SFT adapter ({cfg.sft_adapter})" if roles.reference else "base (adapters off)",
              " + ".join(f"{s.weight:g} x {s.name}" for s in roles.reward.sources), algorithm.describe())
+    if is_seq2seq(roles.model):
+        trained = {name for name in (POLICY, roles.value_adapter) if name}
+        log.info("%s", describe_encoder_sharing(roles.model, model_roles(roles), trained, enabled=not roles.sharded))
     before = {}
     if cfg.eval_at_start and start_step == 0 and len(eval_prompts):
         before = {f"eval_start_{k}": v for k, v in _log_eval(cfg, run, roles, tokenizer, eval_prompts, 0).items()}
@@ -522,22 +540,28 @@ def train(cfg, algorithm: OnlineAlgorithm) -> dict:
         started = time.perf_counter()
         chosen = step_prompts(cfg, step, len(train_prompts), rank, world, per_step)
         first = rank * len(chosen) * G  # global position of this process's first rollout in the step
-        try:
-            failure = None
+        # One step's passes on its rollouts (reward, old policy, value, reference; a training forward
+        # whose encoder is frozen) share encoder passes where their adapters allow (encoder_reuse).
+        with encoder_reuse(roles.model, enabled=not roles.sharded) as encoders:
             try:
-                r = generate_rollouts(cfg, roles, tokenizer, train_prompts.take(chosen),
-                                      [row_seed(cfg.seed, step, first + i) for i in range(len(chosen) * G)], chosen, G)
-            except Exception as e:  # noqa: BLE001 - re-raised below, on every process
-                failure = e
-            stop_together(accelerator, failure)
-        except NonFiniteError as e:
-            raise run.nonfinite(str(e), step + 1, "pass --skip-nonfinite to drop such rollouts") from None
-        except RewardFunctionError as e:
-            raise RewardFunctionError(f"{stage} step {step + 1}: {e}") from e.__cause__
-        try:
-            stats = algorithm.learn(step, r, ctx)
-        except NonFiniteError as e:
-            raise run.nonfinite(str(e), step + 1, "pass --skip-nonfinite to skip such updates") from None
+                failure = None
+                try:
+                    r = generate_rollouts(cfg, roles, tokenizer, train_prompts.take(chosen),
+                                          [row_seed(cfg.seed, step, first + i) for i in range(len(chosen) * G)],
+                                          chosen, G)
+                except Exception as e:  # noqa: BLE001 - re-raised below, on every process
+                    failure = e
+                stop_together(accelerator, failure)
+            except NonFiniteError as e:
+                raise run.nonfinite(str(e), step + 1, "pass --skip-nonfinite to drop such rollouts") from None
+            except RewardFunctionError as e:
+                raise RewardFunctionError(f"{stage} step {step + 1}: {e}") from e.__cause__
+            try:
+                stats = algorithm.learn(step, r, ctx)
+            except NonFiniteError as e:
+                raise run.nonfinite(str(e), step + 1, "pass --skip-nonfinite to skip such updates") from None
+            if encoders is not None:
+                stats = {**stats, "encoder_passes": encoders.runs, "encoder_passes_reused": encoders.reused}
         # Statistics of the whole step's rollouts, over every process (dropped rollouts left out).
         kept = gather(r.kept)
         scores = gather(r.raw_scores)[kept]

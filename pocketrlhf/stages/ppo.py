@@ -88,7 +88,7 @@ class PPOConfig(ModelOptions, AdapterOptions, TrainOptions, online.OnlineOptions
 
 
 def build_roles(cfg: PPOConfig, total_steps: int) -> Roles:
-    from pocketrlhf.models.adapters import load_adapter, make_peft_config
+    from pocketrlhf.models.adapters import attach_adapter, load_adapter, make_peft_config
     from pocketrlhf.models.heads import ScalarHead
 
     if bool(cfg.reward_adapter) == bool(cfg.reward_function):
@@ -102,8 +102,9 @@ def build_roles(cfg: PPOConfig, total_steps: int) -> Roles:
             model = load_adapter(model, cfg.reward_adapter, name=VALUE, trainable=True)
             roles.value_head = ScalarHead.load(cfg.reward_adapter, device=device)
         else:
-            model.add_adapter(VALUE, make_peft_config(cfg.adapter, cfg.lora_r, cfg.lora_alpha, 0.0, cfg.target_modules,
-                                                      cfg.num_virtual_tokens, total_steps))
+            model = attach_adapter(model, make_peft_config(cfg.adapter, cfg.lora_r, cfg.lora_alpha, 0.0,
+                                                           cfg.target_modules, cfg.num_virtual_tokens, total_steps),
+                                   VALUE, cfg.adapter_scope)
             roles.value_head = ScalarHead(hidden_size(model), init="zero").to(device)
         cast_adapter(model, VALUE, cfg.adapter_dtype)
         roles.model = model
