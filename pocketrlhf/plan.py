@@ -82,6 +82,9 @@ class PlanConfig:
     adapter_dtype: Literal["float32", "bfloat16", "float16"] = option(
         "float32", "dtype of the adapter weights and gradients (bfloat16: as QLoRA; AdamW moments stay fp32)")
     target_modules: str = option("all-linear", "comma-separated module names, or all-linear")
+    adapter_scope: Literal["all", "decoder"] = option(
+        "all", "encoder-decoder bases (T5, BART): adapters in encoder and decoder (all), or the decoder only "
+        "(decoder: the encoder stays the base's, as the stages' --adapter-scope); causal LMs: all only")
     batch_size: int = option(8, "micro-batch: sequences (sft, ppo) or preference pairs (rm, dpo)")
     seq_length: int = option(512, "tokens per sequence (prompt + answer)")
     packing: bool = option(True, "sft: packed sequences (no padding mask); rm, dpo and ppo batches are always padded")
@@ -184,6 +187,7 @@ class Linear:
     in_layer: bool
     # transformers keeps it unquantized, and in fp32 under a fp16 dtype (_keep_in_fp32_modules: T5's wo)
     keep_fp32: bool = False
+    encoder: bool = False  # in an encoder-decoder's encoder (--adapter-scope decoder leaves it unadapted)
 
 
 @dataclass
@@ -285,6 +289,8 @@ def model_shape(config) -> ModelShape:
         encoder = []
         layer_ids = {id(m): i for i, m in enumerate(layers)}
     fp32_names = set(getattr(model, "_keep_in_fp32_modules", None) or ())
+    # The encoder's modules by name (T5: "encoder.", BART: "model.encoder."), as adapters.encoder_exclusion.
+    enc_prefix = next(name for name, m in model.named_modules() if m is model.get_encoder()) + "." if seq2seq else None
     counts = {"embeddings": 0, "attention": 0, "mlp": 0, "norms": 0, "lm_head": 0, "other": 0}
     linears: list[Linear] = []
     layer_of: list[int | None] = []
@@ -313,7 +319,8 @@ def model_shape(config) -> ModelShape:
             layer = next((i for i, pre in prefix_of_layer.items() if name.startswith(pre)), None)
             rel = name[len(prefix_of_layer[layer]):] if layer is not None else name
             fin, fout = _linear_dims(module)
-            linears.append(Linear(rel, fin, fout, layer is not None, bool(fp32_names & set(name.split(".")))))
+            linears.append(Linear(rel, fin, fout, layer is not None, bool(fp32_names & set(name.split("."))),
+                                  enc_prefix is not None and name.startswith(enc_prefix)))
             layer_of.append(layer)
         else:
             counts["norms"] += n
@@ -354,6 +361,26 @@ def targeted(linears: list[Linear], target_modules: str) -> list[Linear]:
         return [lin for lin in linears if lin.in_layer]
     names = [t.strip() for t in target_modules.split(",") if t.strip()]
     return [lin for lin in linears if any(lin.name == t or lin.name.endswith("." + t) for t in names)]
+
+
+def adapted_linears(linears: list[Linear], cfg: PlanConfig) -> list[Linear]:
+    """The linear layers that get an adapter: ``targeted`` ones, the encoder's left out under
+    ``--adapter-scope decoder`` (peft's exclude_modules, models/adapters.attach_adapter)."""
+    return [lin for lin in targeted(linears, cfg.target_modules) if cfg.adapter_scope == "all" or not lin.encoder]
+
+
+def encoder_graph(cfg: PlanConfig, checkpointing: bool, reuse: bool) -> bool:
+    """Whether a training forward's encoder keeps tensors for backward.
+
+    With adapters in it (``--adapter-scope all``) it does. With none it still does under gradient
+    checkpointing when the forward runs its own encoder pass (sft, rm; under FSDP every stage):
+    transformers' activation_checkpointing_enable (and peft's k-bit preparation) make the shared
+    input embeddings' output require grad (enable_input_require_grads), so every checkpointed encoder
+    layer keeps its input and backward runs through the encoder (measured, tests/test_plan_seq2seq.py).
+    Without checkpointing nothing in the encoder requires grad. ``reuse``: the forward reads the
+    detached output of a no-grad pass on the same prompts (dpo's reference, ppo's scoring passes:
+    models/forward.encoder_reuse), so the encoder keeps nothing either way."""
+    return cfg.adapter_scope == "all" or (checkpointing and not reuse)
 
 
 def quantized_linear_bytes(lin: Linear, quantization: str, double_quant: bool, dtype_bytes: int) -> float:
@@ -568,14 +595,16 @@ def _seq2seq_mlp(shape: ModelShape, regime: Regime) -> float:
 
 
 def seq2seq_activation_bytes(shape: ModelShape, cfg: PlanConfig, sequences: int, padded: bool,
-                             checkpointing: bool) -> float:
+                             checkpointing: bool, reuse: bool = False, graph: bool | None = None) -> float:
     """Saved-for-backward bytes of one encoder-decoder forward (``sequences`` x the encoder's and
     the decoder's tokens), logits excluded.
 
     Per layer, sdpa keeps q, k, v, its output, the fp32 log-sum-exp and its float mask: T5's
     relative position bias (+ padding) as a [B or 1, heads, queries, keys] tensor in every layer.
-    A decoder layer's cross-attention keeps its keys and values over the encoder tokens.
+    A decoder layer's cross-attention keeps its keys and values over the encoder tokens. The
+    encoder's layers count only where it keeps a graph (``encoder_graph``, unless ``graph`` says).
     """
+    graph = encoder_graph(cfg, checkpointing, reuse) if graph is None else graph
     regime = _regime(cfg, shape, padded)
     s, d, heads = regime.stream, shape.hidden_size, shape.num_heads
     q_dim = kv_dim = heads * shape.head_dim
@@ -593,13 +622,15 @@ def seq2seq_activation_bytes(shape: ModelShape, cfg: PlanConfig, sequences: int,
                 groups = {_seq2seq_group(shape, lin): lin.in_features for lin in linears
                           if not lin.keep_fp32 and _seq2seq_group(shape, lin) != "encoder_out"}
                 int8[stack] = s * sum(groups.values())
-        kept = (s * d * (shape.encoder_layers * n_enc + shape.num_layers * n_dec) + s * d * n_enc
-                + shape.encoder_layers * n_enc * int8["encoder"] + shape.num_layers * n_dec * int8["decoder"])
-        biases = s * heads * (enc * enc + dec * dec + dec * enc)
-        return float(kept + biases + (n_enc + n_dec) * (_seq2seq_norm(shape, regime) + 25.0))
+        # Without an encoder graph the decoder's checkpointed layers still keep the encoder output.
+        encoder = (s * d + int8["encoder"]) * shape.encoder_layers * n_enc + \
+            s * heads * enc * enc + n_enc * _seq2seq_norm(shape, regime) if graph else 0.0
+        kept = (s * d * shape.num_layers * n_dec + s * d * n_enc + shape.num_layers * n_dec * int8["decoder"])
+        biases = s * heads * (dec * dec + dec * enc)
+        return float(encoder + kept + biases + n_dec * _seq2seq_norm(shape, regime) + (n_enc + n_dec) * 25.0)
     r = cfg.lora_r
-    enc_adapted = targeted(shape.encoder_layer_linears, cfg.target_modules)
-    dec_adapted = targeted(shape.layer_linears, cfg.target_modules)
+    enc_adapted = adapted_linears(shape.encoder_layer_linears, cfg)
+    dec_adapted = adapted_linears(shape.layer_linears, cfg)
     own, _, lora, _ = _seq2seq_input_bytes(shape, enc_adapted, regime)
     encoder_layer = (2 * _seq2seq_norm(shape, regime) + s * (q_dim + 2 * kv_dim + q_dim) + lse
                      + _seq2seq_mlp(shape, regime) + own + lora * r)
@@ -609,9 +640,10 @@ def seq2seq_activation_bytes(shape: ModelShape, cfg: PlanConfig, sequences: int,
     per_encoder_token_of_decoder = s * 2 * kv_dim + cross + lora_cross * r  # cross keys/values in each decoder layer
     shared_encoder_out = s * d if any(_seq2seq_group(shape, lin) == "encoder_out" for lin in dec_adapted) \
         and regime.stream == regime.adapter else 0
-    masks = rows * heads * s * (shape.encoder_layers * enc * enc + shape.num_layers * (dec * dec + dec * enc))
-    return float(n_enc * (shape.encoder_layers * encoder_layer + _seq2seq_norm(shape, regime) + 25.0
-                          + shape.num_layers * per_encoder_token_of_decoder + shared_encoder_out)
+    encoder = shape.encoder_layers * encoder_layer + _seq2seq_norm(shape, regime) if graph else 0.0
+    masks = rows * heads * s * ((shape.encoder_layers * enc * enc if graph else 0)
+                                + shape.num_layers * (dec * dec + dec * enc))
+    return float(n_enc * (encoder + 25.0 + shape.num_layers * per_encoder_token_of_decoder + shared_encoder_out)
                  + n_dec * (shape.num_layers * decoder_layer + _seq2seq_norm(shape, regime) + 25.0) + masks)
 
 
@@ -717,17 +749,18 @@ def _regime(cfg: PlanConfig, shape: ModelShape, padded: bool) -> Regime:
 
 
 def activation_bytes(shape: ModelShape, cfg: PlanConfig, sequences: int, tokens: int, padded: bool,
-                     checkpointing: bool, head_on_trunk: bool = False) -> float:
+                     checkpointing: bool, head_on_trunk: bool = False, reuse: bool = False) -> float:
     """Saved-for-backward bytes of one forward over ``sequences`` x ``tokens`` (logits excluded).
 
     ``head_on_trunk``: a value head reads every final hidden state (PPO's default value model);
-    the hidden states stay referenced and the fp32 head keeps a fp32 copy.
+    the hidden states stay referenced and the fp32 head keeps a fp32 copy. ``reuse``: an
+    encoder-decoder's forward reads a shared encoder pass (``encoder_graph``).
     """
     regime = _regime(cfg, shape, padded)
     if shape.seq2seq:  # the value head reads the decoder's states
         head = sequences * decoder_tokens(shape, cfg)[1] * shape.hidden_size * \
             (4 + (regime.stream if regime.stream != 4 else 0)) if head_on_trunk else 0.0
-        return seq2seq_activation_bytes(shape, cfg, sequences, padded, checkpointing) + head
+        return seq2seq_activation_bytes(shape, cfg, sequences, padded, checkpointing, reuse) + head
     n = sequences * tokens
     head = n * shape.hidden_size * (4 + (regime.stream if regime.stream != 4 else 0)) if head_on_trunk else 0.0
     adapted = targeted(shape.layer_linears, cfg.target_modules)
@@ -777,7 +810,8 @@ def logprob_bytes(shape: ModelShape, cfg: PlanConfig, rows: int) -> tuple[float,
     return kept, transient
 
 
-def layer_transient_bytes(shape: ModelShape, cfg: PlanConfig, tokens: int, padded: bool, checkpointing: bool) -> float:
+def layer_transient_bytes(shape: ModelShape, cfg: PlanConfig, tokens: int, padded: bool, checkpointing: bool,
+                          reuse: bool = False) -> float:
     """Largest short-lived memory while one layer runs (forward or backward): about two tensors as
     wide as its MLP (measured), plus, with checkpointing, the layer's recomputed activations, plus
     a quantized layer's dequantized weight."""
@@ -789,8 +823,9 @@ def layer_transient_bytes(shape: ModelShape, cfg: PlanConfig, tokens: int, padde
         out = rows * 2 * max(shape.intermediate_size, shape.hidden_size) * regime.stream \
             + dequantized_weight_bytes(shape, cfg, training=True)
         if checkpointing:
-            out += seq2seq_activation_bytes(shape, cfg, tokens // cfg.seq_length, padded, False) / \
-                (shape.encoder_layers + shape.num_layers)
+            graph = encoder_graph(cfg, True, reuse)  # the layers recomputed: the encoder's only with a graph
+            out += seq2seq_activation_bytes(shape, cfg, tokens // cfg.seq_length, padded, False, graph=graph) / \
+                ((shape.encoder_layers if graph else 0) + shape.num_layers)
         return out
     adapted = targeted(shape.layer_linears, cfg.target_modules)
     fused_qkv = shape.family in ("gpt2", "gpt_neox")
@@ -845,7 +880,7 @@ def _base_lines(setup: Setup, shape: ModelShape, cfg: PlanConfig, copies: int = 
 
 def _adapter_lines(setup: Setup, shape: ModelShape, cfg: PlanConfig, role: str, trainable: bool) -> None:
     """Weights (+ gradients and optimizer state when trained) of one LoRA adapter."""
-    sizes = [n for lin in targeted(shape.linears, cfg.target_modules) for n in lora_tensors(lin, cfg.lora_r)]
+    sizes = [n for lin in adapted_linears(shape.linears, cfg) for n in lora_tensors(lin, cfg.lora_r)]
     params = sum(sizes)
     # Frozen roles take the trained adapter's dtype (models/policy.py: add_frozen_adapter).
     size, name = _DTYPE_BYTES[cfg.adapter_dtype], _SHORT_DTYPE[cfg.adapter_dtype]
@@ -868,15 +903,16 @@ def _head_lines(setup: Setup, shape: ModelShape, role: str, trainable: bool) -> 
 
 
 def _train_lines(setup: Setup, shape: ModelShape, cfg: PlanConfig, sequences: int, padded: bool, logprob_rows: int,
-                 graphs: int = 1, naive_logits: bool = False, head_on_trunk: bool = False) -> None:
+                 graphs: int = 1, naive_logits: bool = False, head_on_trunk: bool = False, reuse: bool = False) -> None:
     """Activations, log-probs and working set of one training micro-batch (``graphs`` forwards held
-    together for one backward)."""
+    together for one backward; ``reuse``: an encoder-decoder's forward reads a shared encoder pass)."""
     tokens = sequences * cfg.seq_length
-    acts = activation_bytes(shape, cfg, sequences, cfg.seq_length, padded, cfg.gradient_checkpointing, head_on_trunk)
+    acts = activation_bytes(shape, cfg, sequences, cfg.seq_length, padded, cfg.gradient_checkpointing, head_on_trunk,
+                            reuse)
     what = ("with reentrant" if cfg.reentrant_checkpointing else "with") if cfg.gradient_checkpointing else "no"
     setup.add("activations", f"activations ({sequences} x {cfg.seq_length} tokens, {what} checkpointing)",
               graphs * acts, "train")
-    transient = layer_transient_bytes(shape, cfg, tokens, padded, cfg.gradient_checkpointing)
+    transient = layer_transient_bytes(shape, cfg, tokens, padded, cfg.gradient_checkpointing, reuse)
     if logprob_rows:
         if naive_logits:
             full = sequences * decoder_tokens(shape, cfg)[1] * shape.vocab_size  # the decoder's positions only
@@ -890,6 +926,13 @@ def _train_lines(setup: Setup, shape: ModelShape, cfg: PlanConfig, sequences: in
     setup.add("working_set", "largest transient (forward or backward)", transient, "train")
 
 
+def _encoder_reuse(cfg: PlanConfig) -> bool:
+    """dpo and ppo run their training forward in an encoder_reuse scope after no-grad passes on the
+    same prompts (the reference; the rollouts' scoring), whose encoder output a frozen encoder reads
+    (models/forward.py); sft and rm do not, nor does any stage under FSDP."""
+    return cfg.stage in ("dpo", "ppo") and not (cfg.strategy == "fsdp" and cfg.processes > 1)
+
+
 def plan_memory(shape: ModelShape, cfg: PlanConfig) -> Plan:
     """The memory plan of ``cfg.stage`` for this model: pocketrlhf's setup (and, for PPO, naive ones).
 
@@ -898,9 +941,12 @@ def plan_memory(shape: ModelShape, cfg: PlanConfig) -> Plan:
     in a few lines.
     """
     _check(cfg)
+    if cfg.adapter_scope != "all" and not shape.seq2seq:  # as models/policy.build_policy says it
+        raise ConfigError(f"--adapter-scope {cfg.adapter_scope} applies to encoder-decoder bases (T5, BART) only: "
+                          f"{cfg.model} is a causal LM (it has no encoder); leave it at all")
     gpu = parse_memory(cfg.gpu_memory, "--gpu-memory") if cfg.gpu_memory else None
     context = parse_memory(cfg.cuda_context, "--cuda-context")
-    adapted = targeted(shape.linears, cfg.target_modules)
+    adapted = adapted_linears(shape.linears, cfg)
     if not adapted:
         names = ", ".join(sorted({lin.name.split(".")[-1] for lin in shape.layer_linears}))
         raise ConfigError(f"--target-modules {cfg.target_modules}: no linear layer of this model has that name "
@@ -944,7 +990,7 @@ def plan_memory(shape: ModelShape, cfg: PlanConfig) -> Plan:
         if cfg.reference == "sft":
             _adapter_lines(ours, shape, cfg, "reference", trainable=False)
         sequences, padded = 2 * cfg.batch_size, True
-        _train_lines(ours, shape, cfg, sequences, padded, sequences * scored)
+        _train_lines(ours, shape, cfg, sequences, padded, sequences * scored, reuse=_encoder_reuse(cfg))
         notes.append("dpo: chosen and rejected run in one batch (2 x batch-size sequences); log-probs are counted "
                      "for every token (an upper bound: only answer tokens need them)")
     else:
@@ -967,7 +1013,16 @@ def plan_memory(shape: ModelShape, cfg: PlanConfig) -> Plan:
 
     for flag in (False, True):
         facts[f"activations_{'with' if flag else 'without'}_checkpointing"] = activation_bytes(
-            shape, cfg, sequences, T, padded, flag, head_on_trunk)
+            shape, cfg, sequences, T, padded, flag, head_on_trunk, _encoder_reuse(cfg))
+    if cfg.adapter_scope == "decoder":
+        if encoder_graph(cfg, cfg.gradient_checkpointing, _encoder_reuse(cfg)):
+            notes.append("--adapter-scope decoder: with gradient checkpointing the training forward's own encoder "
+                         "pass still runs with grad (transformers makes the embeddings' output require it), so the "
+                         "encoder's checkpointed layers keep their inputs as with --adapter-scope all")
+        else:
+            notes.append("--adapter-scope decoder: the encoder keeps no activations for backward"
+                         + (" (the training forward reads the encoder output of the step's no-grad pass)"
+                            if _encoder_reuse(cfg) else ""))
     if cfg.quantization != "none" and cfg.kbit_upcast:
         notes.append("4/8-bit: peft's prepare_model_for_kbit_training upcasts embeddings, lm_head and norms to fp32, "
                      "so activations and the KV cache are fp32 too (--kbit-upcast false plans them in "
@@ -1005,7 +1060,8 @@ def _ppo_lines(setup: Setup, shape: ModelShape, cfg: PlanConfig, copies: int) ->
         _train_lines(setup, shape, cfg, cfg.batch_size, True, rows, graphs=2, naive_logits=True)
     else:
         # A value adapter runs its own forward and backward after the policy's: one graph at a time.
-        _train_lines(setup, shape, cfg, cfg.batch_size, True, rows, head_on_trunk=cfg.value_model == "head")
+        _train_lines(setup, shape, cfg, cfg.batch_size, True, rows, head_on_trunk=cfg.value_model == "head",
+                     reuse=_encoder_reuse(cfg))
 
 
 def _rollout_lines(setup: Setup, shape: ModelShape, cfg: PlanConfig) -> None:
@@ -1045,6 +1101,7 @@ def _seq2seq_rollout_lines(setup: Setup, shape: ModelShape, cfg: PlanConfig, reg
 def _naive_full_ppo(setup: Setup, shape: ModelShape, cfg: PlanConfig) -> None:
     """Policy and value trained in full (16 B/param: weights, gradients, fp32 master and Adam in
     mixed precision, as ZeRO counts them), reference and reward models frozen."""
+    cfg = dataclasses.replace(cfg, adapter_scope="all")  # every weight trains: the encoder keeps its graph
     n = shape.total_params
     w = _DTYPE_BYTES[cfg.dtype]
     setup.add("policy_full", "policy: full model trained (16 B/param)", 16 * n)
@@ -1084,6 +1141,7 @@ def render(plan: Plan) -> str:
         f"({plan.facts['lora_params'] / 1e6:,.2f}M params), batch {cfg.batch_size} x {cfg.seq_length} tokens, "
         f"{cfg.optimizer}, gradient checkpointing {'on' if cfg.gradient_checkpointing else 'off'}"
         + (f", {cfg.adapter_dtype} adapters" if cfg.adapter_dtype != "float32" else "")
+        + (", adapters in the decoder only" if cfg.adapter_scope == "decoder" else "")
         + (f", generation {cfg.generation_batch_size} x {cfg.max_new_tokens} new tokens, value {cfg.value_model}"
            if cfg.stage == "ppo" else "")
     )

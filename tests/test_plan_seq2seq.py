@@ -151,3 +151,99 @@ def test_seq2seq_sft_plan_matches_measured_memory(tiny_t5, quantization, dtype, 
     static = line(planned, "base_linear") + line(planned, "base_other") + line(planned, "policy_weights") + \
         line(planned, "policy_optimizer")
     assert static == pytest.approx(measured["static"], rel=0.03)
+
+
+# --adapter-scope decoder: quantization, gradient checkpointing, how the training forward gets its
+# encoder output (sft: its own pass; dpo: the reference's no-grad pass, in one encoder_reuse scope)
+SCOPE_CASES = [
+    ("none", False, "sft"),
+    ("4bit", False, "sft"),
+    ("none", True, "sft"),  # checkpointing makes the embeddings' output require grad: the encoder keeps a graph
+    ("8bit", True, "sft"),  # ... and its int8 layers their inputs
+    ("none", True, "dpo"),  # the shared pass is detached: no encoder graph
+    ("4bit", True, "dpo"),
+]
+
+
+@pytest.mark.parametrize("quantization,checkpointing,stage", SCOPE_CASES)
+def test_decoder_scope_plan_matches_measured_memory(tiny_t5, quantization, checkpointing, stage):
+    """With adapters on the decoder only, a training step through pocketrlhf's own path (the row
+    layout of models/forward.py) holds no encoder activations, except under gradient checkpointing
+    when the forward runs its own encoder pass; the plan follows both."""
+    from pocketrlhf.models.forward import encoder_reuse, response_logprobs
+    from pocketrlhf.models.policy import build_policy
+    from pocketrlhf.stages import common
+    from pocketrlhf.stages.sft import SFTConfig
+
+    B, enc_len, dec_len, r = 4, 40, 24, 8
+    model_dir = str(tiny_t5)
+    cfg = SFTConfig(model=model_dir, device="cpu", dtype="bfloat16", quantization=quantization, lora_r=r,
+                    gradient_checkpointing=checkpointing, packing=False, adapter_scope="decoder")
+    model = build_policy(cfg)
+    assert not any(p.requires_grad for p in model.get_base_model().get_encoder().parameters())
+    g = torch.Generator().manual_seed(0)
+    enc = torch.randint(3, 300, (B, enc_len), generator=g)
+    dec = torch.randint(3, 300, (B, dec_len), generator=g)
+    enc_mask, dec_mask = torch.ones_like(enc), torch.ones_like(dec)
+    enc_mask[-1, :5] = 0  # a left-padded prompt, a right-padded answer
+    dec_mask[-1, -3:] = 0
+    ids, attn = torch.cat([enc, dec], 1), torch.cat([enc_mask, dec_mask], 1)
+    resp = torch.cat([torch.zeros_like(enc), dec_mask], 1)
+
+    def loss():
+        if stage == "sft":  # stages/sft.py: no encoder_reuse scope
+            out = response_logprobs(model, ids, attn, resp)
+        else:  # stages/dpo.py's DPOLoss.loss: the reference (adapters off) without grad, then the policy
+            with encoder_reuse(model):
+                with torch.no_grad(), model.disable_adapter():
+                    response_logprobs(model, ids, attn, resp)
+                out = response_logprobs(model, ids, attn, resp)
+        return -(out.logprobs * resp).sum() / resp.sum()
+
+    optimizer = common.build_optimizer([p for p in model.parameters() if p.requires_grad], cfg, "cpu")
+    measured = measure.measure_steps(model, optimizer, loss)
+    planned = P.plan_memory(P.model_shape(P.read_config(model_dir)), P.PlanConfig(
+        model=model_dir, stage=stage, quantization=quantization, dtype="bfloat16", lora_r=r, adapter_scope="decoder",
+        batch_size=B // 2 if stage == "dpo" else B, reference="base", seq_length=enc_len + dec_len,
+        decoder_length=dec_len, gradient_checkpointing=checkpointing, cuda_context="0GB")).setups[0]
+    assert line(planned, "activations") + line(planned, "logits") == pytest.approx(measured["held"], rel=0.15)
+    assert planned.peak == pytest.approx(measured["static"] + measured["peak"], rel=0.15)
+    static = line(planned, "base_linear") + line(planned, "base_other") + line(planned, "policy_weights") + \
+        line(planned, "policy_optimizer")
+    assert static == pytest.approx(measured["static"], rel=0.03)
+
+
+def test_decoder_scope_plans_decoder_adapters_and_less_memory(tmp_path):
+    """flan-t5-xl: --adapter-scope decoder counts the LoRA of the 24 decoder layers only (self- and
+    cross-attention, gated MLP); weights, optimizer state and activations all shrink, and dpo's
+    checkpointed step (which reads the reference's encoder pass) keeps nothing of the encoder."""
+    shape = P.model_shape(P.read_config(str(write_config(tmp_path, FLAN_T5_XL))))
+    d, ff, r = 2048, 5120, 16
+    assert sum(lin.encoder for lin in shape.linears) == 24 * 7 and not any(lin.encoder for lin in shape.layer_linears)
+    assert all(lin.encoder for lin in shape.encoder_layer_linears)
+    decoder = 24 * r * (8 * 2 * d + 2 * (d + ff) + (ff + d))
+    encoder = 24 * r * (4 * 2 * d + 2 * (d + ff) + (ff + d))
+    for stage in ("sft", "rm", "dpo", "ppo"):
+        for checkpointing in (False, True):
+            cfg = dict(model="unused", stage=stage, gradient_checkpointing=checkpointing, cuda_context="0GB")
+            full = P.plan_memory(shape, P.PlanConfig(**cfg))
+            scoped = P.plan_memory(shape, P.PlanConfig(adapter_scope="decoder", **cfg))
+            assert full.facts["lora_params"] == decoder + encoder and scoped.facts["lora_params"] == decoder
+            ours, theirs = scoped.setups[0], full.setups[0]
+            role = "reward" if stage == "rm" else "policy"
+            assert line(ours, f"{role}_weights") == 4 * decoder and line(ours, f"{role}_optimizer") == 8 * decoder
+            assert ours.peak < theirs.peak and ours.static < theirs.static
+            # Activations: less without checkpointing; with it, sft and rm still run the encoder with grad.
+            shrinks = not checkpointing or stage in ("dpo", "ppo")
+            assert (line(ours, "activations") < line(theirs, "activations")) == shrinks
+    assert "adapters in the decoder only" in P.render(scoped)
+
+
+def test_decoder_scope_on_a_causal_model_is_a_one_line_error(tmp_path, capsys):
+    model = write_config(tmp_path, {"model_type": "llama", "hidden_size": 64, "intermediate_size": 128,
+                                    "num_attention_heads": 4, "num_hidden_layers": 2, "vocab_size": 320})
+    assert main(["plan", "--model", str(model), "--adapter-scope", "decoder"]) == 2
+    err = capsys.readouterr().err
+    assert err == f"error: --adapter-scope decoder applies to encoder-decoder bases (T5, BART) only: {model} is a " \
+        "causal LM (it has no encoder); leave it at all\n"
+    assert main(["plan", "--model", str(model), "--adapter-scope", "all"]) == 0
