@@ -33,7 +33,9 @@ decoder's (ppo: ``--max-new-tokens``) and the rest the encoder's input; activati
 block (sdpa with the relative position bias as a float mask per layer, cross-attention keys and
 values over the encoder tokens in every decoder layer); the modules transformers keeps in fp32
 (T5's ``wo``) are planned in fp32 and unquantized; generation holds the decoder's self-attention
-cache and the cross-attention cache of every prompt token.
+cache and the cross-attention cache of every prompt token. With ``--adapter-scope decoder`` only
+the decoder's layers carry adapters, and the encoder keeps activations only where the training
+step runs it with grad (``encoder_graph``).
 
 Numbers are estimates: the CUDA caching allocator adds fragmentation, and kernels differ. Every
 formula is in this file, next to the reason for it.
@@ -377,9 +379,9 @@ def encoder_graph(cfg: PlanConfig, checkpointing: bool, reuse: bool) -> bool:
     transformers' activation_checkpointing_enable (and peft's k-bit preparation) make the shared
     input embeddings' output require grad (enable_input_require_grads), so every checkpointed encoder
     layer keeps its input and backward runs through the encoder (measured, tests/test_plan_seq2seq.py).
-    Without checkpointing nothing in the encoder requires grad. ``reuse``: the forward reads the
-    detached output of a no-grad pass on the same prompts (dpo's reference, ppo's scoring passes:
-    models/forward.encoder_reuse), so the encoder keeps nothing either way."""
+    Without checkpointing nothing in the encoder requires grad. ``reuse``: the forward runs in an
+    encoder_reuse scope (models/forward.py), where a frozen encoder's output is cut from the graph
+    (a shared no-grad pass, or its own pass detached), so the encoder keeps nothing either way."""
     return cfg.adapter_scope == "all" or (checkpointing and not reuse)
 
 
@@ -927,9 +929,9 @@ def _train_lines(setup: Setup, shape: ModelShape, cfg: PlanConfig, sequences: in
 
 
 def _encoder_reuse(cfg: PlanConfig) -> bool:
-    """dpo and ppo run their training forward in an encoder_reuse scope after no-grad passes on the
-    same prompts (the reference; the rollouts' scoring), whose encoder output a frozen encoder reads
-    (models/forward.py); sft and rm do not, nor does any stage under FSDP."""
+    """dpo and ppo run their training forward in an encoder_reuse scope (with the reference's and
+    the rollouts' no-grad passes), where a frozen encoder's output is detached (models/forward.py);
+    sft and rm do not, nor does any stage under FSDP."""
     return cfg.stage in ("dpo", "ppo") and not (cfg.strategy == "fsdp" and cfg.processes > 1)
 
 
@@ -1021,8 +1023,8 @@ def plan_memory(shape: ModelShape, cfg: PlanConfig) -> Plan:
                          "encoder's checkpointed layers keep their inputs as with --adapter-scope all")
         else:
             notes.append("--adapter-scope decoder: the encoder keeps no activations for backward"
-                         + (" (the training forward reads the encoder output of the step's no-grad pass)"
-                            if _encoder_reuse(cfg) else ""))
+                         + (" (the training forward reads a detached encoder pass, shared where the step has "
+                            "one)" if _encoder_reuse(cfg) else ""))
     if cfg.quantization != "none" and cfg.kbit_upcast:
         notes.append("4/8-bit: peft's prepare_model_for_kbit_training upcasts embeddings, lm_head and norms to fp32, "
                      "so activations and the KV cache are fp32 too (--kbit-upcast false plans them in "
