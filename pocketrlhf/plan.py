@@ -371,18 +371,12 @@ def adapted_linears(linears: list[Linear], cfg: PlanConfig) -> list[Linear]:
     return [lin for lin in targeted(linears, cfg.target_modules) if cfg.adapter_scope == "all" or not lin.encoder]
 
 
-def encoder_graph(cfg: PlanConfig, checkpointing: bool, reuse: bool) -> bool:
-    """Whether a training forward's encoder keeps tensors for backward.
-
-    With adapters in it (``--adapter-scope all``) it does. With none it still does under gradient
-    checkpointing when the forward runs its own encoder pass (sft, rm; under FSDP every stage):
-    transformers' activation_checkpointing_enable (and peft's k-bit preparation) make the shared
-    input embeddings' output require grad (enable_input_require_grads), so every checkpointed encoder
-    layer keeps its input and backward runs through the encoder (measured, tests/test_plan_seq2seq.py).
-    Without checkpointing nothing in the encoder requires grad. ``reuse``: the forward runs in an
-    encoder_reuse scope (models/forward.py), where a frozen encoder's output is cut from the graph
-    (a shared no-grad pass, or its own pass detached), so the encoder keeps nothing either way."""
-    return cfg.adapter_scope == "all" or (checkpointing and not reuse)
+def encoder_graph(cfg: PlanConfig) -> bool:
+    """Whether a training forward's encoder keeps tensors for backward: only with adapters in it
+    (``--adapter-scope all``). A frozen encoder's output is cut from the graph (models/forward.py),
+    so even under checkpointing (which makes the shared input embeddings' output require grad) its
+    layers keep nothing and no backward runs through them (measured, tests/test_plan_seq2seq.py)."""
+    return cfg.adapter_scope == "all"
 
 
 def quantized_linear_bytes(lin: Linear, quantization: str, double_quant: bool, dtype_bytes: int) -> float:
@@ -597,7 +591,7 @@ def _seq2seq_mlp(shape: ModelShape, regime: Regime) -> float:
 
 
 def seq2seq_activation_bytes(shape: ModelShape, cfg: PlanConfig, sequences: int, padded: bool,
-                             checkpointing: bool, reuse: bool = False, graph: bool | None = None) -> float:
+                             checkpointing: bool, graph: bool | None = None) -> float:
     """Saved-for-backward bytes of one encoder-decoder forward (``sequences`` x the encoder's and
     the decoder's tokens), logits excluded.
 
@@ -606,7 +600,7 @@ def seq2seq_activation_bytes(shape: ModelShape, cfg: PlanConfig, sequences: int,
     A decoder layer's cross-attention keeps its keys and values over the encoder tokens. The
     encoder's layers count only where it keeps a graph (``encoder_graph``, unless ``graph`` says).
     """
-    graph = encoder_graph(cfg, checkpointing, reuse) if graph is None else graph
+    graph = encoder_graph(cfg) if graph is None else graph
     regime = _regime(cfg, shape, padded)
     s, d, heads = regime.stream, shape.hidden_size, shape.num_heads
     q_dim = kv_dim = heads * shape.head_dim
@@ -751,18 +745,17 @@ def _regime(cfg: PlanConfig, shape: ModelShape, padded: bool) -> Regime:
 
 
 def activation_bytes(shape: ModelShape, cfg: PlanConfig, sequences: int, tokens: int, padded: bool,
-                     checkpointing: bool, head_on_trunk: bool = False, reuse: bool = False) -> float:
+                     checkpointing: bool, head_on_trunk: bool = False) -> float:
     """Saved-for-backward bytes of one forward over ``sequences`` x ``tokens`` (logits excluded).
 
     ``head_on_trunk``: a value head reads every final hidden state (PPO's default value model);
-    the hidden states stay referenced and the fp32 head keeps a fp32 copy. ``reuse``: an
-    encoder-decoder's forward reads a shared encoder pass (``encoder_graph``).
+    the hidden states stay referenced and the fp32 head keeps a fp32 copy.
     """
     regime = _regime(cfg, shape, padded)
     if shape.seq2seq:  # the value head reads the decoder's states
         head = sequences * decoder_tokens(shape, cfg)[1] * shape.hidden_size * \
             (4 + (regime.stream if regime.stream != 4 else 0)) if head_on_trunk else 0.0
-        return seq2seq_activation_bytes(shape, cfg, sequences, padded, checkpointing, reuse) + head
+        return seq2seq_activation_bytes(shape, cfg, sequences, padded, checkpointing) + head
     n = sequences * tokens
     head = n * shape.hidden_size * (4 + (regime.stream if regime.stream != 4 else 0)) if head_on_trunk else 0.0
     adapted = targeted(shape.layer_linears, cfg.target_modules)
@@ -812,8 +805,7 @@ def logprob_bytes(shape: ModelShape, cfg: PlanConfig, rows: int) -> tuple[float,
     return kept, transient
 
 
-def layer_transient_bytes(shape: ModelShape, cfg: PlanConfig, tokens: int, padded: bool, checkpointing: bool,
-                          reuse: bool = False) -> float:
+def layer_transient_bytes(shape: ModelShape, cfg: PlanConfig, tokens: int, padded: bool, checkpointing: bool) -> float:
     """Largest short-lived memory while one layer runs (forward or backward): about two tensors as
     wide as its MLP (measured), plus, with checkpointing, the layer's recomputed activations, plus
     a quantized layer's dequantized weight."""
@@ -825,7 +817,7 @@ def layer_transient_bytes(shape: ModelShape, cfg: PlanConfig, tokens: int, padde
         out = rows * 2 * max(shape.intermediate_size, shape.hidden_size) * regime.stream \
             + dequantized_weight_bytes(shape, cfg, training=True)
         if checkpointing:
-            graph = encoder_graph(cfg, True, reuse)  # the layers recomputed: the encoder's only with a graph
+            graph = encoder_graph(cfg)  # the layers recomputed: the encoder's only with a graph
             out += seq2seq_activation_bytes(shape, cfg, tokens // cfg.seq_length, padded, False, graph=graph) / \
                 ((shape.encoder_layers if graph else 0) + shape.num_layers)
         return out
@@ -905,16 +897,15 @@ def _head_lines(setup: Setup, shape: ModelShape, role: str, trainable: bool) -> 
 
 
 def _train_lines(setup: Setup, shape: ModelShape, cfg: PlanConfig, sequences: int, padded: bool, logprob_rows: int,
-                 graphs: int = 1, naive_logits: bool = False, head_on_trunk: bool = False, reuse: bool = False) -> None:
+                 graphs: int = 1, naive_logits: bool = False, head_on_trunk: bool = False) -> None:
     """Activations, log-probs and working set of one training micro-batch (``graphs`` forwards held
-    together for one backward; ``reuse``: an encoder-decoder's forward reads a shared encoder pass)."""
+    together for one backward)."""
     tokens = sequences * cfg.seq_length
-    acts = activation_bytes(shape, cfg, sequences, cfg.seq_length, padded, cfg.gradient_checkpointing, head_on_trunk,
-                            reuse)
+    acts = activation_bytes(shape, cfg, sequences, cfg.seq_length, padded, cfg.gradient_checkpointing, head_on_trunk)
     what = ("with reentrant" if cfg.reentrant_checkpointing else "with") if cfg.gradient_checkpointing else "no"
     setup.add("activations", f"activations ({sequences} x {cfg.seq_length} tokens, {what} checkpointing)",
               graphs * acts, "train")
-    transient = layer_transient_bytes(shape, cfg, tokens, padded, cfg.gradient_checkpointing, reuse)
+    transient = layer_transient_bytes(shape, cfg, tokens, padded, cfg.gradient_checkpointing)
     if logprob_rows:
         if naive_logits:
             full = sequences * decoder_tokens(shape, cfg)[1] * shape.vocab_size  # the decoder's positions only
@@ -926,13 +917,6 @@ def _train_lines(setup: Setup, shape: ModelShape, cfg: PlanConfig, sequences: in
             # The layers' backward starts once the log-prob backward has freed what it kept.
             transient = max(transient - kept, chunk)
     setup.add("working_set", "largest transient (forward or backward)", transient, "train")
-
-
-def _encoder_reuse(cfg: PlanConfig) -> bool:
-    """dpo and ppo run their training forward in an encoder_reuse scope (with the reference's and
-    the rollouts' no-grad passes), where a frozen encoder's output is detached (models/forward.py);
-    sft and rm do not, nor does any stage under FSDP."""
-    return cfg.stage in ("dpo", "ppo") and not (cfg.strategy == "fsdp" and cfg.processes > 1)
 
 
 def plan_memory(shape: ModelShape, cfg: PlanConfig) -> Plan:
@@ -992,7 +976,7 @@ def plan_memory(shape: ModelShape, cfg: PlanConfig) -> Plan:
         if cfg.reference == "sft":
             _adapter_lines(ours, shape, cfg, "reference", trainable=False)
         sequences, padded = 2 * cfg.batch_size, True
-        _train_lines(ours, shape, cfg, sequences, padded, sequences * scored, reuse=_encoder_reuse(cfg))
+        _train_lines(ours, shape, cfg, sequences, padded, sequences * scored)
         notes.append("dpo: chosen and rejected run in one batch (2 x batch-size sequences); log-probs are counted "
                      "for every token (an upper bound: only answer tokens need them)")
     else:
@@ -1015,16 +999,9 @@ def plan_memory(shape: ModelShape, cfg: PlanConfig) -> Plan:
 
     for flag in (False, True):
         facts[f"activations_{'with' if flag else 'without'}_checkpointing"] = activation_bytes(
-            shape, cfg, sequences, T, padded, flag, head_on_trunk, _encoder_reuse(cfg))
+            shape, cfg, sequences, T, padded, flag, head_on_trunk)
     if cfg.adapter_scope == "decoder":
-        if encoder_graph(cfg, cfg.gradient_checkpointing, _encoder_reuse(cfg)):
-            notes.append("--adapter-scope decoder: with gradient checkpointing the training forward's own encoder "
-                         "pass still runs with grad (transformers makes the embeddings' output require it), so the "
-                         "encoder's checkpointed layers keep their inputs as with --adapter-scope all")
-        else:
-            notes.append("--adapter-scope decoder: the encoder keeps no activations for backward"
-                         + (" (the training forward reads a detached encoder pass, shared where the step has "
-                            "one)" if _encoder_reuse(cfg) else ""))
+        notes.append("--adapter-scope decoder: the encoder trains nothing and keeps no activations for backward")
     if cfg.quantization != "none" and cfg.kbit_upcast:
         notes.append("4/8-bit: peft's prepare_model_for_kbit_training upcasts embeddings, lm_head and norms to fp32, "
                      "so activations and the KV cache are fp32 too (--kbit-upcast false plans them in "
@@ -1062,8 +1039,7 @@ def _ppo_lines(setup: Setup, shape: ModelShape, cfg: PlanConfig, copies: int) ->
         _train_lines(setup, shape, cfg, cfg.batch_size, True, rows, graphs=2, naive_logits=True)
     else:
         # A value adapter runs its own forward and backward after the policy's: one graph at a time.
-        _train_lines(setup, shape, cfg, cfg.batch_size, True, rows, head_on_trunk=cfg.value_model == "head",
-                     reuse=_encoder_reuse(cfg))
+        _train_lines(setup, shape, cfg, cfg.batch_size, True, rows, head_on_trunk=cfg.value_model == "head")
 
 
 def _rollout_lines(setup: Setup, shape: ModelShape, cfg: PlanConfig) -> None:

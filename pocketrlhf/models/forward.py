@@ -250,9 +250,13 @@ def encoder_reuse(model: torch.nn.Module, enabled: bool = True) -> Iterator[Enco
 
 def _encode(lm: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     cache: EncoderCache | None = getattr(lm, "_pocketrlhf_encoder_cache", None)
-    state = encoder_class(lm) if cache is not None else None
-    if state is None or not state[1]:  # no scope, merged weights, or a trainable encoder: its own pass
+    state = encoder_class(lm)
+    if state is None or not state[1]:  # merged weights, or a trainable encoder: its own pass, in the graph
         return lm.get_encoder()(input_ids=ids, attention_mask=mask).last_hidden_state
+    if cache is None:
+        # Frozen: cut from the graph, else checkpointing's input-embedding hook (enable_input_require_grads)
+        # makes the encoder keep its layers' inputs and run a backward that reaches no weight.
+        return lm.get_encoder()(input_ids=ids, attention_mask=mask).last_hidden_state.detach()
     key = cache.key(state[0], ids, mask)
     hit = cache.entries.get(key)
     if hit is not None:
