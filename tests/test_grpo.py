@@ -261,3 +261,43 @@ def test_rollout_decoding_drops_finished_rows_and_samples_what_generate_samples(
     assert calls and fast == slow
     assert len({len(r) for r in fast}) > 1 and any(r[-1] == tok.eos_token_id for r in fast)
 
+
+
+@pytest.mark.parametrize("quantization", ["none", "4bit"])
+def test_rollouts_compute_each_prompt_once_and_sample_the_same_tokens(digits, quantization):
+    """The G completions of one prompt share its prefill (one row per distinct prompt, its KV cache
+    and logits copied to every completion): the same tokens as a prefill of every row, on a 16-bit
+    and a 4-bit base through a LoRA adapter, with left-padded prompts of different lengths."""
+    from pocketrlhf.models import generation
+    from pocketrlhf.models.adapters import attach_adapter, make_peft_config
+    from pocketrlhf.models.forward import unwrap
+    from pocketrlhf.models.loading import load_base, load_tokenizer
+
+    tok = load_tokenizer(str(digits["model"]))
+    base = load_base(str(digits["model"]), quantization, device="cpu")
+    model = attach_adapter(base, make_peft_config("lora", r=4), "policy")
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05, generator=torch.Generator().manual_seed(1))
+    texts = ["1 2 3 :", "7 : 8 9 0 :", "4 5 6 :", "0 0 :"]
+    prompts = [tok(t)["input_ids"] for t in texts for _ in range(4)] + [tok("1 2 3 :")["input_ids"]]
+    seeds = [generation.row_seed(7, i) for i in range(len(prompts))]
+    _, lm = unwrap(model)
+    prefill_rows = []
+    hook = lm.register_forward_pre_hook(lambda m, a, k: prefill_rows.append(k["input_ids"].shape), with_kwargs=True)
+    try:
+        shared = generation.sample(model, tok, prompts, 8, 1.0, batch_size=32, row_seeds=seeds)
+        first_shared = prefill_rows[0]
+        prefill_rows.clear()
+        every_row = generation.distinct_prompts
+        generation.distinct_prompts = lambda p: (p, torch.arange(len(p)))
+        try:
+            separate = generation.sample(model, tok, prompts, 8, 1.0, batch_size=32, row_seeds=seeds)
+        finally:
+            generation.distinct_prompts = every_row
+    finally:
+        hook.remove()
+    assert first_shared[0] == 4 and prefill_rows[0][0] == len(prompts)  # 4 distinct prompts prefilled, not 17
+    assert shared == separate
+    assert len({tuple(r) for r in shared}) > len(texts)  # the copies of a prompt still answer differently

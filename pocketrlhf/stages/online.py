@@ -244,13 +244,14 @@ def build_shared_roles(cfg, total_steps: int, functions: list[str], weights: lis
 
 
 def finish_roles(roles: Roles, trainable_adapters: set[str]) -> Roles:
-    from pocketrlhf.models.adapters import AdapterSet
+    from pocketrlhf.models.adapters import AdapterSet, fuse_lora_layers
     from pocketrlhf.models.forward import disable_dropout
     from pocketrlhf.models.policy import set_trainable
 
     roles.model.set_adapter(POLICY)
     roles.adapters = AdapterSet(roles.model)
     disable_dropout(roles.model)  # [N] Policy 4, adapters' dropout too: the ratio is exactly 1 before the first update
+    fuse_lora_layers(roles.model)  # every rollout, scoring, reference and training pass runs through the LoRA layers
     roles.trainable = set_trainable(roles.model, trainable_adapters)
     if roles.value_head is not None:
         roles.value_head.requires_grad_(True)
