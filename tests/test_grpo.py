@@ -301,3 +301,23 @@ def test_rollouts_compute_each_prompt_once_and_sample_the_same_tokens(digits, qu
     assert first_shared[0] == 4 and prefill_rows[0][0] == len(prompts)  # 4 distinct prompts prefilled, not 17
     assert shared == separate
     assert len({tuple(r) for r in shared}) > len(texts)  # the copies of a prompt still answer differently
+
+
+def test_sharing_weighs_linear_work_against_attention(digits):
+    """With the model's linear work per token counted, a long prompt before long answers is
+    shared (it saves (G-1) prompts of every linear layer); answers long enough that the one row's
+    attention outgrows that saving are not."""
+    from pocketrlhf.models.loading import load_base
+
+    model = load_base(str(digits["model"]), device="cpu")
+    ratio = online.linear_cost_per_pair(model)
+    cfg = model.config
+    kv = cfg.num_key_value_heads * cfg.hidden_size // cfg.num_attention_heads
+    assert ratio == (cfg.hidden_size * (2 * cfg.hidden_size + 2 * kv) + 3 * cfg.hidden_size * cfg.intermediate_size) / (
+        2 * cfg.hidden_size)
+    plens = torch.tensor([50] * 8)
+    attn = torch.ones(8, 90)  # 50-token prompt, 40-token answers: 370 tokens in one row against 8 x 90
+    assert not online.sharing_pays(attn, plens, 8)  # attention alone: the row's 370^2 pairs look dearer
+    assert online.sharing_pays(attn, plens, 8, ratio)
+    long_answers = torch.ones(8, int(50 + 40 * ratio))
+    assert not online.sharing_pays(long_answers, plens, 8, ratio)
