@@ -385,8 +385,9 @@ def sharing_pays(attention_mask: torch.Tensor, prompt_lengths: torch.Tensor, gro
     """Whether one row per group (prompt once, then every completion) costs less than G rows: it
     saves (G-1) x prompt tokens of every linear layer, but its attention is dense over the whole
     row (L^2 against G x T^2). The cost of a layout is tokens x ``linear_per_pair`` + attention
-    pairs (``linear_cost_per_pair``): on a real model a token's linear work is worth thousands of
-    pairs, so sharing pays unless the row grows to thousands of tokens."""
+    pairs (``linear_cost_per_pair``): on a 7B model one token's linear work is worth ~25,000
+    pairs, so the saved prompt copies outweigh the longer row's attention unless the prompt is a
+    small part of rows thousands of tokens long."""
     n, width = attention_mask.shape
     lengths = attention_mask.long().sum(1).view(-1, group_size)
     prompts = prompt_lengths.view(-1, group_size)[:, 0]
