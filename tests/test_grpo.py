@@ -261,3 +261,63 @@ def test_rollout_decoding_drops_finished_rows_and_samples_what_generate_samples(
     assert calls and fast == slow
     assert len({len(r) for r in fast}) > 1 and any(r[-1] == tok.eos_token_id for r in fast)
 
+
+
+@pytest.mark.parametrize("quantization", ["none", "4bit"])
+def test_rollouts_compute_each_prompt_once_and_sample_the_same_tokens(digits, quantization):
+    """The G completions of one prompt share its prefill (one row per distinct prompt, its KV cache
+    and logits copied to every completion): the same tokens as a prefill of every row, on a 16-bit
+    and a 4-bit base through a LoRA adapter, with left-padded prompts of different lengths."""
+    from pocketrlhf.models import generation
+    from pocketrlhf.models.adapters import attach_adapter, make_peft_config
+    from pocketrlhf.models.forward import unwrap
+    from pocketrlhf.models.loading import load_base, load_tokenizer
+
+    tok = load_tokenizer(str(digits["model"]))
+    base = load_base(str(digits["model"]), quantization, device="cpu")
+    model = attach_adapter(base, make_peft_config("lora", r=4), "policy")
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05, generator=torch.Generator().manual_seed(1))
+    texts = ["1 2 3 :", "7 : 8 9 0 :", "4 5 6 :", "0 0 :"]
+    prompts = [tok(t)["input_ids"] for t in texts for _ in range(4)] + [tok("1 2 3 :")["input_ids"]]
+    seeds = [generation.row_seed(7, i) for i in range(len(prompts))]
+    _, lm = unwrap(model)
+    prefill_rows = []
+    hook = lm.register_forward_pre_hook(lambda m, a, k: prefill_rows.append(k["input_ids"].shape), with_kwargs=True)
+    try:
+        shared = generation.sample(model, tok, prompts, 8, 1.0, batch_size=32, row_seeds=seeds)
+        first_shared = prefill_rows[0]
+        prefill_rows.clear()
+        every_row = generation.distinct_prompts
+        generation.distinct_prompts = lambda p: (p, torch.arange(len(p)))
+        try:
+            separate = generation.sample(model, tok, prompts, 8, 1.0, batch_size=32, row_seeds=seeds)
+        finally:
+            generation.distinct_prompts = every_row
+    finally:
+        hook.remove()
+    assert first_shared[0] == 4 and prefill_rows[0][0] == len(prompts)  # 4 distinct prompts prefilled, not 17
+    assert shared == separate
+    assert len({tuple(r) for r in shared}) > len(texts)  # the copies of a prompt still answer differently
+
+
+def test_sharing_weighs_linear_work_against_attention(digits):
+    """With the model's linear work per token counted, a long prompt before long answers is
+    shared (it saves (G-1) prompts of every linear layer); answers long enough that the one row's
+    attention outgrows that saving are not."""
+    from pocketrlhf.models.loading import load_base
+
+    model = load_base(str(digits["model"]), device="cpu")
+    ratio = online.linear_cost_per_pair(model)
+    cfg = model.config
+    kv = cfg.num_key_value_heads * cfg.hidden_size // cfg.num_attention_heads
+    assert ratio == (cfg.hidden_size * (2 * cfg.hidden_size + 2 * kv) + 3 * cfg.hidden_size * cfg.intermediate_size) / (
+        2 * cfg.hidden_size)
+    plens = torch.tensor([50] * 8)
+    attn = torch.ones(8, 90)  # 50-token prompt, 40-token answers: 370 tokens in one row against 8 x 90
+    assert not online.sharing_pays(attn, plens, 8)  # attention alone: the row's 370^2 pairs look dearer
+    assert online.sharing_pays(attn, plens, 8, ratio)
+    long_answers = torch.ones(8, int(50 + 40 * ratio))
+    assert not online.sharing_pays(long_answers, plens, 8, ratio)

@@ -389,32 +389,29 @@ def group_hidden_states(model: torch.nn.Module, input_ids: torch.Tensor, attenti
     n, width = input_ids.shape
     if n % group_size:
         raise ValueError(f"{n} rows do not split into groups of {group_size}")
-    lengths = attention_mask.long().sum(1).tolist()
-    starts = prompt_lengths.tolist()
-    groups = n // group_size
-    spans = [starts[g * group_size] + sum(lengths[g * group_size + k] - starts[g * group_size + k]
-                                          for k in range(group_size)) for g in range(groups)]
-    length = max(spans)
-    device = input_ids.device
-    ids = torch.zeros((groups, length), dtype=torch.long, device=device)
-    segments = torch.full((groups, length), -1, dtype=torch.long, device=device)
-    positions = torch.zeros((groups, length), dtype=torch.long, device=device)
-    index = torch.zeros((n, width), dtype=torch.long, device=device)
-    for g in range(groups):
-        first = g * group_size
-        p = starts[first]
-        ids[g, :p] = input_ids[first, :p]
-        segments[g, :p] = 0
-        positions[g, :p] = torch.arange(p, device=device)
-        offset = p
-        for k in range(group_size):
-            row, r = first + k, lengths[first + k] - starts[first + k]
-            ids[g, offset:offset + r] = input_ids[row, p:p + r]
-            segments[g, offset:offset + r] = k + 1
-            positions[g, offset:offset + r] = torch.arange(p, p + r, device=device)
-            index[row, :p] = g * length + torch.arange(p, device=device)
-            index[row, p:p + r] = g * length + offset + torch.arange(r, device=device)
-            offset += r
+    groups, device = n // group_size, input_ids.device
+    lengths = attention_mask.long().sum(1)
+    starts = prompt_lengths.to(device).long()
+    answers = lengths - starts
+    # Where each answer starts in its group's row: after the prompt and the answers before it.
+    before = answers.view(groups, group_size).cumsum(1) - answers.view(groups, group_size)
+    offset = (starts.view(groups, group_size)[:, :1] + before).flatten()
+    length = int((offset + answers).max())
+    column = torch.arange(width, device=device).expand(n, width)
+    real = column < lengths[:, None]
+    in_prompt = column < starts[:, None]
+    group = torch.arange(n, device=device) // group_size
+    # Prompt tokens map to the group row's prompt (the same for every answer), answer tokens after it.
+    slot = torch.where(in_prompt, column, offset[:, None] + column - starts[:, None])
+    index = torch.where(real, group[:, None] * length + slot, 0)
+    target = index[real]
+    ids = torch.zeros(groups * length, dtype=torch.long, device=device).index_put_((target,), input_ids[real])
+    segment_of = torch.where(in_prompt, 0, (torch.arange(n, device=device) % group_size + 1)[:, None])
+    segments = torch.full((groups * length,), -1, dtype=torch.long, device=device).index_put_((target,),
+                                                                                             segment_of[real])
+    # A token's position is its column in its own row: answers continue from their prompt.
+    positions = torch.zeros(groups * length, dtype=torch.long, device=device).index_put_((target,), column[real])
+    ids, segments, positions = (t.view(groups, length) for t in (ids, segments, positions))
     query, key = segments.unsqueeze(2), segments.unsqueeze(1)
     causal = torch.ones(length, length, dtype=torch.bool, device=device).tril()
     allowed = causal & ((key == 0) | (key == query))  # a response never sees its siblings

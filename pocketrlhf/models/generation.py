@@ -173,14 +173,19 @@ def _can_decode_here(model) -> dict[str, str] | None:
 
 @torch.no_grad()
 def seeded_decode(model, ids: torch.Tensor, attn: torch.Tensor, seeds: list[int], temperature: float,
-                  max_new_tokens: int, eos_ids: set[int], names: dict[str, str]) -> list[list[int]]:
+                  max_new_tokens: int, eos_ids: set[int], names: dict[str, str],
+                  prompt_of: torch.Tensor | None = None) -> list[list[int]]:
     """What ``generate`` with ``SeededSampling`` samples (the same forward calls, positions,
     cache and Gumbel noise per row), in a plain loop that drops finished rows from the batch and
     the KV cache: a rollout batch runs as long as its longest answer, and after most answers end
     the remaining steps cost only their own rows (generate computes every row to the end, and
-    pays its per-call and per-step set-up). Responses are cut after the first EOS."""
+    pays its per-call and per-step set-up). Responses are cut after the first EOS.
+
+    ``prompt_of`` (one entry per answer, an index into the rows of ``ids``): answers that share a
+    prompt (GRPO's G completions) get it computed once, its KV cache and next-token logits then
+    copied to each of them; without it answer i answers prompt row i."""
     _, lm = unwrap(model)
-    rows = ids.shape[0]
+    rows = ids.shape[0] if prompt_of is None else prompt_of.shape[0]
     seeds_t = torch.tensor([int(s) for s in seeds], dtype=torch.int64, device=ids.device)
     eos = torch.tensor(sorted(eos_ids), device=ids.device)
     position = attn.long().cumsum(-1) - 1
@@ -199,6 +204,12 @@ def seeded_decode(model, ids: torch.Tensor, attn: torch.Tensor, seeds: list[int]
             raise RuntimeError(f"{type(lm).__name__} returned no KV cache")
         logits = output.logits[:, -1].to(copy=True, dtype=torch.float32)
         del output
+        if step == 0 and prompt_of is not None:  # each prompt computed once: its cache and logits to every answer
+            if not hasattr(cache, "batch_select_indices"):
+                return seeded_decode(model, ids[prompt_of], attn[prompt_of], seeds, temperature, max_new_tokens,
+                                     eos_ids, names)
+            cache.batch_select_indices(prompt_of)
+            logits, attn, last = logits[prompt_of], attn[prompt_of], last[prompt_of]
         # SeededSampling's noise: row seed, decoding step, column
         noise = -torch.log(-torch.log(counter_uniform(seeds_t[active], step, logits.shape[-1]))).float()
         tokens = (logits / temperature + noise).argmax(-1)
@@ -219,6 +230,14 @@ def seeded_decode(model, ids: torch.Tensor, attn: torch.Tensor, seeds: list[int]
         kwargs = {"input_ids": tokens[:, None], "attention_mask": attn, "position_ids": last[:, None],
                   cache_key: cache, "use_cache": True, "logits_to_keep": 1}
     return out
+
+
+def distinct_prompts(prompts: list[list[int]]) -> tuple[list[list[int]], torch.Tensor]:
+    """Each distinct prompt once (in order of first appearance), and for every prompt the index
+    of its copy there."""
+    first: dict[tuple[int, ...], int] = {}
+    index = [first.setdefault(tuple(p), len(first)) for p in prompts]
+    return [list(p) for p in first], torch.tensor(index, dtype=torch.long)
 
 
 def row_seed(*parts: int) -> int:
@@ -259,11 +278,14 @@ def sample(model, tokenizer, prompt_ids: list[list[int]], max_new_tokens: int, t
     with inference_mode(model):
         for start in range(0, len(prompt_ids), batch_size):
             chunk = prompt_ids[start:start + batch_size]
-            ids, attn = (right_pad if seq2seq else left_pad)(chunk, cfg.pad_token_id)
             if names is not None:
+                unique, prompt_of = distinct_prompts(chunk)
+                ids, attn = left_pad(unique, cfg.pad_token_id)
                 out += seeded_decode(model, ids.to(device), attn.to(device), row_seeds[start:start + batch_size],
-                                     temperature, max_new_tokens, eos_ids, names)
+                                     temperature, max_new_tokens, eos_ids, names,
+                                     None if len(unique) == len(chunk) else prompt_of.to(device))
                 continue
+            ids, attn = (right_pad if seq2seq else left_pad)(chunk, cfg.pad_token_id)
             processors = LogitsProcessorList(
                 [SeededSampling(row_seeds[start:start + batch_size], temperature)] if seeded else [])
             generated = model.generate(input_ids=ids.to(device), attention_mask=attn.to(device),

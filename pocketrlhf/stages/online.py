@@ -247,13 +247,14 @@ def build_shared_roles(cfg, total_steps: int, functions: list[str], weights: lis
 
 
 def finish_roles(roles: Roles, trainable_adapters: set[str]) -> Roles:
-    from pocketrlhf.models.adapters import AdapterSet
+    from pocketrlhf.models.adapters import AdapterSet, fuse_lora_layers
     from pocketrlhf.models.forward import disable_dropout
     from pocketrlhf.models.policy import set_trainable
 
     roles.model.set_adapter(POLICY)
     roles.adapters = AdapterSet(roles.model)
     disable_dropout(roles.model)  # [N] Policy 4, adapters' dropout too: the ratio is exactly 1 before the first update
+    fuse_lora_layers(roles.model)  # every rollout, scoring, reference and training pass runs through the LoRA layers
     roles.trainable = set_trainable(roles.model, trainable_adapters)
     if roles.value_head is not None:
         roles.value_head.requires_grad_(True)
@@ -354,21 +355,48 @@ def rows_logprobs(model, ids, attn, resp, prompt_lengths, temperature: float, gr
     from pocketrlhf.models.forward import group_hidden_states, response_logprobs, supports_attention_bias
 
     hidden = None
-    if share and group_size > 1 and supports_attention_bias(model) and sharing_pays(attn, prompt_lengths, group_size):
+    if (share and group_size > 1 and supports_attention_bias(model)
+            and sharing_pays(attn, prompt_lengths, group_size, linear_cost_per_pair(model))):
         hidden = group_hidden_states(model, ids, attn, prompt_lengths, group_size)
     return response_logprobs(model, ids, attn, resp, temperature, return_hidden=return_hidden,
                              return_entropy=return_entropy, hidden=hidden)
 
 
-def sharing_pays(attention_mask: torch.Tensor, prompt_lengths: torch.Tensor, group_size: int) -> bool:
+def linear_cost_per_pair(model) -> float:
+    """A decoder layer's linear work per token (q, k, v, o and a gated MLP, multiply-adds) over
+    its attention work per query-key pair (scores and the weighted sum of values): how many
+    attention pairs one token's trip through the linear layers is worth. 0 when the config
+    does not say (sharing is then judged on attention alone)."""
+    from pocketrlhf.models.forward import unwrap
+
+    _, lm = unwrap(model)
+    cfg = getattr(lm, "config", None)
+    cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+    hidden = getattr(cfg, "hidden_size", None) or getattr(cfg, "n_embd", None)
+    if not isinstance(hidden, int):
+        return 0.0
+    heads = getattr(cfg, "num_attention_heads", None) or getattr(cfg, "n_head", None) or 1
+    head_dim = getattr(cfg, "head_dim", None) or hidden // heads
+    kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
+    inner = getattr(cfg, "intermediate_size", None) or getattr(cfg, "n_inner", None) or 4 * hidden
+    query, kv = heads * head_dim, kv_heads * head_dim
+    return (hidden * (2 * query + 2 * kv) + 3 * hidden * inner) / (2 * query)
+
+
+def sharing_pays(attention_mask: torch.Tensor, prompt_lengths: torch.Tensor, group_size: int,
+                 linear_per_pair: float = 0.0) -> bool:
     """Whether one row per group (prompt once, then every completion) costs less than G rows: it
     saves (G-1) x prompt tokens of every linear layer, but its attention is dense over the whole
-    row (L^2 against G x T^2), so long completions after a short prompt are cheaper apart."""
-    width = attention_mask.shape[1]
+    row (L^2 against G x T^2). The cost of a layout is tokens x ``linear_per_pair`` + attention
+    pairs (``linear_cost_per_pair``): on a 7B model one token's linear work is worth ~25,000
+    pairs, so the saved prompt copies outweigh the longer row's attention unless the prompt is a
+    small part of rows thousands of tokens long."""
+    n, width = attention_mask.shape
     lengths = attention_mask.long().sum(1).view(-1, group_size)
     prompts = prompt_lengths.view(-1, group_size)[:, 0]
-    shared = (prompts + (lengths - prompts[:, None]).sum(1)).max().item()
-    return shared * shared <= group_size * width * width
+    shared = int((prompts + (lengths - prompts[:, None]).sum(1)).max())
+    groups = n // group_size
+    return groups * (shared * linear_per_pair + shared * shared) <= n * (width * linear_per_pair + width * width)
 
 
 def micro_batches(n: int, batch_size: int, group_size: int) -> list[slice]:
