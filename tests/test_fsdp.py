@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from pocketrlhf.config import ConfigError
 from pocketrlhf.stages import common, sft
@@ -18,8 +19,9 @@ from test_distributed import EXAMPLES, ROOT, adapter, assert_same_adapter, train
 STEPS = 4
 
 
-def launch(config: str, model, data, out: Path, command: str = "sft", data_flag: str = "--data",
-           launcher: tuple[str, ...] = (), **kw) -> subprocess.CompletedProcess:
+def launch_command(config: str, model, data, out: Path, command: str = "sft", data_flag: str = "--data",
+                   launcher: tuple[str, ...] = (), **kw) -> tuple[list[str], dict]:
+    """(command line, environment) of a 2-process ``accelerate launch`` of a stage."""
     flags = [f"--{k.replace('_', '-')}={v}" for k, v in kw.items()]
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(EXAMPLES / config),
            "--num_processes", "2", "--main_process_port", "0", "--num_cpu_threads_per_process", "1",
@@ -27,7 +29,69 @@ def launch(config: str, model, data, out: Path, command: str = "sft", data_flag:
            "--device", "cpu", "--batch-size", "4", *flags]
     full_env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1",
                     PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    return subprocess.run(cmd, env=full_env, cwd=str(ROOT), capture_output=True, text=True, timeout=300)
+    return cmd, full_env
+
+
+def launch(*args, **kw) -> subprocess.CompletedProcess:
+    cmd, env = launch_command(*args, **kw)
+    return subprocess.run(cmd, env=env, cwd=str(ROOT), capture_output=True, text=True, timeout=300)
+
+
+def _descendants(pid: int) -> list[int]:
+    """The processes started by ``pid``, its children's children too (read from /proc)."""
+    parents: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # ended meanwhile
+        parents.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = [], [pid]
+    while todo:
+        children = parents.get(todo.pop(), [])
+        found += children
+        todo += children
+    return found
+
+
+def _running(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def launch_and_kill(after: Path, *args, **kw) -> None:
+    """Launches a stage on 2 processes and, as soon as ``after`` exists, kills the launcher and its
+    workers with SIGKILL (no handler runs, nothing is flushed). The workers are found by parentage:
+    torch's launcher may start them in sessions of their own."""
+    import signal
+    import tempfile
+    import time
+
+    cmd, env = launch_command(*args, **kw)
+    with tempfile.TemporaryFile("w+") as err:  # a file, not a pipe: a full pipe would stall the run
+        proc = subprocess.Popen(cmd, env=env, cwd=str(ROOT), stdout=subprocess.DEVNULL, stderr=err, text=True)
+        deadline = time.monotonic() + 300
+        try:
+            while not after.exists() and proc.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.02)
+        finally:
+            workers = _descendants(proc.pid)
+            for pid in [proc.pid, *workers]:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            proc.wait(timeout=60)
+        err.seek(0)
+        assert after.exists() and proc.returncode == -signal.SIGKILL, (proc.returncode, err.read()[-3000:])
+        assert len(workers) >= 2, workers
+    for _ in range(500):  # until the killed workers are gone (a zombie left to init counts as gone)
+        if not any(_running(pid) for pid in workers):
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"workers {workers} still running after SIGKILL")
 
 
 def sft_args(**over) -> dict:
@@ -264,6 +328,38 @@ def test_ppo_under_fsdp_matches_one_process(tmp_path, pretrained_llama, sft_adap
         assert (value_a[k] - value_b[k]).abs().max().item() < (1e-4 if quantization == "none" else 1e-2), k
     # The reward adapter really ran on the sharded model: its scores are not those of a rule.
     assert len({round(r["score"], 6) for r in rows["one"]}) > 1
+
+
+def test_ppo_under_fsdp_killed_after_a_checkpoint_resumes_the_same_trajectory(tmp_path, pretrained_llama,
+                                                                              sft_adapter, prompts_file):
+    """kill -9 of both FSDP processes (and the launcher) right after checkpoint-1 of 4, then
+    --resume auto on 2 processes: the policy and the trainable value adapter, Adam's state, the
+    adaptive KL controller and the rollouts' random streams come back, so every logged number and
+    both final adapters equal the uninterrupted run's."""
+    from safetensors.torch import load_file
+
+    args = dict(sft_adapter=str(sft_adapter), reward_function="pocketrlhf.data.synthetic:sentiment_reward",
+                value_model="adapter", max_steps=4, rollouts_per_step=8, ppo_epochs=1, max_new_tokens=8,
+                learning_rate=1e-3, eval_fraction=0, seed=0, progress=False, lr_scheduler="constant",
+                adaptive_kl=True, save_steps=1, save_total_limit=0, gradient_accumulation_steps=1)
+    run = (pretrained_llama, prompts_file)
+    proc = launch("cpu_fsdp.yaml", *run, tmp_path / "full", command="ppo", data_flag="--prompts", **args)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    killed = tmp_path / "killed"
+    launch_and_kill(killed / "checkpoint-1", "cpu_fsdp.yaml", *run, killed, command="ppo", data_flag="--prompts",
+                    **args)
+    assert not (killed / "summary.json").exists() and not (killed / "checkpoint-4").exists()
+    proc = launch("cpu_fsdp.yaml", *run, killed, command="ppo", data_flag="--prompts", resume="auto", **args)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "resuming from" in proc.stderr
+    full, resumed = ([r for r in _online_rows(tmp_path / n) if r["split"] == "train"] for n in ("full", "killed"))
+    assert [r["step"] for r in resumed] == [r["step"] for r in full] == [1, 2, 3, 4]
+    keys = ("score", "kl", "kl_coef", "pg_loss", "vf_loss", "entropy", "response_length")
+    assert [{k: r[k] for k in keys} for r in resumed] == [{k: r[k] for k in keys} for r in full]
+    assert len({r["kl_coef"] for r in full}) > 1  # the controller's state mattered
+    for name in ("adapter", "value"):
+        a, b = (load_file(str(tmp_path / n / name / "adapter_model.safetensors")) for n in ("killed", "full"))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
 
 
 def test_grpo_under_fsdp_matches_one_process_and_resumes(tmp_path, digits):
