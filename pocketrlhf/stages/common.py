@@ -490,14 +490,18 @@ def fsdp_options(env: dict | None = None) -> dict:
     for var, message in refused.items():
         if _flag(env, var):
             raise ConfigError(message)
-    precision = env.get("ACCELERATE_MIXED_PRECISION", "no").strip().lower()
-    if precision not in ("", "no"):
-        # accelerate's autocast comes with its prepare_model, which the sharded model does not go through.
-        raise ConfigError(f"mixed_precision: {precision} is not applied under FSDP; set mixed_precision: 'no' (the "
-                          "stages pick their own dtypes: --dtype, --compute-dtype)")
+    precision = env.get("ACCELERATE_MIXED_PRECISION", "no").strip().lower() or "no"
+    if precision == "fp16":
+        # accelerate pairs fp16 with a gradient scaler it applies in its own optimizer wrapper, which
+        # the sharded update does not go through: unscaled fp16 gradients underflow.
+        raise ConfigError("mixed_precision: fp16 is not supported under FSDP: it needs loss scaling (a gradient "
+                          "scaler), which pocketrlhf's sharded update does not apply; use bf16 or 'no'")
+    if precision not in ("no", "bf16"):
+        raise ConfigError(f"mixed_precision: {precision} is not supported under FSDP; use bf16 or 'no'")
     # FSDP2 takes true/false; FSDP1's strategy names are mapped the way accelerate maps them.
     reshard = env.get("FSDP_RESHARD_AFTER_FORWARD", "true").strip().lower()
-    return {"reshard_after_forward": reshard not in ("false", "shard_grad_op", "no_shard", "0")}
+    return {"reshard_after_forward": reshard not in ("false", "shard_grad_op", "no_shard", "0"),
+            "mixed_precision": precision}
 
 
 def check_strategy(stage: str, supported: tuple[str, ...], env: dict | None = None) -> str:
@@ -535,7 +539,7 @@ def strategy(accelerator) -> dict:
     out = {"strategy": name, "processes": world, "backend": backend, "sharding": sharding,
            "requested": requested_strategy() or None}
     if name == "fsdp":
-        out["reshard_after_forward"] = fsdp_options()["reshard_after_forward"]
+        out.update(fsdp_options())
     return out
 
 
@@ -619,14 +623,17 @@ def shard(module: torch.nn.Module, accelerator) -> torch.nn.Module:
     device = next(module.parameters()).device
     mesh = init_device_mesh(device.type, (accelerator.num_processes,))
     trainable = {p for p in module.parameters() if p.requires_grad}
-    reshard = fsdp_options()["reshard_after_forward"]
+    options = fsdp_options()
     layers = decoder_layers(module)
     if not layers:
         raise ConfigError(f"FSDP: {type(module).__name__} names no decoder layer class (_no_split_modules); "
                           "this model family cannot be sharded here, use DDP")
+    unit = dict(mesh=mesh, reshard_after_forward=options["reshard_after_forward"], ignored_params=trainable,
+                mp_policy=mixed_precision_policy(options["mixed_precision"]))
     for layer in layers + _vocabulary_layers(module):
-        fully_shard(layer, mesh=mesh, reshard_after_forward=reshard, ignored_params=trainable)
-    fully_shard(module, mesh=mesh, reshard_after_forward=reshard, ignored_params=trainable)
+        fully_shard(layer, **unit)
+    fully_shard(module, **unit)
+    autocast_forward(module, accelerator)
     broadcast_from_first([p for p in module.parameters() if p.requires_grad])
     frozen = [p for p in module.parameters() if not p.requires_grad]
     local = sum(p.to_local().numel() if hasattr(p, "to_local") else p.numel() for p in frozen)
@@ -634,6 +641,34 @@ def shard(module: torch.nn.Module, accelerator) -> torch.nn.Module:
              len(layers), f"{local:,}", f"{sum(p.numel() for p in frozen):,}",
              100 * local / max(sum(p.numel() for p in frozen), 1))
     return module
+
+
+def mixed_precision_policy(precision: str):
+    """FSDP2's mixed precision for accelerate's ``mixed_precision``: with bf16, weights are gathered
+    and computed in bf16 and gradients reduced in fp32 (non-float weights, such as packed 4-bit
+    ones, are never cast); with 'no', weights are used in the dtype they were loaded in."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    if precision == "bf16":
+        return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    return MixedPrecisionPolicy()
+
+
+def autocast_forward(module: torch.nn.Module, accelerator) -> None:
+    """The autocast accelerate's ``prepare_model`` puts around a model's forward (bf16 on the CPU,
+    outputs back in fp32), which the sharded model does not go through: so one process and FSDP
+    compute alike under ``mixed_precision: bf16``. Nothing when mixed precision is off."""
+    if not accelerator.native_amp:
+        return
+    from types import MethodType
+
+    from accelerate.utils import convert_outputs_to_fp32
+    from accelerate.utils.modeling import get_mixed_precision_context_manager
+
+    autocast = get_mixed_precision_context_manager(True, accelerator.autocast_handler)
+    module.forward = MethodType(convert_outputs_to_fp32(autocast(module.forward.__func__)), module)
+    log.info("fsdp: mixed precision %s (autocast %s; float weights gathered in bf16, gradients reduced in fp32)",
+             accelerator.mixed_precision, autocast.fast_dtype)
 
 
 def broadcast_from_first(params: list[torch.nn.Parameter]) -> None:
