@@ -1,5 +1,5 @@
-"""FSDP2 under `accelerate launch` on CPU processes (gloo): the frozen 16-bit base is sharded per
-decoder layer, the adapter stays whole; the run reports what it did and trains exactly what one
+"""FSDP2 under `accelerate launch` on CPU processes (gloo): the frozen 16-bit or 4-bit base and the
+adapters in it are sharded per decoder layer (heads stay whole); the run reports what it did and trains exactly what one
 process with the same global batch trains. Requested strategies a stage cannot run are refused
 before any work."""
 
@@ -110,6 +110,8 @@ def test_sft_under_fsdp_matches_one_process(tmp_path, llama, sft_file, quantizat
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "distributed: fsdp over 2 processes (gloo)" in proc.stderr
     assert "this process holds" in proc.stderr and "frozen weights (50%)" in proc.stderr
+    # The adapter is sharded with its decoder layer (its optimizer state too), not replicated.
+    assert "trainable weights (50%)" in proc.stderr and "(0 parameters outside the decoder layers" in proc.stderr
     sft.train(sft.SFTConfig(model=str(llama), data=str(sft_file), output_dir=str(tmp_path / "one"), device="cpu",
                             batch_size=8, **sft_args(quantization=quantization)))
     summary = json.loads((tmp_path / "fsdp" / "summary.json").read_text())
@@ -126,6 +128,14 @@ def test_sft_under_fsdp_matches_one_process(tmp_path, llama, sft_file, quantizat
     assert_same_adapter(a, b, quantization, 1e-5 if quantization == "none" else 2e-3)
     assert summary["eval_loss"] == pytest.approx(json.loads((tmp_path / "one" / "summary.json").read_text())["eval_loss"],
                                                  rel=1e-4)
+    if quantization == "none":  # written whole, in peft's own format: peft loads it onto the plain base
+        from peft import PeftModel
+        from transformers import AutoModelForCausalLM
+
+        loaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(llama)), str(tmp_path / "fsdp" / "adapter"))
+        weights = {k: v for k, v in loaded.state_dict().items() if "lora_" in k}
+        assert len(weights) == len(a) and all(v.shape == a[k.replace(".default", "")].shape for k, v in weights.items())
+        assert all(torch.equal(v, a[k.replace(".default", "")]) for k, v in weights.items())
 
 
 @pytest.mark.parametrize("env,stage,supported,message", [
@@ -361,6 +371,7 @@ def test_ppo_under_fsdp_matches_one_process(tmp_path, pretrained_llama, sft_adap
                   data_flag="--prompts", gradient_accumulation_steps=1, **args)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "distributed: fsdp over 2 processes (gloo)" in proc.stderr and "frozen weights (5" in proc.stderr
+    assert "trainable weights (5" in proc.stderr  # the policy and value adapters sharded (the value head whole)
     ppo.train(ppo.PPOConfig(model=str(pretrained_llama), prompts=str(prompts_file), output_dir=str(tmp_path / "one"),
                             device="cpu", batch_size=4, gradient_accumulation_steps=2, **args))
     s_fsdp, s_one = (json.loads((tmp_path / n / "summary.json").read_text()) for n in ("fsdp", "one"))

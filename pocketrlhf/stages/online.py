@@ -497,7 +497,8 @@ def train(cfg, algorithm: OnlineAlgorithm) -> dict:
         load_adapter_weights(roles.model, path / "adapter", name=POLICY)
         algorithm.load_extra(roles, path)
 
-    start_step, state, extra = common.resume(run, optimizer, scheduler, load_weights)
+    with common.whole_trainable(module, optimizer):  # FSDP: each process keeps its part of what is loaded
+        start_step, state, extra = common.resume(run, optimizer, scheduler, load_weights)
     if extra:
         algorithm.load_state_dict(extra)
     nonfinite_skipped = state.get("nonfinite_skipped", 0)  # rollouts, micro-batches, updates dropped (skip_nonfinite)
@@ -565,7 +566,8 @@ def train(cfg, algorithm: OnlineAlgorithm) -> dict:
             with optimizers.eval_weights(optimizer):  # schedule-free: evaluate the averaged weights
                 _log_eval(cfg, run, roles, tokenizer, eval_prompts, done)
         if cfg.save_steps and done % cfg.save_steps == 0 and done != total_steps:
-            with optimizers.eval_weights(optimizer):  # resume switches back (optimizers.after_resume)
+            with optimizers.eval_weights(optimizer), common.whole_trainable(module, optimizer):
+                # (schedule-free: resume switches back, optimizers.after_resume; FSDP: gathered on every process)
                 run.save_checkpoint(done, lambda path: (save_weights(path), common.save_torch_state(
                     path, optimizer, scheduler, algorithm.state_dict())),
                     {"total_steps": total_steps, "nonfinite_skipped": nonfinite_skipped})
@@ -576,12 +578,13 @@ def train(cfg, algorithm: OnlineAlgorithm) -> dict:
                **before}
     optimizers.to_eval(optimizer)  # schedule-free: the averaged weights are the result
     accelerator.wait_for_everyone()
-    if accelerator.is_main_process:  # saved before the final evaluation: a failing reward there loses no training
-        save_weights(run.dir, tokenizer)
-        write_adapter_info(run.dir / "adapter", stage=stage, template=data_report["template"],
-                           base=BaseSpec.from_config(cfg).record(), sft_adapter=cfg.sft_adapter,
-                           reward_adapter=cfg.reward_adapter)
-        summary["adapter"] = str(run.dir / "adapter")
+    with common.whole_trainable(module):  # FSDP: sharded adapters gathered on every process
+        if accelerator.is_main_process:  # saved before the final evaluation: a failing reward there loses no training
+            save_weights(run.dir, tokenizer)
+            write_adapter_info(run.dir / "adapter", stage=stage, template=data_report["template"],
+                               base=BaseSpec.from_config(cfg).record(), sft_adapter=cfg.sft_adapter,
+                               reward_adapter=cfg.reward_adapter)
+            summary["adapter"] = str(run.dir / "adapter")
     if len(eval_prompts):
         try:
             summary.update({f"eval_{k}": v for k, v in _log_eval(cfg, run, roles, tokenizer, eval_prompts,
@@ -603,7 +606,13 @@ def wrap(accelerator, trained: torch.nn.Module, roles: Roles) -> torch.nn.Module
     if common.strategy(accelerator)["strategy"] != "fsdp":
         # Weights are already placed by load_base (quantized weights cannot be moved anyway).
         return accelerator.prepare_model(trained, device_placement=False)
+    names = {id(p): n for n, p in trained.named_parameters()}
+    order = [names.get(id(p)) for p in roles.trainable]
     entry = common.shard(common.Entry(trained), accelerator)
+    # Sharding replaces the adapters' parameters in the layers by sharded ones: the optimizer, the
+    # clipping and the gradient averaging must see those (in the same order as without sharding).
+    now = dict(trained.named_parameters())
+    roles.trainable[:] = [now[n] if n in now else p for n, p in zip(order, roles.trainable)]
     roles.run = lambda fn, *args, **kwargs: entry(*args, run=fn, **kwargs)
     roles.sharded = True
     return entry
