@@ -336,6 +336,10 @@ def test_plan_per_process_under_fsdp(tmp_path):
     assert fsdp["base_other"] == pytest.approx(ddp["base_other"] / 4)
     assert "fsdp_gathered" not in ddp and 1e9 < fsdp["fsdp_gathered"] < 2e9  # 4 x the 262M-parameter output layer
     assert fsdp_setup.peak < ddp_setup.peak - 8e9  # 3/4 of 13.5 GB of bf16 weights saved
+    adapter_lines = [k for k in ddp if k.startswith("policy_")]
+    assert {"policy_weights", "policy_grads", "policy_optimizer"} <= set(adapter_lines)
+    for key in adapter_lines:  # the adapter, its gradients and AdamW state are sharded with the layers
+        assert fsdp[key] == pytest.approx(ddp[key] / 4), key
     with pytest.raises(ConfigError, match="--strategy fsdp"):
         lines(processes=2, strategy="fsdp", quantization="8bit")
     ppo_ddp, _ = lines(processes=2, stage="ppo")
@@ -497,3 +501,24 @@ def test_a_failing_reward_function_does_not_skip_the_reward_adapters_forward():
                                    online.RewardSource("rm", 1.0, adapter, uses_model=True)])(
         None, None, ["p", "q"], ["a", "b"], {}, 1, None)
     assert list(parts) == ["module:g", "rm"] and total.tolist() == [2.0, 2.0]  # the order of the sources kept
+
+
+def test_the_memory_tracker_follows_storages_freed_by_resizing():
+    """FSDP2 frees a gathered layer with storage.resize_(0) and gathers it again into the same
+    storage at a new address: counted per storage at its size of the moment, not as a new storage
+    each time while the old one still counts whole (what bench/fsdp_memory.py once measured)."""
+    from pocketrlhf.measure import LiveTensors
+
+    with LiveTensors(follow_resizes=True) as live:
+        x = torch.zeros(1000)  # 4000 bytes
+        held = []
+        for _ in range(3):
+            x.untyped_storage().resize_(0)  # freed, as FSDP2 frees a layer after its forward
+            held.append(torch.ones(10))  # 40 bytes kept, and an op: the count is taken at each op
+            assert live.current == 40 * len(held)
+            x.untyped_storage().resize_(4000)  # gathered again (at an address the allocator picks)
+            x.fill_(1.0)
+            assert live.current == 4000 + 40 * len(held)
+    assert live.peak == 4000 + 120
+    # (The default count keeps x counted while it is freed, and counts it again whenever the
+    # allocator gives it another address: not asserted here, that depends on the allocator.)
