@@ -152,6 +152,29 @@ def test_gradient_checkpointing_under_fsdp_matches_one_process(tmp_path, llama, 
     assert_same_adapter(adapter(tmp_path / "fsdp"), adapter(tmp_path / "one"), "none", 1e-5)
 
 
+def test_adapters_updated_by_a_bitsandbytes_optimizer_stay_whole_under_fsdp(tmp_path, llama, sft_file):
+    """bitsandbytes' optimizers (adamw_8bit, paged ones, AdamW on 16-bit adapters) run fused
+    kernels on plain tensors, not on FSDP's sharded DTensors: with them the adapters stay whole on
+    every process (the base is still sharded), and the run trains and checkpoints as before."""
+    from types import SimpleNamespace as NS
+
+    assert common.shards_adapters(NS(optimizer="adamw", adapter_dtype="float32"))
+    assert common.shards_adapters(NS(optimizer="lion", adapter_dtype="bfloat16"))
+    for cfg in (NS(optimizer="adamw", adapter_dtype="bfloat16"), NS(optimizer="adamw_8bit", adapter_dtype="float32"),
+                NS(optimizer="paged_adamw", adapter_dtype="float32")):
+        assert not common.shards_adapters(cfg), cfg
+    args = sft_args(adapter_dtype="bfloat16", eval_fraction=0, save_steps=2)
+    proc = launch("cpu_fsdp.yaml", llama, sft_file, tmp_path / "fsdp", **args)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "frozen weights (50%)" in proc.stderr and "trainable weights (100%)" in proc.stderr
+    assert "the trained adapters stay whole on every process" in proc.stderr
+    losses = [x for _, x in train_losses(tmp_path / "fsdp")]
+    assert len(losses) == STEPS and losses[-1] < losses[0]
+    saved = adapter(tmp_path / "fsdp")
+    assert saved and all(v.dtype == torch.bfloat16 for v in saved.values())
+    assert (tmp_path / "fsdp" / "checkpoint-2" / "optimizer.pt").is_file()
+
+
 @pytest.mark.parametrize("env,stage,supported,message", [
     ({}, "sft", common.OFFLINE_STRATEGIES, None),
     ({"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2"}, "sft", common.OFFLINE_STRATEGIES, None),

@@ -609,7 +609,18 @@ def decoder_layers(module: torch.nn.Module) -> list[torch.nn.Module]:
     return [m for m in layers if not any(m is not o and any(m is c for c in o.modules()) for o in layers)]
 
 
-def shard(module: torch.nn.Module, accelerator) -> torch.nn.Module:
+def shards_adapters(cfg: Any) -> bool:
+    """Whether FSDP shards the trained adapters with their layers: not when a bitsandbytes
+    optimizer updates them (adamw_8bit, paged ones, or adamw on 16-bit adapters: optimizers.build),
+    whose fused kernels take plain tensors only, not FSDP's sharded DTensors; those adapters stay
+    whole on every process, as heads do."""
+    kind = getattr(cfg, "optimizer", "adamw")
+    bnb = kind.endswith("8bit") or kind.startswith("paged") or (
+        kind == "adamw" and getattr(cfg, "adapter_dtype", "float32") != "float32")
+    return not bnb
+
+
+def shard(module: torch.nn.Module, accelerator, shard_trainable: bool = True) -> torch.nn.Module:
     """FSDP2 (``fully_shard``, in place): one unit per decoder layer, one for an untied input
     embedding, and a root unit for the rest (final norm, output layer; tied embeddings). The
     adapters' weights in a decoder layer (trained or frozen) are sharded with it: FSDP gathers them
@@ -632,8 +643,11 @@ def shard(module: torch.nn.Module, accelerator) -> torch.nn.Module:
                           "this model family cannot be sharded here, use DDP")
     # Before sharding: every process then keeps its part of the same weights.
     broadcast_from_first([p for p in module.parameters() if p.requires_grad])
-    in_layers = {p for layer in layers for p in layer.parameters()}
+    in_layers = {p for layer in layers for p in layer.parameters()} if shard_trainable else set()
     replicated = {p for p in module.parameters() if p.requires_grad and p not in in_layers}
+    if not shard_trainable:
+        log.info("fsdp: the trained adapters stay whole on every process (a bitsandbytes optimizer updates them, "
+                 "which takes no sharded tensors)")
     unit = dict(mesh=mesh, reshard_after_forward=options["reshard_after_forward"], ignored_params=replicated,
                 mp_policy=mixed_precision_policy(options["mixed_precision"]))
     for layer in layers + _vocabulary_layers(module):
@@ -790,7 +804,7 @@ def prepare(accelerator, module: torch.nn.Module, cfg: Any, total_steps: int):
         raise ConfigError("--optimizer sophia runs on one process only (its Hessian estimate is not averaged "
                           "across processes yet): choose another optimizer or launch one process")
     if strategy(accelerator)["strategy"] == "fsdp":
-        module = shard(module, accelerator)
+        module = shard(module, accelerator, shards_adapters(cfg))
     else:
         # Weights are already placed by load_base (quantized weights cannot be moved anyway).
         module = accelerator.prepare_model(module, device_placement=False)

@@ -484,7 +484,7 @@ def train(cfg, algorithm: OnlineAlgorithm) -> dict:
     if len(eval_prompts):
         check_reward_columns(needs_of, eval_prompts, cfg.eval_prompts or cfg.prompts)
     roles = algorithm.build_roles(cfg, total_steps)
-    module = wrap(accelerator, algorithm.trained_module(roles), roles)
+    module = wrap(accelerator, algorithm.trained_module(roles), roles, common.shards_adapters(cfg))
     # Built after wrapping (the order every engine needs); the trained parameters are the same
     # objects either way (FSDP leaves them whole, out of its units).
     optimizer = common.build_optimizer(roles.trainable, cfg, str(roles.trainable[0].device))
@@ -599,7 +599,7 @@ def train(cfg, algorithm: OnlineAlgorithm) -> dict:
     return summary
 
 
-def wrap(accelerator, trained: torch.nn.Module, roles: Roles) -> torch.nn.Module:
+def wrap(accelerator, trained: torch.nn.Module, roles: Roles, shard_trainable: bool = True) -> torch.nn.Module:
     """The trained module as the loop calls it: DDP-wrapped (several processes), or under FSDP the
     sharded root ``common.Entry`` through which every role's forward runs (``roles.run``): rollout
     generation, the reference and reward passes share the one sharded base with the policy."""
@@ -608,7 +608,7 @@ def wrap(accelerator, trained: torch.nn.Module, roles: Roles) -> torch.nn.Module
         return accelerator.prepare_model(trained, device_placement=False)
     names = {id(p): n for n, p in trained.named_parameters()}
     order = [names.get(id(p)) for p in roles.trainable]
-    entry = common.shard(common.Entry(trained), accelerator)
+    entry = common.shard(common.Entry(trained), accelerator, shard_trainable)
     # Sharding replaces the adapters' parameters in the layers by sharded ones: the optimizer, the
     # clipping and the gradient averaging must see those (in the same order as without sharding).
     now = dict(trained.named_parameters())
