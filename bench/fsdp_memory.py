@@ -6,8 +6,9 @@
 Each setup is a real ``accelerate launch`` of this file with examples/accelerate/cpu_ddp.yaml or
 cpu_fsdp.yaml; each process builds the policy the way ``pocketrlhf sft`` does (frozen base + LoRA,
 ``stages.common.prepare``: DDP, or FSDP2 per decoder layer), then takes two optimizer steps on a
-fixed batch and reports, for the second (pocketrlhf.measure's tracker, MB = 10^6 bytes):
-  * static: this process's weights (its shard under FSDP), buffers and optimizer state;
+fixed batch and reports, for the second (pocketrlhf.measure's tracker with ``follow_resizes``: FSDP2
+frees a gathered layer by resizing its storage to 0, which the default count would miss; MB = 10^6 bytes):
+  * static: this process's weights (its shard under FSDP, adapters included), buffers and optimizer state;
   * peak: the highest sum of tensors alive during forward + backward + gradient sync above static
     (under FSDP it includes the layer weights gathered for the forward and again for the backward).
 The PPO rows build the roles the way ``pocketrlhf ppo`` does (policy adapter, value head, the
@@ -59,8 +60,8 @@ def child(model_dir: str, out: str, seq: int, batch: int) -> None:
     result = {}
     for _ in range(2):
         static = storage_bytes([local(t) for t in list(module.parameters()) + list(module.buffers())]
-                               + [v for s in optimizer.state.values() for v in s.values() if torch.is_tensor(v)])
-        tracker = LiveTensors(set(static))
+                               + [local(v) for s in optimizer.state.values() for v in s.values() if torch.is_tensor(v)])
+        tracker = LiveTensors(set(static), follow_resizes=True)
         with tracker:
             logps = module(ids, mask, mask)
             loss = -logps["logprobs"].sum() / mask.sum()
@@ -112,8 +113,8 @@ def child_ppo(model_dir: str, out: str, seq: int, batch: int) -> None:
     result = {}
     for step in range(2):
         static = storage_bytes([local(t) for t in list(module.parameters()) + list(module.buffers())]
-                               + [v for s in optimizer.state.values() for v in s.values() if torch.is_tensor(v)])
-        tracker = LiveTensors(set(static))
+                               + [local(v) for s in optimizer.state.values() for v in s.values() if torch.is_tensor(v)])
+        tracker = LiveTensors(set(static), follow_resizes=True)
         with tracker:
             r = online.generate_rollouts(cfg, roles, tokenizer, prompts,
                                          [row_seed(0, step, rank * batch + i) for i in range(batch)])

@@ -23,9 +23,16 @@ class LiveTensors(TorchDispatchMode):
     highest sum (``peak``, and ``window``: since the last ``take_window``); storages whose data
     pointers are in ``ignore`` are not counted."""
 
-    def __init__(self, ignore: set[int] | None = None):
+    def __init__(self, ignore: set[int] | None = None, follow_resizes: bool = False):
+        """``follow_resizes``: count every storage at its size of the moment (each op sums them),
+        for code that frees memory by resizing a storage rather than dropping it: FSDP2 frees a
+        gathered layer with ``storage.resize_(0)`` and gathers it again into the same storage
+        object at a new address, which the default count (each storage at its size when first
+        seen, until it dies) would take for a second storage while the first is still counted whole."""
         super().__init__()
         self.ignore, self.sizes, self.current, self.peak, self.window = ignore or set(), {}, 0, 0, 0
+        self.follow_resizes = follow_resizes
+        self.storages: dict[int, weakref.ref] = {}  # StorageImpl address -> storage (follow_resizes)
 
     def take_window(self) -> int:
         """The highest sum since the last call (the peak of one phase of a step), then start anew."""
@@ -34,9 +41,13 @@ class LiveTensors(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
+        if self.follow_resizes:
+            self._follow(out)
+            return out
         for t in pytree.tree_leaves(out):
             if isinstance(t, torch.Tensor):
-                storage = t.untyped_storage()
+                # A DTensor (FSDP's sharded weights and gradients) holds its part in a plain tensor.
+                storage = getattr(t, "_local_tensor", t).untyped_storage()
                 ptr = storage.data_ptr()
                 if ptr and ptr not in self.ignore and ptr not in self.sizes:
                     self.sizes[ptr] = storage.nbytes()
@@ -48,6 +59,19 @@ class LiveTensors(TorchDispatchMode):
 
     def _free(self, ptr: int) -> None:
         self.current -= self.sizes.pop(ptr, 0)
+
+    def _follow(self, out) -> None:
+        for t in pytree.tree_leaves(out):
+            if isinstance(t, torch.Tensor):
+                # A DTensor (FSDP's sharded weights and gradients) holds its part in a plain tensor.
+                storage = getattr(t, "_local_tensor", t).untyped_storage()
+                key = storage._cdata  # the same across resizes, unlike the data pointer
+                if key not in self.storages and storage.data_ptr() not in self.ignore:
+                    self.storages[key] = weakref.ref(storage)
+                    weakref.finalize(storage, self.storages.pop, key, None)
+        self.current = sum(s.nbytes() for s in (ref() for ref in list(self.storages.values())) if s is not None)
+        self.peak = max(self.peak, self.current)
+        self.window = max(self.window, self.current)
 
 
 def storage_bytes(tensors: Iterable[Any]) -> dict[int, int]:

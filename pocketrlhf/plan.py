@@ -878,16 +878,20 @@ def _adapter_lines(setup: Setup, shape: ModelShape, cfg: PlanConfig, role: str, 
     params = sum(sizes)
     # Frozen roles take the trained adapter's dtype (models/policy.py: add_frozen_adapter).
     size, name = _DTYPE_BYTES[cfg.adapter_dtype], _SHORT_DTYPE[cfg.adapter_dtype]
+    # FSDP shards the adapters with their decoder layer (stages/common.shard): 1/N of each per process.
+    shards = cfg.processes if cfg.strategy == "fsdp" else 1
+    name += f", / {shards} (FSDP shard)" if shards > 1 else ""
     if trainable:
         paged = cfg.optimizer.startswith("paged")
         opt = {"adamw": "AdamW", "paged_adamw": "AdamW"}.get(cfg.optimizer, cfg.optimizer)
         opt = ("paged " if paged else "") + ("8-bit AdamW" if cfg.optimizer.endswith("8bit") else opt)
-        setup.add(f"{role}_weights", f"{role} LoRA: weights ({name})", size * params)
-        setup.add(f"{role}_grads", f"{role} LoRA: gradients ({name})", size * params)
-        setup.add(f"{role}_optimizer", f"{role} LoRA: {opt} state", optimizer_bytes(sizes, cfg.optimizer),
+        setup.add(f"{role}_weights", f"{role} LoRA: weights ({name})", size * params / shards)
+        setup.add(f"{role}_grads", f"{role} LoRA: gradients ({name})", size * params / shards)
+        setup.add(f"{role}_optimizer", f"{role} LoRA: {opt} state" + (f" / {shards} (FSDP shard)" if shards > 1 else ""),
+                  optimizer_bytes(sizes, cfg.optimizer) / shards,
                   pageable=optimizer_bytes([max(sizes)], cfg.optimizer) if paged else 0.0)
     else:
-        setup.add(f"{role}_weights", f"{role} LoRA: frozen weights ({name})", size * params)
+        setup.add(f"{role}_weights", f"{role} LoRA: frozen weights ({name})", size * params / shards)
 
 
 def _head_lines(setup: Setup, shape: ModelShape, role: str, trainable: bool) -> None:

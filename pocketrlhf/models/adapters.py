@@ -216,7 +216,10 @@ def save_adapter(model, path: str | Path, name: str = "default", tokenizer=None)
     """Write one adapter in peft's format (adapter_config.json + adapter_model.safetensors) plus tokenizer."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(str(path), selected_adapters=[name], safe_serialization=True)
+    # Under FSDP with sharded adapters, stages.common.whole_trainable has gathered them whole here.
+    whole = getattr(model, "_pocketrlhf_full_state", None)
+    model.save_pretrained(str(path), selected_adapters=[name], safe_serialization=True,
+                          **({"state_dict": whole} if whole is not None else {}))
     nested = path / name
     if name != "default" and nested.is_dir():
         # peft nests non-default adapters in a sub-folder; keep one adapter per directory.
@@ -307,8 +310,14 @@ def load_adapter_weights(model, directory: str | Path, name: str = "default") ->
     from peft import set_peft_model_state_dict
     from safetensors.torch import load_file
 
+    from torch.distributed.tensor import DTensor
+    from torch.distributed.tensor.experimental import implicit_replication
+
     state = load_file(str(Path(directory) / "adapter_model.safetensors"))
-    result = set_peft_model_state_dict(model, state, adapter_name=name)
+    # Adapters sharded by FSDP: each process copies its own part of the whole saved weight.
+    sharded = any(isinstance(p, DTensor) for p in model.parameters())
+    with implicit_replication() if sharded else contextlib.nullcontext():
+        result = set_peft_model_state_dict(model, state, adapter_name=name)
     if getattr(result, "unexpected_keys", None):
         raise ModelLoadError(f"{directory}: weights do not fit adapter '{name}' ({result.unexpected_keys[0]})")
 

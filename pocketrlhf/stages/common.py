@@ -21,9 +21,9 @@ import os
 import random
 import shutil
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 import torch
@@ -490,14 +490,18 @@ def fsdp_options(env: dict | None = None) -> dict:
     for var, message in refused.items():
         if _flag(env, var):
             raise ConfigError(message)
-    precision = env.get("ACCELERATE_MIXED_PRECISION", "no").strip().lower()
-    if precision not in ("", "no"):
-        # accelerate's autocast comes with its prepare_model, which the sharded model does not go through.
-        raise ConfigError(f"mixed_precision: {precision} is not applied under FSDP; set mixed_precision: 'no' (the "
-                          "stages pick their own dtypes: --dtype, --compute-dtype)")
+    precision = env.get("ACCELERATE_MIXED_PRECISION", "no").strip().lower() or "no"
+    if precision == "fp16":
+        # accelerate pairs fp16 with a gradient scaler it applies in its own optimizer wrapper, which
+        # the sharded update does not go through: unscaled fp16 gradients underflow.
+        raise ConfigError("mixed_precision: fp16 is not supported under FSDP: it needs loss scaling (a gradient "
+                          "scaler), which pocketrlhf's sharded update does not apply; use bf16 or 'no'")
+    if precision not in ("no", "bf16"):
+        raise ConfigError(f"mixed_precision: {precision} is not supported under FSDP; use bf16 or 'no'")
     # FSDP2 takes true/false; FSDP1's strategy names are mapped the way accelerate maps them.
     reshard = env.get("FSDP_RESHARD_AFTER_FORWARD", "true").strip().lower()
-    return {"reshard_after_forward": reshard not in ("false", "shard_grad_op", "no_shard", "0")}
+    return {"reshard_after_forward": reshard not in ("false", "shard_grad_op", "no_shard", "0"),
+            "mixed_precision": precision}
 
 
 def check_strategy(stage: str, supported: tuple[str, ...], env: dict | None = None) -> str:
@@ -526,8 +530,9 @@ def strategy(accelerator) -> dict:
     world = accelerator.num_processes
     if world > 1 and requested_strategy() == "fsdp":
         name = "fsdp"
-        sharding = ("FSDP2: frozen base weights sharded over processes per decoder layer (untied embeddings and "
-                    "the output layer as units of their own); adapters and heads replicated, gradients all-reduced")
+        sharding = ("FSDP2: frozen base weights and the adapters in them sharded over processes per decoder layer "
+                    "(an untied input embedding as a unit of its own, the rest in the root unit); heads replicated, "
+                    "their gradients all-reduced")
     else:
         name = "ddp" if world > 1 else "single"
         sharding = "none: every process holds the whole model" if world > 1 else "none"
@@ -535,7 +540,7 @@ def strategy(accelerator) -> dict:
     out = {"strategy": name, "processes": world, "backend": backend, "sharding": sharding,
            "requested": requested_strategy() or None}
     if name == "fsdp":
-        out["reshard_after_forward"] = fsdp_options()["reshard_after_forward"]
+        out.update(fsdp_options())
     return out
 
 
@@ -604,36 +609,138 @@ def decoder_layers(module: torch.nn.Module) -> list[torch.nn.Module]:
     return [m for m in layers if not any(m is not o and any(m is c for c in o.modules()) for o in layers)]
 
 
-def shard(module: torch.nn.Module, accelerator) -> torch.nn.Module:
-    """FSDP2 (``fully_shard``, in place) of the frozen weights: one unit per decoder layer, one for
-    an untied input embedding, and a root unit for the rest (final norm, output layer; tied
-    embeddings). Trainable parameters (adapters,
-    heads) stay whole on every process and out of FSDP (``ignored_params``): they are well under 1%
-    of the weights, so the optimizer, checkpoints and a resumption on another number of processes
-    work as without sharding; ``sync_gradients`` averages their gradients. Every forward of
-    ``module`` (training, evaluation, the reference pass with adapters switched) gathers one layer's
-    weights at a time, so all processes must run the same number of forwards."""
+def shards_adapters(cfg: Any) -> bool:
+    """Whether FSDP shards the trained adapters with their layers: not when a bitsandbytes
+    optimizer updates them (adamw_8bit, paged ones, or adamw on 16-bit adapters: optimizers.build),
+    whose fused kernels take plain tensors only, not FSDP's sharded DTensors; those adapters stay
+    whole on every process, as heads do."""
+    kind = getattr(cfg, "optimizer", "adamw")
+    bnb = kind.endswith("8bit") or kind.startswith("paged") or (
+        kind == "adamw" and getattr(cfg, "adapter_dtype", "float32") != "float32")
+    return not bnb
+
+
+def shard(module: torch.nn.Module, accelerator, shard_trainable: bool = True) -> torch.nn.Module:
+    """FSDP2 (``fully_shard``, in place): one unit per decoder layer, one for an untied input
+    embedding, and a root unit for the rest (final norm, output layer; tied embeddings). The
+    adapters' weights in a decoder layer (trained or frozen) are sharded with it: FSDP gathers them
+    with the layer and reduce-scatters their gradients in backward, and the optimizer keeps its
+    state of each process's part only. Trainable parameters outside the layers (heads) stay whole
+    on every process and out of FSDP (``ignored_params``); ``sync_gradients`` averages theirs.
+    Checkpoints and the saved adapter are written whole (``whole_trainable``), so they resume on
+    any number of processes. Every forward of ``module`` (training, evaluation, the reference pass
+    with adapters switched) gathers one layer's weights at a time, so all processes must run the
+    same number of forwards."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
     device = next(module.parameters()).device
     mesh = init_device_mesh(device.type, (accelerator.num_processes,))
-    trainable = {p for p in module.parameters() if p.requires_grad}
-    reshard = fsdp_options()["reshard_after_forward"]
+    options = fsdp_options()
     layers = decoder_layers(module)
     if not layers:
         raise ConfigError(f"FSDP: {type(module).__name__} names no decoder layer class (_no_split_modules); "
                           "this model family cannot be sharded here, use DDP")
-    for layer in layers + _vocabulary_layers(module):
-        fully_shard(layer, mesh=mesh, reshard_after_forward=reshard, ignored_params=trainable)
-    fully_shard(module, mesh=mesh, reshard_after_forward=reshard, ignored_params=trainable)
+    # Before sharding: every process then keeps its part of the same weights.
     broadcast_from_first([p for p in module.parameters() if p.requires_grad])
-    frozen = [p for p in module.parameters() if not p.requires_grad]
-    local = sum(p.to_local().numel() if hasattr(p, "to_local") else p.numel() for p in frozen)
-    log.info("fsdp: %d decoder layers, an untied input embedding and 1 root unit; this process holds %s of the %s frozen weights (%.0f%%)",
-             len(layers), f"{local:,}", f"{sum(p.numel() for p in frozen):,}",
-             100 * local / max(sum(p.numel() for p in frozen), 1))
+    in_layers = {p for layer in layers for p in layer.parameters()} if shard_trainable else set()
+    replicated = {p for p in module.parameters() if p.requires_grad and p not in in_layers}
+    if not shard_trainable:
+        log.info("fsdp: the trained adapters stay whole on every process (a bitsandbytes optimizer updates them, "
+                 "which takes no sharded tensors)")
+    unit = dict(mesh=mesh, reshard_after_forward=options["reshard_after_forward"], ignored_params=replicated,
+                mp_policy=mixed_precision_policy(options["mixed_precision"]))
+    for layer in layers + _vocabulary_layers(module):
+        fully_shard(layer, **unit)
+    fully_shard(module, **unit)
+    autocast_forward(module, accelerator)
+
+    def held(params: list, what: str) -> str:
+        local = sum(p.to_local().numel() if hasattr(p, "to_local") else p.numel() for p in params)
+        total = sum(p.numel() for p in params)
+        return f"{local:,} of the {total:,} {what} ({100 * local / max(total, 1):.0f}%)"
+
+    log.info("fsdp: %d decoder layers, an untied input embedding and 1 root unit; this process holds %s and %s "
+             "(%d parameters outside the decoder layers, such as heads, whole)", len(layers),
+             held([p for p in module.parameters() if not p.requires_grad], "frozen weights"),
+             held([p for p in module.parameters() if p.requires_grad], "trainable weights"), len(replicated))
     return module
+
+
+def _is_dtensor(t) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(t, DTensor)
+
+
+@contextmanager
+def whole_trainable(module: torch.nn.Module, optimizer=None) -> Iterator[None]:
+    """Run on EVERY process around writing or reading trained weights under FSDP (a checkpoint,
+    the final adapter, a resumption). The trainable weights sharded with their decoder layer are
+    gathered whole for the body: ``save_adapter`` writes them as a normal peft adapter (one file,
+    the same as one process writes), so a checkpoint resumes on any number of processes; the
+    optimizer's state of those weights is gathered too (``save_torch_state`` writes the state one
+    process would have). Afterwards each process keeps its part again, of whatever the body loaded
+    (``load_adapter_weights`` copies into the shards itself; a loaded optimizer state is split
+    here). Nothing happens without sharded trainable weights."""
+    from torch.distributed.tensor import distribute_tensor
+
+    peft_models = [m for m in module.modules() if hasattr(m, "peft_config") and hasattr(m, "save_pretrained")]
+    sharded = [p for p in module.parameters() if p.requires_grad and _is_dtensor(p)]
+    if not sharded:
+        yield
+        return
+    with torch.no_grad():
+        for model in peft_models:
+            # A model state dict with its trainable sharded entries whole: save_adapter hands it to peft,
+            # which picks the adapter's entries from it (the frozen base stays sharded, never gathered).
+            full = {n: p.full_tensor().detach() for n, p in model.named_parameters() if p.requires_grad and _is_dtensor(p)}
+            model._pocketrlhf_full_state = {k: full.get(k, v) for k, v in model.state_dict().items()}
+        if optimizer is not None:
+            for p in sharded:
+                state = optimizer.state.get(p, {})
+                for k in sorted(state):  # the same order on every process: each gather is collective
+                    if _is_dtensor(state[k]):
+                        state[k] = state[k].full_tensor()
+    try:
+        yield
+    finally:
+        for model in peft_models:
+            model.__dict__.pop("_pocketrlhf_full_state", None)
+        if optimizer is not None:
+            for p in sharded:
+                state = optimizer.state.get(p, {})
+                for k, v in state.items():
+                    if isinstance(v, torch.Tensor) and not _is_dtensor(v) and v.shape == p.shape and v.dim() > 0:
+                        state[k] = distribute_tensor(v, p.device_mesh, p.placements, src_data_rank=None)
+
+
+def mixed_precision_policy(precision: str):
+    """FSDP2's mixed precision for accelerate's ``mixed_precision``: with bf16, weights are gathered
+    and computed in bf16 and gradients reduced in fp32 (non-float weights, such as packed 4-bit
+    ones, are never cast); with 'no', weights are used in the dtype they were loaded in."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    if precision == "bf16":
+        return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    return MixedPrecisionPolicy()
+
+
+def autocast_forward(module: torch.nn.Module, accelerator) -> None:
+    """The autocast accelerate's ``prepare_model`` puts around a model's forward (bf16 on the CPU,
+    outputs back in fp32), which the sharded model does not go through: so one process and FSDP
+    compute alike under ``mixed_precision: bf16``. Nothing when mixed precision is off."""
+    if not accelerator.native_amp:
+        return
+    from types import MethodType
+
+    from accelerate.utils import convert_outputs_to_fp32
+    from accelerate.utils.modeling import get_mixed_precision_context_manager
+
+    autocast = get_mixed_precision_context_manager(True, accelerator.autocast_handler)
+    module.forward = MethodType(convert_outputs_to_fp32(autocast(module.forward.__func__)), module)
+    log.info("fsdp: mixed precision %s (autocast %s; float weights gathered in bf16, gradients reduced in fp32)",
+             accelerator.mixed_precision, autocast.fast_dtype)
 
 
 def broadcast_from_first(params: list[torch.nn.Parameter]) -> None:
@@ -697,7 +804,7 @@ def prepare(accelerator, module: torch.nn.Module, cfg: Any, total_steps: int):
         raise ConfigError("--optimizer sophia runs on one process only (its Hessian estimate is not averaged "
                           "across processes yet): choose another optimizer or launch one process")
     if strategy(accelerator)["strategy"] == "fsdp":
-        module = shard(module, accelerator)
+        module = shard(module, accelerator, shards_adapters(cfg))
     else:
         # Weights are already placed by load_base (quantized weights cannot be moved anyway).
         module = accelerator.prepare_model(module, device_placement=False)
@@ -723,6 +830,13 @@ def sync_gradients(accelerator, module: torch.nn.Module, params: list[torch.nn.P
     (DDP does it in backward). One flat all-reduce; a missing gradient counts as zero on every
     process alike."""
     if accelerator.num_processes == 1 or not is_sharded(module):
+        return
+    for p in params:
+        if _is_dtensor(p) and p.grad is None:
+            p.grad = torch.zeros_like(p)  # as the replicated ones: no gradient counts as zero
+    # Sharded adapters got theirs averaged by FSDP's reduce-scatter in backward.
+    params = [p for p in params if not _is_dtensor(p)]
+    if not params:
         return
     grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
     flat = torch.cat([g.reshape(-1) for g in grads]).float()
@@ -752,14 +866,35 @@ def no_sync(accelerator, model, active: bool):
 def grad_norm(accelerator, params: list[torch.nn.Parameter], max_norm: float) -> torch.Tensor:
     """The total gradient norm, after clipping to ``max_norm`` when it is > 0. Computed without
     clipping too: a non-finite gradient must be caught either way."""
+    if any(_is_dtensor(p.grad) for p in params):
+        return _sharded_grad_norm(params, max_norm)
     if max_norm > 0:
         return accelerator.clip_grad_norm_(params, max_norm)
     norms = [torch.linalg.vector_norm(p.grad.detach().float()) for p in params if p.grad is not None]
     return torch.linalg.vector_norm(torch.stack(norms)) if norms else torch.zeros(())
 
 
+def _sharded_grad_norm(params: list[torch.nn.Parameter], max_norm: float) -> torch.Tensor:
+    """``grad_norm`` under FSDP with sharded adapters: the squares of each process's gradient
+    shards summed over processes, plus those of the whole (replicated) ones once; clipped as
+    torch.nn.utils.clip_grad_norm_ clips."""
+    grads = [p.grad for p in params if p.grad is not None]
+    sharded = sum((g.to_local().detach().float().pow(2).sum() for g in grads if _is_dtensor(g)), torch.zeros(()))
+    torch.distributed.all_reduce(sharded)
+    whole = sum((g.detach().float().pow(2).sum() for g in grads if not _is_dtensor(g)), torch.zeros(()))
+    norm = (sharded + whole).sqrt()
+    if max_norm > 0:
+        coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
+        for g in grads:
+            (g.to_local() if _is_dtensor(g) else g).mul_(coef.to(g.dtype))
+    return norm
+
+
 def skip_backward(accelerator, params: list[torch.nn.Parameter]) -> None:
     """Stands in for the backward of a micro-batch skipped for a non-finite loss: under DDP every
-    process must join the gradient all-reduce, so a zero gradient is accumulated instead."""
+    process must join the gradient all-reduce, so a zero gradient is accumulated instead (under
+    FSDP nothing is reduced in a backward that no process runs)."""
+    if any(_is_dtensor(p) for p in params):
+        return
     if accelerator.num_processes > 1:
         accelerator.backward(sum(p.sum() for p in params) * 0.0)

@@ -314,13 +314,14 @@ def train(cfg: DPOConfig) -> dict:
         summary.update({f"eval_{k}": v for k, v in metrics.items()})
         summary.update(accuracy_report(metrics["accuracy"], len(eval_set), "eval"))
     accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        out = save_adapter(model, run.dir / "adapter", tokenizer=tokenizer)
-        write_adapter_info(out, stage="dpo", template=data_report["template"], base=BaseSpec.from_config(cfg).record(),
-                           reference=cfg.sft_adapter or "base", loss_type=cfg.loss_type,
-                           beta=cfg.beta, eval_accuracy=summary.get("eval_accuracy"),
-                           eval_accuracy_n=summary.get("eval_accuracy_n"))
-        summary["adapter"] = str(out)
+    with common.whole_trainable(module):  # FSDP: sharded adapters gathered on every process
+        if accelerator.is_main_process:
+            out = save_adapter(model, run.dir / "adapter", tokenizer=tokenizer)
+            write_adapter_info(out, stage="dpo", template=data_report["template"], base=BaseSpec.from_config(cfg).record(),
+                               reference=cfg.sft_adapter or "base", loss_type=cfg.loss_type,
+                               beta=cfg.beta, eval_accuracy=summary.get("eval_accuracy"),
+                               eval_accuracy_n=summary.get("eval_accuracy_n"))
+            summary["adapter"] = str(out)
     run.write_summary(summary)
     run.close()
     log.info("dpo done: train loss %.4f%s; adapter in %s", summary["train_loss"],

@@ -189,10 +189,12 @@ class Loop:
                 self.write_checkpoint(path)
                 common.save_torch_state(path, self.optimizer, self.scheduler)
 
-        self.run.save_checkpoint(step, write, {"epoch": epoch, "total_steps": total_steps,
-                                               "nonfinite_skipped": self.nonfinite_skipped,
-                                               "processes": self.accelerator.num_processes,
-                                               "sequences_per_step": sequences_per_step(self.cfg, self.accelerator.num_processes)})
+        with common.whole_trainable(self.module, self.optimizer):  # FSDP: every process, before the main one writes
+            self.run.save_checkpoint(step, write, {"epoch": epoch, "total_steps": total_steps,
+                                                   "nonfinite_skipped": self.nonfinite_skipped,
+                                                   "processes": self.accelerator.num_processes,
+                                                   "sequences_per_step": sequences_per_step(self.cfg,
+                                                                                            self.accelerator.num_processes)})
 
     def check_global_batch(self, state: dict) -> None:
         """The number of processes is not in config.yaml: a checkpoint resumed on another number of
@@ -215,6 +217,7 @@ class Loop:
         checkpoint = self.run.resume_from()
         if checkpoint is not None:
             self.check_global_batch(common.read_state(checkpoint))
-        step, state, _ = common.resume(self.run, self.optimizer, self.scheduler, load_weights)
+        with common.whole_trainable(self.module, self.optimizer):  # FSDP: each process keeps its part of what is loaded
+            step, state, _ = common.resume(self.run, self.optimizer, self.scheduler, load_weights)
         self.nonfinite_skipped = state.get("nonfinite_skipped", 0)
         return step

@@ -527,7 +527,7 @@ def train(cfg, algorithm: OnlineAlgorithm) -> dict:
     if len(eval_prompts):
         check_reward_columns(needs_of, eval_prompts, cfg.eval_prompts or cfg.prompts)
     roles = algorithm.build_roles(cfg, total_steps)
-    module = wrap(accelerator, algorithm.trained_module(roles), roles)
+    module = wrap(accelerator, algorithm.trained_module(roles), roles, common.shards_adapters(cfg))
     # Built after wrapping (the order every engine needs); the trained parameters are the same
     # objects either way (FSDP leaves them whole, out of its units).
     optimizer = common.build_optimizer(roles.trainable, cfg, str(roles.trainable[0].device))
@@ -540,7 +540,8 @@ def train(cfg, algorithm: OnlineAlgorithm) -> dict:
         load_adapter_weights(roles.model, path / "adapter", name=POLICY)
         algorithm.load_extra(roles, path)
 
-    start_step, state, extra = common.resume(run, optimizer, scheduler, load_weights)
+    with common.whole_trainable(module, optimizer):  # FSDP: each process keeps its part of what is loaded
+        start_step, state, extra = common.resume(run, optimizer, scheduler, load_weights)
     if extra:
         algorithm.load_state_dict(extra)
     nonfinite_skipped = state.get("nonfinite_skipped", 0)  # rollouts, micro-batches, updates dropped (skip_nonfinite)
@@ -617,7 +618,8 @@ def train(cfg, algorithm: OnlineAlgorithm) -> dict:
             with optimizers.eval_weights(optimizer):  # schedule-free: evaluate the averaged weights
                 _log_eval(cfg, run, roles, tokenizer, eval_prompts, done)
         if cfg.save_steps and done % cfg.save_steps == 0 and done != total_steps:
-            with optimizers.eval_weights(optimizer):  # resume switches back (optimizers.after_resume)
+            with optimizers.eval_weights(optimizer), common.whole_trainable(module, optimizer):
+                # (schedule-free: resume switches back, optimizers.after_resume; FSDP: gathered on every process)
                 run.save_checkpoint(done, lambda path: (save_weights(path), common.save_torch_state(
                     path, optimizer, scheduler, algorithm.state_dict())),
                     {"total_steps": total_steps, "nonfinite_skipped": nonfinite_skipped})
@@ -628,12 +630,13 @@ def train(cfg, algorithm: OnlineAlgorithm) -> dict:
                **before}
     optimizers.to_eval(optimizer)  # schedule-free: the averaged weights are the result
     accelerator.wait_for_everyone()
-    if accelerator.is_main_process:  # saved before the final evaluation: a failing reward there loses no training
-        save_weights(run.dir, tokenizer)
-        write_adapter_info(run.dir / "adapter", stage=stage, template=data_report["template"],
-                           base=BaseSpec.from_config(cfg).record(), sft_adapter=cfg.sft_adapter,
-                           reward_adapter=cfg.reward_adapter)
-        summary["adapter"] = str(run.dir / "adapter")
+    with common.whole_trainable(module):  # FSDP: sharded adapters gathered on every process
+        if accelerator.is_main_process:  # saved before the final evaluation: a failing reward there loses no training
+            save_weights(run.dir, tokenizer)
+            write_adapter_info(run.dir / "adapter", stage=stage, template=data_report["template"],
+                               base=BaseSpec.from_config(cfg).record(), sft_adapter=cfg.sft_adapter,
+                               reward_adapter=cfg.reward_adapter)
+            summary["adapter"] = str(run.dir / "adapter")
     if len(eval_prompts):
         try:
             summary.update({f"eval_{k}": v for k, v in _log_eval(cfg, run, roles, tokenizer, eval_prompts,
@@ -648,14 +651,20 @@ def train(cfg, algorithm: OnlineAlgorithm) -> dict:
     return summary
 
 
-def wrap(accelerator, trained: torch.nn.Module, roles: Roles) -> torch.nn.Module:
+def wrap(accelerator, trained: torch.nn.Module, roles: Roles, shard_trainable: bool = True) -> torch.nn.Module:
     """The trained module as the loop calls it: DDP-wrapped (several processes), or under FSDP the
     sharded root ``common.Entry`` through which every role's forward runs (``roles.run``): rollout
     generation, the reference and reward passes share the one sharded base with the policy."""
     if common.strategy(accelerator)["strategy"] != "fsdp":
         # Weights are already placed by load_base (quantized weights cannot be moved anyway).
         return accelerator.prepare_model(trained, device_placement=False)
-    entry = common.shard(common.Entry(trained), accelerator)
+    names = {id(p): n for n, p in trained.named_parameters()}
+    order = [names.get(id(p)) for p in roles.trainable]
+    entry = common.shard(common.Entry(trained), accelerator, shard_trainable)
+    # Sharding replaces the adapters' parameters in the layers by sharded ones: the optimizer, the
+    # clipping and the gradient averaging must see those (in the same order as without sharding).
+    now = dict(trained.named_parameters())
+    roles.trainable[:] = [now[n] if n in now else p for n, p in zip(order, roles.trainable)]
     roles.run = lambda fn, *args, **kwargs: entry(*args, run=fn, **kwargs)
     roles.sharded = True
     return entry

@@ -154,14 +154,15 @@ def train(cfg: RMConfig) -> dict:
     stats = reward_statistics(pair_scores, stage, sample, cfg.batch_size, device)
     summary.update(stats)
     accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        out = save_adapter(model, run.dir / "adapter", tokenizer=tokenizer)
-        head.save(out, metadata=stats)
-        write_adapter_info(out, stage="rm", template=data_report["template"], base=BaseSpec.from_config(cfg).record(),
-                           eval_accuracy=summary.get("eval_accuracy"),
-                           eval_accuracy_n=summary.get("eval_accuracy_n"), eval_accuracy_ci95=summary.get("eval_accuracy_ci95"),
-                           train_seen_accuracy=summary.get("train_seen_accuracy"), **stats)
-        summary["adapter"] = str(out)
+    with common.whole_trainable(module):  # FSDP: sharded adapters gathered on every process
+        if accelerator.is_main_process:
+            out = save_adapter(model, run.dir / "adapter", tokenizer=tokenizer)
+            head.save(out, metadata=stats)
+            write_adapter_info(out, stage="rm", template=data_report["template"], base=BaseSpec.from_config(cfg).record(),
+                               eval_accuracy=summary.get("eval_accuracy"),
+                               eval_accuracy_n=summary.get("eval_accuracy_n"), eval_accuracy_ci95=summary.get("eval_accuracy_ci95"),
+                               train_seen_accuracy=summary.get("train_seen_accuracy"), **stats)
+            summary["adapter"] = str(out)
     run.write_summary(summary)
     run.close()
     log.info("rm done: train loss %.4f, held-out accuracy %s; reward adapter in %s", summary["train_loss"],

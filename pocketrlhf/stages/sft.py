@@ -124,10 +124,11 @@ def train(cfg: SFTConfig) -> dict:
         run.log(total_steps, metrics, split="eval")
         summary.update({"eval_loss": metrics["loss"], "eval_perplexity": metrics["perplexity"]})
     accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        out = save_adapter(model, run.dir / "adapter", tokenizer=tokenizer)
-        write_adapter_info(out, stage="sft", template=data_report["template"], base=BaseSpec.from_config(cfg).record())
-        summary["adapter"] = str(out)
+    with common.whole_trainable(module):  # FSDP: sharded adapters gathered on every process
+        if accelerator.is_main_process:
+            out = save_adapter(model, run.dir / "adapter", tokenizer=tokenizer)
+            write_adapter_info(out, stage="sft", template=data_report["template"], base=BaseSpec.from_config(cfg).record())
+            summary["adapter"] = str(out)
     run.write_summary(summary)
     run.close()
     log.info("sft done: train loss %.4f%s; adapter in %s", summary["train_loss"] or float("nan"),
