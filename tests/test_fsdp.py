@@ -116,6 +116,8 @@ def test_sft_under_fsdp_matches_one_process(tmp_path, llama, sft_file, quantizat
                             batch_size=8, **sft_args(quantization=quantization)))
     summary = json.loads((tmp_path / "fsdp" / "summary.json").read_text())
     assert summary["distributed"]["strategy"] == "fsdp" and summary["distributed"]["processes"] == 2
+    sharding = summary["distributed"]["sharding"]
+    assert "adapters in them sharded" in sharding and "whole on every" not in sharding
     assert json.loads((tmp_path / "one" / "summary.json").read_text())["distributed"]["strategy"] == "single"
     a_loss, b_loss = train_losses(tmp_path / "fsdp"), train_losses(tmp_path / "one")
     assert [s for s, _ in a_loss] == list(range(1, STEPS + 1))
@@ -173,6 +175,9 @@ def test_adapters_updated_by_a_bitsandbytes_optimizer_stay_whole_under_fsdp(tmp_
     saved = adapter(tmp_path / "fsdp")
     assert saved and all(v.dtype == torch.bfloat16 for v in saved.values())
     assert (tmp_path / "fsdp" / "checkpoint-2" / "optimizer.pt").is_file()
+    summary = json.loads((tmp_path / "fsdp" / "summary.json").read_text())
+    assert summary["distributed"]["strategy"] == "fsdp"
+    assert "the trained adapters whole on every process" in summary["distributed"]["sharding"]
 
 
 @pytest.mark.parametrize("env,stage,supported,message", [

@@ -524,15 +524,18 @@ def check_strategy(stage: str, supported: tuple[str, ...], env: dict | None = No
                       "examples/accelerate/ddp.yaml" + (" or fsdp.yaml" if "fsdp" in supported else ""))
 
 
-def strategy(accelerator) -> dict:
+def strategy(accelerator, cfg: Any = None) -> dict:
     """What this run actually does across processes, for the log and summary.json:
-    {strategy: single|ddp|fsdp, processes, backend, sharding}."""
+    {strategy: single|ddp|fsdp, processes, backend, sharding}. ``cfg``: the stage's config, which
+    says whether the trained adapters are sharded too (``shards_adapters``)."""
     world = accelerator.num_processes
     if world > 1 and requested_strategy() == "fsdp":
         name = "fsdp"
+        trained = "" if cfg is None or shards_adapters(cfg) else \
+            "; the trained adapters whole on every process (a bitsandbytes optimizer updates them)"
         sharding = ("FSDP2: frozen base weights and the adapters in them sharded over processes per decoder layer "
                     "(an untied input embedding as a unit of its own, the rest in the root unit); heads replicated, "
-                    "their gradients all-reduced")
+                    "their gradients all-reduced" + trained)
     else:
         name = "ddp" if world > 1 else "single"
         sharding = "none: every process holds the whole model" if world > 1 else "none"

@@ -626,7 +626,7 @@ def train(cfg, algorithm: OnlineAlgorithm) -> dict:
     progress.close()
 
     summary = {"steps": total_steps, "final_score": last.get("score"), "final_kl": last.get("kl"), **data_report,
-               "distributed": common.strategy(accelerator),
+               "distributed": common.strategy(accelerator, cfg),
                **before}
     optimizers.to_eval(optimizer)  # schedule-free: the averaged weights are the result
     accelerator.wait_for_everyone()

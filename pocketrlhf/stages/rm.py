@@ -135,7 +135,7 @@ def train(cfg: RMConfig) -> dict:
     last = loop.fit(start_step, steps_per_epoch, total_steps)
 
     summary = {"train_loss": last.get("loss"), "train_accuracy": last.get("accuracy"), "steps": total_steps, **data_report,
-               "distributed": common.strategy(accelerator)}
+               "distributed": common.strategy(accelerator, cfg)}
     if eval_set:
         metrics = loop.evaluate()
         run.log(total_steps, metrics, split="eval")

@@ -117,7 +117,7 @@ def train(cfg: SFTConfig) -> dict:
     last = loop.fit(start_step, steps_per_epoch, total_steps)
 
     summary = {"train_loss": last.get("loss"), "steps": total_steps, **data_report,
-               "distributed": common.strategy(accelerator)}
+               "distributed": common.strategy(accelerator, cfg)}
     if eval_set:
         metrics = loop.evaluate()
         metrics["perplexity"] = math.exp(min(metrics["loss"], 50.0))
