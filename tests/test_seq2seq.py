@@ -30,9 +30,10 @@ def rows(tok, prompts, answers, side="right"):
     return pairs, ids, attn, resp
 
 
-def perturbed_lora(model, name="default", seed=0, scale=0.3):
-    """A LoRA (encoder and decoder) whose B matrices are not zero, so that it changes the outputs."""
-    model = attach_adapter(model, make_peft_config("lora", r=4, alpha=8), name)
+def perturbed_lora(model, name="default", seed=0, scale=0.3, scope="all"):
+    """A LoRA (on encoder and decoder, or the decoder only: ``scope``) whose B matrices are not
+    zero, so that it changes the outputs."""
+    model = attach_adapter(model, make_peft_config("lora", r=4, alpha=8), name, scope=scope)
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for n, p in model.named_parameters():
@@ -469,14 +470,7 @@ def test_dpo_on_a_t5_under_fsdp_matches_one_process(tmp_path, tiny_t5, seq2seq_d
 
 
 def scoped_lora(model, name, scope, seed, scale=0.3):
-    """``perturbed_lora`` limited to the decoder (scope "decoder") or on both stacks ("all")."""
-    model = attach_adapter(model, make_peft_config("lora", r=4, alpha=8), name, scope=scope)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if f"lora_B.{name}." in n:
-                p.copy_(torch.randn(p.shape, generator=g) * scale)
-    return model
+    return perturbed_lora(model, name, seed, scale, scope)
 
 
 def role_outputs(model, adapters, roles, ids, attn, resp, trained="policy"):
