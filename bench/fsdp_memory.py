@@ -38,7 +38,7 @@ SIZES = {"small": dict(hidden_size=64, layers=2, vocab_size=512, seq=32),
 def child(model_dir: str, out: str, seq: int, batch: int) -> None:
     import torch
 
-    from pocketrlhf.measure import LiveTensors, storage_bytes
+    from pocketrlhf.measure import LiveTensors, static_bytes, storage_bytes
     from pocketrlhf.models.forward import LMWithHeads
     from pocketrlhf.models.loading import load_tokenizer
     from pocketrlhf.models.policy import build_policy
@@ -54,13 +54,9 @@ def child(model_dir: str, out: str, seq: int, batch: int) -> None:
     ids = torch.randint(3, 100, (batch, seq), generator=g)
     mask = torch.ones_like(ids)
 
-    def local(t):
-        return t.to_local() if hasattr(t, "to_local") else t
-
     result = {}
     for _ in range(2):
-        static = storage_bytes([local(t) for t in list(module.parameters()) + list(module.buffers())]
-                               + [local(v) for s in optimizer.state.values() for v in s.values() if torch.is_tensor(v)])
+        static = static_bytes(module, optimizer)
         tracker = LiveTensors(set(static), follow_resizes=True)
         with tracker:
             logps = module(ids, mask, mask)
@@ -70,7 +66,7 @@ def child(model_dir: str, out: str, seq: int, batch: int) -> None:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         result = {"static": sum(static.values()), "peak": tracker.peak,
-                  "weights": sum(storage_bytes([local(p) for p in module.parameters()]).values())}
+                  "weights": sum(storage_bytes(module.parameters()).values())}
     result.update(common.strategy(accelerator), rank=accelerator.process_index)
     Path(out, f"rank{accelerator.process_index}.json").write_text(json.dumps(result))
 
@@ -82,7 +78,7 @@ def new_tokens_for(seq: int) -> int:
 def child_ppo(model_dir: str, out: str, seq: int, batch: int) -> None:
     import torch
 
-    from pocketrlhf.measure import LiveTensors, storage_bytes
+    from pocketrlhf.measure import LiveTensors, static_bytes, storage_bytes
     from pocketrlhf.models.generation import row_seed
     from pocketrlhf.models.loading import load_tokenizer
     from pocketrlhf.stages import common, online, ppo
@@ -107,13 +103,9 @@ def child_ppo(model_dir: str, out: str, seq: int, batch: int) -> None:
     prompts = online.Prompts([torch.randint(3, 100, (seq - new_tokens,), generator=g).tolist() for _ in range(batch)],
                              [{} for _ in range(batch)])
 
-    def local(t):
-        return t.to_local() if hasattr(t, "to_local") else t
-
     result = {}
     for step in range(2):
-        static = storage_bytes([local(t) for t in list(module.parameters()) + list(module.buffers())]
-                               + [local(v) for s in optimizer.state.values() for v in s.values() if torch.is_tensor(v)])
+        static = static_bytes(module, optimizer)
         tracker = LiveTensors(set(static), follow_resizes=True)
         with tracker:
             r = online.generate_rollouts(cfg, roles, tokenizer, prompts,
@@ -122,7 +114,7 @@ def child_ppo(model_dir: str, out: str, seq: int, batch: int) -> None:
             algorithm.learn(step, r, ctx)
             learn_peak = tracker.take_window()
         result = {"static": sum(static.values()), "peak": tracker.peak, "rollout_peak": rollout_peak,
-                  "learn_peak": learn_peak, "weights": sum(storage_bytes([local(p) for p in module.parameters()]).values())}
+                  "learn_peak": learn_peak, "weights": sum(storage_bytes(module.parameters()).values())}
     result.update(common.strategy(accelerator), rank=rank)
     Path(out, f"rank{rank}.json").write_text(json.dumps(result))
 

@@ -46,8 +46,7 @@ class LiveTensors(TorchDispatchMode):
             return out
         for t in pytree.tree_leaves(out):
             if isinstance(t, torch.Tensor):
-                # A DTensor (FSDP's sharded weights and gradients) holds its part in a plain tensor.
-                storage = getattr(t, "_local_tensor", t).untyped_storage()
+                storage = local_storage(t)
                 ptr = storage.data_ptr()
                 if ptr and ptr not in self.ignore and ptr not in self.sizes:
                     self.sizes[ptr] = storage.nbytes()
@@ -63,8 +62,7 @@ class LiveTensors(TorchDispatchMode):
     def _follow(self, out) -> None:
         for t in pytree.tree_leaves(out):
             if isinstance(t, torch.Tensor):
-                # A DTensor (FSDP's sharded weights and gradients) holds its part in a plain tensor.
-                storage = getattr(t, "_local_tensor", t).untyped_storage()
+                storage = local_storage(t)
                 key = storage._cdata  # the same across resizes, unlike the data pointer
                 if key not in self.storages and storage.data_ptr() not in self.ignore:
                     self.storages[key] = weakref.ref(storage)
@@ -74,9 +72,17 @@ class LiveTensors(TorchDispatchMode):
         self.window = max(self.window, self.current)
 
 
+def local_storage(t: torch.Tensor) -> torch.UntypedStorage:
+    """The storage ``t`` holds on this process: a DTensor (FSDP's sharded weights, gradients and
+    optimizer state) holds its part in a plain local tensor."""
+    return getattr(t, "_local_tensor", t).untyped_storage()
+
+
 def storage_bytes(tensors: Iterable[Any]) -> dict[int, int]:
-    """Bytes of each distinct storage among ``tensors`` (non-tensors skipped), by data pointer."""
-    return {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors if torch.is_tensor(t)}
+    """Bytes of each distinct storage among ``tensors`` (non-tensors skipped; a DTensor's local
+    part), by data pointer."""
+    storages = [local_storage(t) for t in tensors if torch.is_tensor(t)]
+    return {s.data_ptr(): s.nbytes() for s in storages}
 
 
 def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> dict[int, int]:

@@ -127,6 +127,11 @@ def counter_uniform(seeds: torch.Tensor, counter: int, width: int) -> torch.Tens
     return (_shr(z, 11).double() + 0.5) * 2.0 ** -53
 
 
+def gumbel_noise(seeds: torch.Tensor, step: int, width: int) -> torch.Tensor:
+    """Gumbel noise [len(seeds), width] for decoding step ``step``, a function of (seed, step) alone."""
+    return -torch.log(-torch.log(counter_uniform(seeds, step, width))).float()
+
+
 class SeededSampling:
     """Pure sampling at temperature T as argmax(logits / T + Gumbel noise) (the Gumbel-max trick:
     an exact sample of softmax(logits / T)), the noise of row i at decoding step t being a function
@@ -140,9 +145,8 @@ class SeededSampling:
         self.step = 0
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        u = counter_uniform(self.seeds.to(scores.device), self.step, scores.shape[-1])
+        gumbel = gumbel_noise(self.seeds.to(scores.device), self.step, scores.shape[-1])
         self.step += 1
-        gumbel = -torch.log(-torch.log(u)).float()
         return scores.float() / self.temperature + gumbel
 
 
@@ -210,9 +214,7 @@ def seeded_decode(model, ids: torch.Tensor, attn: torch.Tensor, seeds: list[int]
                                      eos_ids, names)
             cache.batch_select_indices(prompt_of)
             logits, attn, last = logits[prompt_of], attn[prompt_of], last[prompt_of]
-        # SeededSampling's noise: row seed, decoding step, column
-        noise = -torch.log(-torch.log(counter_uniform(seeds_t[active], step, logits.shape[-1]))).float()
-        tokens = (logits / temperature + noise).argmax(-1)
+        tokens = (logits / temperature + gumbel_noise(seeds_t[active], step, logits.shape[-1])).argmax(-1)
         for row, token, on in zip(active.tolist(), tokens.tolist(), live.tolist()):
             if on:
                 out[row].append(token)
