@@ -52,6 +52,12 @@ class ModelOptions:
     trust_remote_code: bool = option(False, "run Python code shipped with the model (off: safer)")
 
 
+def adapter_scope_on_causal_lm(scope: str, model: str) -> str:
+    """The one-line error for ``--adapter-scope`` other than all on a causal LM (training, loading, plan)."""
+    return (f"--adapter-scope {scope} applies to encoder-decoder bases (T5, BART) only: {model} is a causal LM (it "
+            "has no encoder); leave it at all")
+
+
 @dataclasses.dataclass
 class AdapterOptions:
     adapter: Literal["lora", "loha", "lokr", "adalora", "ia3", "prompt_tuning", "prefix_tuning"] = option(

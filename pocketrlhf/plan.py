@@ -51,7 +51,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from pocketrlhf.config import option
+from pocketrlhf.config import adapter_scope_on_causal_lm, option
 from pocketrlhf.errors import ConfigError
 from pocketrlhf.optimizers import STATE_BYTES, OptimizerName
 
@@ -932,8 +932,7 @@ def plan_memory(shape: ModelShape, cfg: PlanConfig) -> Plan:
     """
     _check(cfg)
     if cfg.adapter_scope != "all" and not shape.seq2seq:  # as models/policy.build_policy says it
-        raise ConfigError(f"--adapter-scope {cfg.adapter_scope} applies to encoder-decoder bases (T5, BART) only: "
-                          f"{cfg.model} is a causal LM (it has no encoder); leave it at all")
+        raise ConfigError(adapter_scope_on_causal_lm(cfg.adapter_scope, cfg.model))
     gpu = parse_memory(cfg.gpu_memory, "--gpu-memory") if cfg.gpu_memory else None
     context = parse_memory(cfg.cuda_context, "--cuda-context")
     adapted = adapted_linears(shape.linears, cfg)

@@ -138,8 +138,9 @@ def attach_adapter(model: torch.nn.Module, peft_config, name: str = "default", s
 
             peft_config.exclude_modules = encoder_exclusion(unwrap(model)[1])
     elif scope != "all":
-        raise ModelLoadError(f"--adapter-scope {scope} applies to encoder-decoder bases (T5, BART) only: this base is "
-                             "a causal LM (it has no encoder); leave it at all")
+        from pocketrlhf.config import adapter_scope_on_causal_lm
+
+        raise ModelLoadError(adapter_scope_on_causal_lm(scope, "this base"))
     try:
         with warnings.catch_warnings():
             # peft reads attributes transformers 5 deprecates: notices no user can act on.

@@ -28,6 +28,7 @@ from typing import Any
 
 import torch
 
+from pocketrlhf.config import adapter_scope_on_causal_lm
 from pocketrlhf.errors import ConfigError
 from pocketrlhf.models.spec import BaseSpec
 
@@ -59,8 +60,7 @@ def build_policy(cfg: Any, tokenizer=None, total_steps: int = 1000, adapter_name
                           "works on several) or launch one process")
     scope = getattr(cfg, "adapter_scope", "all")
     if scope != "all" and not is_seq2seq(cfg.model):  # before minutes of loading
-        raise ConfigError(f"--adapter-scope {scope} applies to encoder-decoder bases (T5, BART) only: {cfg.model} is a "
-                          "causal LM (it has no encoder); leave it at all")
+        raise ConfigError(adapter_scope_on_causal_lm(scope, cfg.model))
     spec = BaseSpec.from_config(cfg)
     base = load_base(spec, training=True)
     disable_dropout(base)
