@@ -44,6 +44,13 @@ STATE_BYTES = {
 }
 
 
+def uses_bitsandbytes(name: str, adapter_dtype: str = "float32") -> bool:
+    """Whether ``build`` makes a bitsandbytes optimizer for adapters of ``adapter_dtype``: the 8-bit
+    and paged ones, and AdamW on 16-bit weights. Their fused kernels take plain tensors only, not
+    FSDP's sharded DTensors."""
+    return name in ("adamw_8bit", "paged_adamw", "paged_adamw_8bit") or (name == "adamw" and adapter_dtype != "float32")
+
+
 def build(params: list[torch.nn.Parameter], name: str, lr: float, weight_decay: float, eps: float) -> torch.optim.Optimizer:
     """The optimizer ``name`` over ``params`` (paged ones are resolved by the caller)."""
     import torch

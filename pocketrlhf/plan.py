@@ -53,6 +53,7 @@ from typing import Literal
 
 from pocketrlhf.config import adapter_scope_on_causal_lm, option
 from pocketrlhf.errors import ConfigError
+from pocketrlhf.optimizers import uses_bitsandbytes
 from pocketrlhf.optimizers import STATE_BYTES, OptimizerName
 
 GB = 10**9
@@ -878,8 +879,10 @@ def _adapter_lines(setup: Setup, shape: ModelShape, cfg: PlanConfig, role: str, 
     params = sum(sizes)
     # Frozen roles take the trained adapter's dtype (models/policy.py: add_frozen_adapter).
     size, name = _DTYPE_BYTES[cfg.adapter_dtype], _SHORT_DTYPE[cfg.adapter_dtype]
-    # FSDP shards the adapters with their decoder layer (stages/common.shard): 1/N of each per process.
-    shards = cfg.processes if cfg.strategy == "fsdp" else 1
+    # FSDP shards the adapters with their decoder layer (stages/common.shard): 1/N of each per process,
+    # except trained ones a bitsandbytes optimizer updates (stages/common.shards_adapters: kept whole).
+    whole = trainable and uses_bitsandbytes(cfg.optimizer, cfg.adapter_dtype)
+    shards = cfg.processes if cfg.strategy == "fsdp" and not whole else 1
     name += f", / {shards} (FSDP shard)" if shards > 1 else ""
     if trainable:
         paged = cfg.optimizer.startswith("paged")

@@ -387,6 +387,12 @@ def test_plan_per_process_under_fsdp(tmp_path):
     assert {"policy_weights", "policy_grads", "policy_optimizer"} <= set(adapter_lines)
     for key in adapter_lines:  # the adapter, its gradients and AdamW state are sharded with the layers
         assert fsdp[key] == pytest.approx(ddp[key] / 4), key
+    # ... except under a bitsandbytes optimizer, which keeps the trained adapters whole (common.shards_adapters)
+    paged_ddp, _ = lines(processes=4, optimizer="paged_adamw")
+    paged_fsdp, _ = lines(processes=4, strategy="fsdp", optimizer="paged_adamw")
+    for key in adapter_lines:
+        assert paged_fsdp[key] == pytest.approx(paged_ddp[key]), key
+    assert paged_fsdp["base_linear"] == pytest.approx(paged_ddp["base_linear"] / 4)
     with pytest.raises(ConfigError, match="--strategy fsdp"):
         lines(processes=2, strategy="fsdp", quantization="8bit")
     ppo_ddp, _ = lines(processes=2, stage="ppo")

@@ -617,10 +617,7 @@ def shards_adapters(cfg: Any) -> bool:
     optimizer updates them (adamw_8bit, paged ones, or adamw on 16-bit adapters: optimizers.build),
     whose fused kernels take plain tensors only, not FSDP's sharded DTensors; those adapters stay
     whole on every process, as heads do."""
-    kind = getattr(cfg, "optimizer", "adamw")
-    bnb = kind.endswith("8bit") or kind.startswith("paged") or (
-        kind == "adamw" and getattr(cfg, "adapter_dtype", "float32") != "float32")
-    return not bnb
+    return not optimizers.uses_bitsandbytes(getattr(cfg, "optimizer", "adamw"), getattr(cfg, "adapter_dtype", "float32"))
 
 
 def shard(module: torch.nn.Module, accelerator, shard_trainable: bool = True) -> torch.nn.Module:

@@ -528,8 +528,8 @@ def train(cfg, algorithm: OnlineAlgorithm) -> dict:
         check_reward_columns(needs_of, eval_prompts, cfg.eval_prompts or cfg.prompts)
     roles = algorithm.build_roles(cfg, total_steps)
     module = wrap(accelerator, algorithm.trained_module(roles), roles, common.shards_adapters(cfg))
-    # Built after wrapping (the order every engine needs); the trained parameters are the same
-    # objects either way (FSDP leaves them whole, out of its units).
+    # Built after wrapping (the order every engine needs), from roles.trainable, which wrap has
+    # pointed at FSDP's sharded parameters where it shards the adapters.
     optimizer = common.build_optimizer(roles.trainable, cfg, str(roles.trainable[0].device))
     scheduler = common.build_scheduler(optimizer, cfg, total_steps)
     def save_weights(path: Path, tokenizer=None) -> None:
