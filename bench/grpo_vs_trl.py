@@ -3,6 +3,8 @@
     OMP_NUM_THREADS=1 python bench/grpo_vs_trl.py                  # 16 steps of 8 prompts x 8 completions (~8 min)
     OMP_NUM_THREADS=1 python bench/grpo_vs_trl.py --size small     # a few-minute check of the script
     OMP_NUM_THREADS=1 python bench/grpo_vs_trl.py --repeat 16      # long answers: 17-token completions
+    OMP_NUM_THREADS=1 python bench/grpo_vs_trl.py --repeat 16 --context 2   # and 2 solved examples before each prompt
+    OMP_NUM_THREADS=1 python bench/grpo_vs_trl.py --seeds 0,1,2,3,4,5 --sides pocketrlhf,trl-tuned  # reward curves over seeds
 
 The task is the verifiable one in the package: a tiny llama pretrained (full weights, locally) on
 noisy ``a b c : d`` lines names the first of three digits right about half the time; prompts
@@ -14,6 +16,14 @@ EOS): its own base, pretrained the same way on such lines, counts to K and stops
 are K + 1 tokens long (``--max-new-tokens`` default K + 8): the same task at the length of a
 short real answer, where the per-token work (generation, passes, update) outweighs the per-step
 overhead of each trainer. The reward stays exact match of the whole answer.
+With ``--context C`` every prompt starts with the same C solved examples (``a b c : a ... a ;``
+lines, few-shot, as a real prompt starts with instructions or examples), so prompts are longer
+than the bare 4 tokens (C x (K + 5) + 4 tokens); its base is pretrained on lines of C + 1 such
+examples (all noisy, as above) so that the format is familiar.
+With ``--seeds`` every side runs once per seed (LoRA initialisation, sampling and prompt order
+on both sides; the two libraries draw them differently, so runs pair by seed, not by stream): the
+later-half mean reward is then compared across seeds (mean and standard error over the seeds),
+the run-to-run spread that one seed's binomial error leaves out.
 
 Equal on every side:
   * the model: one llama built and pretrained once (cached in the work folder), fp32 weights on
@@ -75,6 +85,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import random
 import shutil
 import sys
 import time
@@ -108,8 +119,32 @@ def algorithm(side: str) -> str:
     return "rloo" if "rloo" in side else "grpo"
 
 
+CONTEXT_SEPARATOR = " ; "
+
+
+def context_lines(n: int, context: int, repeat: int, seed: int = 5) -> list[str]:
+    """Pretraining texts for ``--context``: ``context`` + 1 noisy digit lines joined by the separator."""
+    from pocketrlhf.data import synthetic
+
+    lines = synthetic.digits_pretraining_texts(n * (context + 1), seed=seed, repeat=repeat)
+    return [CONTEXT_SEPARATOR.join(lines[i:i + context + 1]) for i in range(0, len(lines), context + 1)]
+
+
+def few_shot_prefix(context: int, repeat: int) -> str:
+    """The solved examples every prompt starts with under ``--context`` (digit triples outside the
+    training and held-out prompts)."""
+    from pocketrlhf.data import synthetic
+
+    train, held_out = synthetic.digits_split()
+    used = set(train) | set(held_out)
+    unused = [t for t in ((a, b, c) for a in range(10) for b in range(10) for c in range(10)) if t not in used]
+    examples = random.Random(7).sample(unused, context)
+    return "".join(f"{synthetic.digits_prompt(t)} {synthetic.digits_answer(t[0], repeat)}{CONTEXT_SEPARATOR}"
+                   for t in examples[:context])
+
+
 def digits_llama(path: Path, hidden_size: int, layers: int, heads: int, intermediate_size: int,
-                 pretrain_steps: int, pretrain_lr: float, seed: int = 0, repeat: int = 1) -> Path:
+                 pretrain_steps: int, pretrain_lr: float, seed: int = 0, repeat: int = 1, context: int = 0) -> Path:
     """The llama of the digits task, built and pretrained once and reused (as tests/test_grpo.py
     builds its base, at the bench's size)."""
     from pocketrlhf.data import synthetic
@@ -120,29 +155,41 @@ def digits_llama(path: Path, hidden_size: int, layers: int, heads: int, intermed
                 pretrain_steps=pretrain_steps, pretrain_lr=pretrain_lr, seed=seed)
     if repeat != 1:
         spec["repeat"] = repeat
+    if context:
+        spec["context"] = context
     if done.is_file() and json.loads(done.read_text()) == spec:
         return path
     shutil.rmtree(path, ignore_errors=True)
-    build_tiny_model(path, "llama", texts=synthetic.digits_pretraining_texts(500, repeat=repeat), vocab_size=300,
-                     hidden_size=hidden_size, layers=layers, heads=heads, intermediate_size=intermediate_size,
-                     seed=seed)
+    def texts(n: int) -> list[str]:
+        return context_lines(n, context, repeat) if context else synthetic.digits_pretraining_texts(n, repeat=repeat)
+
+    build_tiny_model(path, "llama", texts=texts(500), vocab_size=300, hidden_size=hidden_size, layers=layers,
+                     heads=heads, intermediate_size=intermediate_size, seed=seed)
     print(f"[bench] pretraining the base on digit lines for {pretrain_steps} steps ...", flush=True)
-    pretrain_tiny_model(path, synthetic.digits_pretraining_texts(3000, repeat=repeat), steps=pretrain_steps, learning_rate=pretrain_lr,
-                        seed=seed)
+    # Windows as long as a text with its context (packed texts, EOS-separated).
+    pretrain_tiny_model(path, texts(3000), steps=pretrain_steps, learning_rate=pretrain_lr, seed=seed,
+                        seq_length=64 * (context + 1))
     done.write_text(json.dumps(spec))
     return path
 
 
-def prepare(work: Path, size: str, repeat: int = 1) -> dict:
+def task_suffix(repeat: int, context: int) -> str:
+    return (f"-repeat{repeat}" if repeat != 1 else "") + (f"-context{context}" if context else "")
+
+
+def prepare(work: Path, size: str, repeat: int = 1, context: int = 0, pretrain_steps: int | None = None) -> dict:
     from pocketrlhf.data import synthetic
 
-    spec = SIZES[size]
-    suffix = f"-repeat{repeat}" if repeat != 1 else ""
+    spec = dict(SIZES[size], **({"pretrain_steps": pretrain_steps} if pretrain_steps else {}))
+    suffix = task_suffix(repeat, context)
     model = digits_llama(work / f"llama-{size}{suffix}", spec["hidden_size"], spec["layers"], spec["heads"],
-                         spec["intermediate_size"], spec["pretrain_steps"], spec["pretrain_lr"], repeat=repeat)
+                         spec["intermediate_size"], spec["pretrain_steps"], spec["pretrain_lr"], repeat=repeat,
+                         context=context)
     train, _ = synthetic.digits_split()
+    prefix = few_shot_prefix(context, repeat)
+    rows = [dict(r, prompt=prefix + r["prompt"]) for r in synthetic.digits_rows(train, repeat=repeat)]
     prompts = work / f"prompts{suffix}.jsonl"
-    prompts.write_text("".join(json.dumps(r) + "\n" for r in synthetic.digits_rows(train, repeat=repeat)))
+    prompts.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return {"model": str(model), "prompts": str(prompts)}
 
 
@@ -170,7 +217,7 @@ def run_ours(a, files: dict, out: Path, dtype: str = "auto") -> dict:
         temperature=1.0, beta=BETA, scale_rewards="group", loss_aggregation="answer" if rloo else "token",
         epsilon_low=EPSILON, epsilon_high=EPSILON, missing_eos_penalty=0.0, learning_rate=a.lr,
         lr_scheduler="constant", warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0, lora_r=LORA_R,
-        lora_alpha=LORA_ALPHA, lora_dropout=0.0, target_modules="all-linear", logging_steps=1, progress=False, seed=0)
+        lora_alpha=LORA_ALPHA, lora_dropout=0.0, target_modules="all-linear", logging_steps=1, progress=False, seed=a.seed)
     clock = PhaseClock()
     ends, recorded = record_steps("response_length", "score")
     lengths, rewards = recorded["response_length"], recorded["score"]
@@ -224,7 +271,7 @@ def run_trl(a, files: dict, out: Path, setup: str) -> dict:
         max_completion_length=a.max_new_tokens, temperature=1.0, top_p=1.0, top_k=0, beta=BETA, epsilon=EPSILON,
         learning_rate=a.lr, lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0,
         max_steps=a.steps * steps_per_batch, logging_steps=steps_per_batch, report_to="none", save_strategy="no",
-        disable_tqdm=True, seed=0, use_cpu=True, dataloader_num_workers=0, **TRL_SETUPS[setup])
+        disable_tqdm=True, seed=a.seed, use_cpu=True, dataloader_num_workers=0, **TRL_SETUPS[setup])
     if rloo:
         args = RLOOConfig(**common)
     else:
@@ -304,6 +351,49 @@ def summarize(a, runs: list[dict]) -> dict:
             "each_round_completions_per_s": [round(rate_of(a, x)["per_s"], 3) for x in runs]}
 
 
+def mean_and_error(values: list[float]) -> tuple[float, float]:
+    """Mean and its standard error (sample standard deviation / sqrt(n))."""
+    n = len(values)
+    mean = sum(values) / n
+    spread = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else float("nan")
+    return mean, spread / math.sqrt(n)
+
+
+def seed_sweep(a, sides: list[str], child_args: list[str], out_dir: Path, show) -> None:
+    """Every side once per seed: later-half mean reward and rate per seed, then across seeds."""
+    seeds = [int(x) for x in a.seeds.split(",")]
+    a.rounds = 1
+    later: dict[str, list[float]] = {s: [] for s in sides}
+    per_cpu: dict[str, list[float]] = {s: [] for s in sides}
+    lengths: dict[str, list[float]] = {s: [] for s in sides}
+    for seed in seeds:
+        args = child_args[:child_args.index("--seed")] + ["--seed", str(seed)]
+        print(f"[bench] seed {seed}", flush=True)
+        runs = run_rounds(__file__, a, sides, args, out_dir / f"seed{seed}", show)
+        for s in sides:
+            later[s].append(later_mean(runs[s][0]["rewards"]))
+            lengths[s].append(sum(runs[s][0]["response_lengths"]) / max(len(runs[s][0]["response_lengths"]), 1))
+            per_cpu[s].append(rate_of(a, runs[s][0])["per_cpu_s"])
+    print(f"\nlater-half mean reward over {len(seeds)} seeds {seeds} (mean +- standard error over seeds):")
+    for s in sides:
+        m, e = mean_and_error(later[s])
+        print(f"  {s:<15} {m:.3f} +- {e:.3f}  (each seed: {[round(x, 3) for x in later[s]]}); completions per "
+              f"CPU-s, median over seeds {sorted(per_cpu[s])[len(seeds) // 2]:.1f}; mean completion tokens "
+              f"{sum(lengths[s]) / len(seeds):.2f}")
+    gaps = {}
+    for ours in [s for s in sides if s.startswith("pocketrlhf")]:
+        for theirs in [s for s in sides if s.startswith("trl") and algorithm(s) == algorithm(ours)]:
+            (m1, e1), (m2, e2) = mean_and_error(later[ours]), mean_and_error(later[theirs])
+            gaps[f"{ours} / {theirs}"] = (m1 - m2, math.sqrt(e1 ** 2 + e2 ** 2))
+            speed = sorted(x / y for x, y in zip(per_cpu[ours], per_cpu[theirs]))
+            print(f"  {ours} - {theirs}: {m1 - m2:+.3f} +- {math.sqrt(e1 ** 2 + e2 ** 2):.3f}; completions per CPU-s, "
+                  f"ours / theirs seed by seed: median {speed[len(speed) // 2]:.2f}x (range {speed[0]:.2f}-{speed[-1]:.2f}x)")
+    save_summary(out_dir / "seeds.json", {"seeds": seeds, "later_reward": later, "per_cpu_s": per_cpu,
+                                          "completion_tokens": lengths, "gaps": gaps, "repeat": a.repeat,
+                                          "context": a.context, "machine": machine(),
+                                          "date": time.strftime("%Y-%m-%d %H:%M")})
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--size", choices=list(SIZES), default="full")
@@ -311,18 +401,26 @@ def main() -> None:
     p.add_argument("--generations", type=int, default=None, help="completions per prompt, G (default: full 8, small 4)")
     p.add_argument("--repeat", type=int, default=1,
                    help="answer = the digit written this many times (completions of repeat + 1 tokens)")
+    p.add_argument("--context", type=int, default=0,
+                   help="solved examples before every prompt (the same for all; its own pretrained base)")
     p.add_argument("--max-new-tokens", type=int, default=None, help="default: full 8, small 6; repeat + 8 with --repeat")
+    p.add_argument("--pretrain-steps", type=int, default=None,
+                   help="pretraining steps of the base (default: full and small 300); a new value rebuilds it")
     p.add_argument("--steps", type=int, default=None, help="generation batches per run (default: full 16, small 4)")
     p.add_argument("--batch-size", type=int, default=None, help="completions per micro-batch, a multiple of G "
                                                                 "(default: full 16, small 8)")
     p.add_argument("--grad-accum", type=int, default=None,
                    help="micro-batches per optimizer step (default: the whole generation batch in one step)")
     p.add_argument("--lr", type=float, default=5e-4)
+    p.add_argument("--seed", type=int, default=0, help="seed of every side (LoRA initialisation, sampling, prompt order)")
+    p.add_argument("--seeds", default=None,
+                   help="comma-separated seeds: every side runs once per seed (instead of --rounds), and the "
+                        "reward curves are compared across seeds")
     add_harness_args(p, "grpo_vs_trl", SIDES, timing_skip=1, skip_unit="generation batches")
     a = p.parse_args()
     spec = SIZES[a.size]
-    if a.repeat < 1:
-        p.error("--repeat must be at least 1")
+    if a.repeat < 1 or a.context < 0:
+        p.error("--repeat must be at least 1, --context at least 0")
     if a.max_new_tokens is None and a.repeat > 1:
         a.max_new_tokens = a.repeat + 8
     for key in ("prompts", "generations", "max_new_tokens", "steps", "batch_size"):
@@ -339,10 +437,11 @@ def main() -> None:
 
     work = Path(a.work)
     work.mkdir(parents=True, exist_ok=True)
-    files = prepare(work, a.size, a.repeat)
-    suffix = f"-repeat{a.repeat}" if a.repeat != 1 else ""
+    files = prepare(work, a.size, a.repeat, a.context, a.pretrain_steps)
+    suffix = task_suffix(a.repeat, a.context)
     n_params = count_parameters(files["model"])
-    print(f"[bench] grpo: llama {n_params / 1e6:.2f}M params; answers of {a.repeat} digit(s); "
+    context = f"{a.context} solved examples before each prompt; " if a.context else ""
+    print(f"[bench] grpo: llama {n_params / 1e6:.2f}M params; answers of {a.repeat} digit(s); {context}"
           f"{a.steps} generation batches of {a.prompts} prompts x "
           f"{a.generations} completions x <= {a.max_new_tokens} new tokens; micro-batch {a.batch_size} x "
           f"{a.grad_accum} accumulation = {per_batch(a)} optimizer step(s) per batch; {a.threads} torch thread(s); "
@@ -351,7 +450,7 @@ def main() -> None:
     child_args = ["--files", json.dumps(files), "--size", a.size, "--prompts", str(a.prompts),
                   "--generations", str(a.generations), "--max-new-tokens", str(a.max_new_tokens),
                   "--steps", str(a.steps), "--batch-size", str(a.batch_size), "--grad-accum", str(a.grad_accum),
-                  "--lr", str(a.lr), "--timing-skip", str(a.timing_skip)]
+                  "--lr", str(a.lr), "--timing-skip", str(a.timing_skip), "--seed", str(a.seed)]
 
     def show(r: int, side: str, res: dict) -> None:
         rate = rate_of(a, res)
@@ -359,6 +458,8 @@ def main() -> None:
               f"{res['wall_s']:.0f} s wall / {res['cpu_s']:.0f} s CPU in all, max RSS {res['max_rss_mb']:.0f} MB, "
               f"rewards {[round(x, 2) for x in res['rewards']]}", flush=True)
 
+    if a.seeds:
+        return seed_sweep(a, sides, child_args, work / f"seeds-{a.size}{suffix}", show)
     runs = run_rounds(__file__, a, sides, child_args, work / f"run-{a.size}{suffix}", show)
     rows = {s: summarize(a, runs[s]) for s in sides}
     print()
@@ -389,7 +490,7 @@ def main() -> None:
         print(f"  {s:<15} {phases}; rest {row['wall_s'] - known:.1f} s wall")
     print_settings(rows)
     save_summary(work / f"results-{a.size}{suffix}.json",
-                 {"size": a.size, "repeat": a.repeat, "params": n_params, "prompts": a.prompts, "generations": a.generations,
+                 {"size": a.size, "repeat": a.repeat, "context": a.context, "seed": a.seed, "params": n_params, "prompts": a.prompts, "generations": a.generations,
                   "max_new_tokens": a.max_new_tokens, "steps": a.steps, "batch_size": a.batch_size,
                   "grad_accum": a.grad_accum, "lr": a.lr, "beta": BETA, "threads": a.threads, "rounds": a.rounds,
                   "machine": machine(), "date": time.strftime("%Y-%m-%d %H:%M"), "rows": rows, "ratios": versus,
