@@ -33,7 +33,7 @@ def launch_two_processes(model, data, out: Path, device: str, command: str = "sf
            "--num_processes", "2", "--main_process_port", "0", "--num_cpu_threads_per_process", "1",
            "-m", "pocketrlhf", command, "--model", str(model), data_flag, str(data), "--output-dir", str(out),
            "--device", device, "--batch-size", "4", *flags]
-    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1",
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONFAULTHANDLER="1", TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1",
                PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     return subprocess.run(cmd, env=env, cwd=str(ROOT), capture_output=True, text=True, timeout=300)
 
@@ -76,7 +76,7 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path, ll
     # "auto" on a machine without a GPU is the case that once left every process training alone.
     device = "cpu" if torch.cuda.is_available() else "auto"
     proc = launch_two_processes(llama, sft_file, tmp_path / "ddp", device, **train_args(quantization))
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-8000:]
     sft.train(sft.SFTConfig(model=str(llama), data=str(sft_file), output_dir=str(tmp_path / "one"), device="cpu",
                             batch_size=8, **train_args(quantization)))
 
@@ -102,7 +102,7 @@ def test_accelerate_cpu_flag_with_several_processes_is_a_clear_error(tmp_path, l
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2", "--num_machines", "1",
            "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "pocketrlhf", "sft", "--model", str(llama),
            "--data", str(sft_file), "--output-dir", str(tmp_path / "out"), "--max-steps", "1"]
-    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1",
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONFAULTHANDLER="1", HF_HUB_OFFLINE="1",
                PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     proc = subprocess.run(cmd, env=env, cwd=str(ROOT), capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0
@@ -136,7 +136,7 @@ def test_ppo_on_two_processes_matches_one_process(tmp_path, pretrained_llama, sf
                   adaptive_kl=True, seed=0, progress=False, lr_scheduler="constant")
     proc = launch_two_processes(pretrained_llama, prompts_file, tmp_path / "ddp", "cpu", command="ppo",
                                 data_flag="--prompts", gradient_accumulation_steps=1, **common)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-8000:]
     # One process: the same 8 rollouts per step as one minibatch (4 x 2 micro-batches).
     ppo.train(ppo.PPOConfig(model=str(pretrained_llama), prompts=str(prompts_file), output_dir=str(tmp_path / "one"),
                             device="cpu", batch_size=4, gradient_accumulation_steps=2, **common))
@@ -168,7 +168,7 @@ def test_preference_stages_on_two_processes_match_one_process(tmp_path, llama, c
     common = dict(max_steps=STEPS, learning_rate=1e-2, max_grad_norm=0.0, lora_r=8, seed=0, progress=False,
                   eval_fraction=0.0, logging_steps=1)
     proc = launch_two_processes(llama, pairs, tmp_path / "ddp", "cpu", command=command, **common)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-8000:]
     stage, config = (rm, rm.RMConfig) if command == "rm" else (dpo, dpo.DPOConfig)
     stage.train(config(model=str(llama), data=str(pairs), output_dir=str(tmp_path / "one"), device="cpu",
                        batch_size=8, **common))
@@ -198,7 +198,7 @@ def test_grpo_on_two_processes_matches_one_process(tmp_path, digits):
                   lr_scheduler="constant", lora_r=8)
     proc = launch_two_processes(digits["model"], digits["prompts"], tmp_path / "ddp", "cpu", command="grpo",
                                 data_flag="--prompts", gradient_accumulation_steps=2, **common)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-8000:]
     one = dict(common, reward_function=[common["reward_function"]])
     grpo.train(grpo.GRPOConfig(model=str(digits["model"]), prompts=str(digits["prompts"]),
                                output_dir=str(tmp_path / "one"), device="cpu", batch_size=4,

@@ -27,7 +27,9 @@ def launch_command(config: str, model, data, out: Path, command: str = "sft", da
            "--num_processes", "2", "--main_process_port", "0", "--num_cpu_threads_per_process", "1",
            *launcher, "-m", "pocketrlhf", command, "--model", str(model), data_flag, str(data), "--output-dir", str(out),
            "--device", "cpu", "--batch-size", "4", *flags]
-    full_env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1",
+    # PYTHONFAULTHANDLER: a process that dies in C++ (SIGABRT, SIGSEGV) prints its Python stacks, which the
+    # assertions below show (a gloo worker once aborted with "terminate called without an active exception").
+    full_env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONFAULTHANDLER="1", TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1",
                     PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     return cmd, full_env
 
@@ -107,7 +109,7 @@ def test_sft_under_fsdp_matches_one_process(tmp_path, llama, sft_file, quantizat
     """16-bit and 4-bit bases (packed NF4 weights sharded; bitsandbytes restores each gathered
     weight's quantization state from its layer): the same losses and adapter as one process."""
     proc = launch("cpu_fsdp.yaml", llama, sft_file, tmp_path / "fsdp", **sft_args(quantization=quantization))
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-8000:]
     assert "distributed: fsdp over 2 processes (gloo)" in proc.stderr
     assert "this process holds" in proc.stderr and "frozen weights (50%)" in proc.stderr
     # The adapter is sharded with its decoder layer (its optimizer state too), not replicated.
@@ -145,7 +147,7 @@ def test_gradient_checkpointing_under_fsdp_matches_one_process(tmp_path, llama, 
     which gathers the layer (and its adapter shard) again; the same losses and adapter as one process."""
     args = sft_args(gradient_checkpointing=True, eval_fraction=0)
     proc = launch("cpu_fsdp.yaml", llama, sft_file, tmp_path / "fsdp", **args)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-8000:]
     assert "trainable weights (50%)" in proc.stderr
     sft.train(sft.SFTConfig(model=str(llama), data=str(sft_file), output_dir=str(tmp_path / "one"), device="cpu",
                             batch_size=8, **args))
@@ -167,7 +169,7 @@ def test_adapters_updated_by_a_bitsandbytes_optimizer_stay_whole_under_fsdp(tmp_
         assert not common.shards_adapters(cfg), cfg
     args = sft_args(adapter_dtype="bfloat16", eval_fraction=0, save_steps=2)
     proc = launch("cpu_fsdp.yaml", llama, sft_file, tmp_path / "fsdp", **args)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-8000:]
     assert "frozen weights (50%)" in proc.stderr and "trainable weights (100%)" in proc.stderr
     assert "the trained adapters stay whole on every process" in proc.stderr
     losses = [x for _, x in train_losses(tmp_path / "fsdp")]
@@ -224,7 +226,7 @@ def test_a_strategy_the_stage_cannot_run_is_refused_before_any_work(tmp_path, ll
         proc = launch("cpu_fsdp.yaml", llama, sft_file, out, quantization="8bit", max_steps=1)
         expected = "error: FSDP cannot shard an 8-bit base"
     assert proc.returncode != 0
-    assert expected in proc.stderr, proc.stderr[-3000:]
+    assert expected in proc.stderr, proc.stderr[-8000:]
     assert not (out / "metrics.jsonl").exists()
 
 
@@ -246,7 +248,7 @@ def test_preference_stages_under_fsdp_match_one_process(tmp_path, pretrained_lla
     if command == "dpo":
         args["precompute_ref_logprobs"] = False
     proc = launch("cpu_fsdp.yaml", pretrained_llama, pairs, tmp_path / "fsdp", command=command, **args)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-8000:]
     assert "distributed: fsdp over 2 processes (gloo)" in proc.stderr
     stage, config = (rm, rm.RMConfig) if command == "rm" else (dpo, dpo.DPOConfig)
     # The same global batch as 4 x 2 accumulated, so that the reward statistics (batched by
@@ -277,7 +279,7 @@ def one_process(command: str, model, data, out: Path, data_flag: str = "--data",
     flags = [f"--{k.replace('_', '-')}={v}" for k, v in kw.items()]
     cmd = [sys.executable, "-m", "pocketrlhf", command, "--model", str(model), data_flag, str(data), "--output-dir",
            str(out), "--device", "cpu", *flags]
-    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1",
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONFAULTHANDLER="1", TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1",
                ACCELERATE_MIXED_PRECISION=mixed_precision,
                PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     return subprocess.run(cmd, env=env, cwd=str(ROOT), capture_output=True, text=True, timeout=300)
@@ -307,12 +309,12 @@ def test_bf16_mixed_precision_under_fsdp_matches_one_process(tmp_path, pretraine
     stage = command.split("-")[0]
     proc = launch("cpu_fsdp.yaml", model, data, tmp_path / "fsdp", command=stage, launcher=("--mixed_precision", "bf16"),
                   **args)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-8000:]
     summary = json.loads((tmp_path / "fsdp" / "summary.json").read_text())
     assert summary["distributed"]["strategy"] == "fsdp" and summary["distributed"]["mixed_precision"] == "bf16"
     assert "fsdp: mixed precision bf16 (autocast" in proc.stderr
     proc = one_process(stage, model, data, tmp_path / "one", mixed_precision="bf16", **dict(args, batch_size=8))
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-8000:]
     fsdp_run, one = ([x for _, x in train_losses(tmp_path / n)] for n in ("fsdp", "one"))
     # bf16 keeps 8 bits of mantissa: a batch split over two processes rounds a little differently,
     # and Adam at lr 1e-2 grows it (seen after 6 steps of sft: 0.5% apart on the bf16 base, 2.6% on
@@ -340,7 +342,7 @@ def test_fsdp_checkpoints_resume_on_another_number_of_processes(tmp_path, llama,
     global batch split differently (--batch-size changes with the processes: --resume-ignore-config)."""
     args = sft_args(save_steps=2, save_total_limit=0, eval_fraction=0.0)
     proc = launch("cpu_fsdp.yaml", llama, sft_file, tmp_path / "fsdp", **args)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-8000:]
     sft.train(sft.SFTConfig(model=str(llama), data=str(sft_file), output_dir=str(tmp_path / "one"), device="cpu",
                             batch_size=8, **args))
     # 2 FSDP processes -> 1 process.
@@ -354,7 +356,7 @@ def test_fsdp_checkpoints_resume_on_another_number_of_processes(tmp_path, llama,
     assert "error: the checkpoint was trained with 8 sequences per step on 1 process(es), now 16 on 2" in proc.stderr
     proc = launch("cpu_fsdp.yaml", llama, sft_file, tmp_path / "to_fsdp", resume="auto", resume_ignore_config="true",
                   **args)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-8000:]
     reference = train_losses(tmp_path / "one")
     for name in ("fsdp", "to_one", "to_fsdp"):
         run = train_losses(tmp_path / name)
@@ -426,7 +428,7 @@ def test_ppo_under_fsdp_matches_one_process(tmp_path, pretrained_llama, sft_adap
                 seed=0, progress=False, lr_scheduler="constant", quantization=quantization)
     proc = launch("cpu_fsdp.yaml", pretrained_llama, prompts_file, tmp_path / "fsdp", command="ppo",
                   data_flag="--prompts", gradient_accumulation_steps=1, **args)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-8000:]
     assert "distributed: fsdp over 2 processes (gloo)" in proc.stderr and "frozen weights (5" in proc.stderr
     assert "trainable weights (5" in proc.stderr  # the policy and value adapters sharded (the value head whole)
     ppo.train(ppo.PPOConfig(model=str(pretrained_llama), prompts=str(prompts_file), output_dir=str(tmp_path / "one"),
@@ -463,13 +465,13 @@ def test_ppo_under_fsdp_killed_after_a_checkpoint_resumes_the_same_trajectory(tm
                 adaptive_kl=True, save_steps=1, save_total_limit=0, gradient_accumulation_steps=1)
     run = (pretrained_llama, prompts_file)
     proc = launch("cpu_fsdp.yaml", *run, tmp_path / "full", command="ppo", data_flag="--prompts", **args)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-8000:]
     killed = tmp_path / "killed"
     launch_and_kill(killed / "checkpoint-1", "cpu_fsdp.yaml", *run, killed, command="ppo", data_flag="--prompts",
                     **args)
     assert not (killed / "summary.json").exists() and not (killed / "checkpoint-4").exists()
     proc = launch("cpu_fsdp.yaml", *run, killed, command="ppo", data_flag="--prompts", resume="auto", **args)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-8000:]
     assert "resuming from" in proc.stderr
     full, resumed = ([r for r in _online_rows(tmp_path / n) if r["split"] == "train"] for n in ("full", "killed"))
     assert [r["step"] for r in resumed] == [r["step"] for r in full] == [1, 2, 3, 4]
@@ -494,7 +496,7 @@ def test_grpo_under_fsdp_matches_one_process_and_resumes(tmp_path, digits):
                 save_total_limit=0)
     proc = launch("cpu_fsdp.yaml", digits["model"], digits["prompts"], tmp_path / "fsdp", command="grpo",
                   data_flag="--prompts", gradient_accumulation_steps=2, **args)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-8000:]
     grpo.train(grpo.GRPOConfig(model=str(digits["model"]), prompts=str(digits["prompts"]),
                                output_dir=str(tmp_path / "one"), device="cpu", batch_size=4,
                                gradient_accumulation_steps=4, **dict(args, reward_function=[args["reward_function"]])))
@@ -513,7 +515,7 @@ def test_grpo_under_fsdp_matches_one_process_and_resumes(tmp_path, digits):
     _crash_copy(tmp_path / "fsdp", tmp_path / "to_one", 1)
     proc = launch("cpu_fsdp.yaml", digits["model"], digits["prompts"], tmp_path / "again", command="grpo",
                   data_flag="--prompts", gradient_accumulation_steps=2, resume="auto", **args)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-8000:]
     grpo.train(grpo.GRPOConfig(model=str(digits["model"]), prompts=str(digits["prompts"]),
                                output_dir=str(tmp_path / "to_one"), device="cpu", batch_size=4,
                                gradient_accumulation_steps=4, resume="auto", resume_ignore_config=True,
