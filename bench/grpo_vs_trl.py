@@ -87,6 +87,7 @@ import json
 import math
 import random
 import shutil
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -138,9 +139,8 @@ def few_shot_prefix(context: int, repeat: int) -> str:
     train, held_out = synthetic.digits_split()
     used = set(train) | set(held_out)
     unused = [t for t in ((a, b, c) for a in range(10) for b in range(10) for c in range(10)) if t not in used]
-    examples = random.Random(7).sample(unused, context)
     return "".join(f"{synthetic.digits_prompt(t)} {synthetic.digits_answer(t[0], repeat)}{CONTEXT_SEPARATOR}"
-                   for t in examples[:context])
+                   for t in random.Random(7).sample(unused, context))
 
 
 def digits_llama(path: Path, hidden_size: int, layers: int, heads: int, intermediate_size: int,
@@ -353,10 +353,8 @@ def summarize(a, runs: list[dict]) -> dict:
 
 def mean_and_error(values: list[float]) -> tuple[float, float]:
     """Mean and its standard error (sample standard deviation / sqrt(n))."""
-    n = len(values)
-    mean = sum(values) / n
-    spread = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else float("nan")
-    return mean, spread / math.sqrt(n)
+    spread = statistics.stdev(values) if len(values) > 1 else float("nan")
+    return statistics.mean(values), spread / math.sqrt(len(values))
 
 
 def seed_sweep(a, sides: list[str], child_args: list[str], out_dir: Path, show) -> None:
@@ -367,7 +365,7 @@ def seed_sweep(a, sides: list[str], child_args: list[str], out_dir: Path, show) 
     per_cpu: dict[str, list[float]] = {s: [] for s in sides}
     lengths: dict[str, list[float]] = {s: [] for s in sides}
     for seed in seeds:
-        args = child_args[:child_args.index("--seed")] + ["--seed", str(seed)]
+        args = child_args + ["--seed", str(seed)]
         print(f"[bench] seed {seed}", flush=True)
         runs = run_rounds(__file__, a, sides, args, out_dir / f"seed{seed}", show)
         for s in sides:
@@ -378,7 +376,7 @@ def seed_sweep(a, sides: list[str], child_args: list[str], out_dir: Path, show) 
     for s in sides:
         m, e = mean_and_error(later[s])
         print(f"  {s:<15} {m:.3f} +- {e:.3f}  (each seed: {[round(x, 3) for x in later[s]]}); completions per "
-              f"CPU-s, median over seeds {sorted(per_cpu[s])[len(seeds) // 2]:.1f}; mean completion tokens "
+              f"CPU-s, median over seeds {statistics.median(per_cpu[s]):.1f}; mean completion tokens "
               f"{sum(lengths[s]) / len(seeds):.2f}")
     gaps = {}
     for ours in [s for s in sides if s.startswith("pocketrlhf")]:
@@ -387,7 +385,7 @@ def seed_sweep(a, sides: list[str], child_args: list[str], out_dir: Path, show) 
             gaps[f"{ours} / {theirs}"] = (m1 - m2, math.sqrt(e1 ** 2 + e2 ** 2))
             speed = sorted(x / y for x, y in zip(per_cpu[ours], per_cpu[theirs]))
             print(f"  {ours} - {theirs}: {m1 - m2:+.3f} +- {math.sqrt(e1 ** 2 + e2 ** 2):.3f}; completions per CPU-s, "
-                  f"ours / theirs seed by seed: median {speed[len(speed) // 2]:.2f}x (range {speed[0]:.2f}-{speed[-1]:.2f}x)")
+                  f"ours / theirs seed by seed: median {statistics.median(speed):.2f}x (range {speed[0]:.2f}-{speed[-1]:.2f}x)")
     save_summary(out_dir / "seeds.json", {"seeds": seeds, "later_reward": later, "per_cpu_s": per_cpu,
                                           "completion_tokens": lengths, "gaps": gaps, "repeat": a.repeat,
                                           "context": a.context, "machine": machine(),
@@ -450,7 +448,7 @@ def main() -> None:
     child_args = ["--files", json.dumps(files), "--size", a.size, "--prompts", str(a.prompts),
                   "--generations", str(a.generations), "--max-new-tokens", str(a.max_new_tokens),
                   "--steps", str(a.steps), "--batch-size", str(a.batch_size), "--grad-accum", str(a.grad_accum),
-                  "--lr", str(a.lr), "--timing-skip", str(a.timing_skip), "--seed", str(a.seed)]
+                  "--lr", str(a.lr), "--timing-skip", str(a.timing_skip)]
 
     def show(r: int, side: str, res: dict) -> None:
         rate = rate_of(a, res)
@@ -460,7 +458,7 @@ def main() -> None:
 
     if a.seeds:
         return seed_sweep(a, sides, child_args, work / f"seeds-{a.size}{suffix}", show)
-    runs = run_rounds(__file__, a, sides, child_args, work / f"run-{a.size}{suffix}", show)
+    runs = run_rounds(__file__, a, sides, child_args + ["--seed", str(a.seed)], work / f"run-{a.size}{suffix}", show)
     rows = {s: summarize(a, runs[s]) for s in sides}
     print()
     print(markdown_table(

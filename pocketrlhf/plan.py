@@ -53,8 +53,7 @@ from typing import Literal
 
 from pocketrlhf.config import adapter_scope_on_causal_lm, option
 from pocketrlhf.errors import ConfigError
-from pocketrlhf.optimizers import uses_bitsandbytes
-from pocketrlhf.optimizers import STATE_BYTES, OptimizerName
+from pocketrlhf.optimizers import STATE_BYTES, OptimizerName, uses_bitsandbytes
 
 GB = 10**9
 _UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
