@@ -60,7 +60,8 @@ leaves out the run-to-run spread of the trajectory itself). trl computes the ent
 training forward; both RLOO losses clip one sequence-level ratio (sum of log-probs) and average
 per answer (pocketrlhf ``--loss-aggregation answer``, its default for rloo since the figures in
 bench/RESULTS.md were taken: those ran its per-token ``sequence`` aggregation); pocketrlhf runs each group's prompt once in the reference and
-training passes (its own speed idea, same numbers); trl's AdamW is torch's fused one,
+training passes, and the openings its answers have in common (a repeated answer: all of it) once too
+(its own speed idea, same numbers; each run reports the share of answer tokens so saved); trl's AdamW is torch's fused one,
 pocketrlhf's the default (same arithmetic); pocketrlhf steps its learning-rate schedule once per
 generation batch, trl once per optimizer step (no difference at the constant rate used here).
 Completions of this task are short (a digit and EOS), so the rates weigh the per-step overhead of
@@ -71,7 +72,9 @@ Sides: pocketrlhf with its defaults (fp32 weights); trl-defaults (GRPOConfig def
 experiment does not fix: gradient_checkpointing=True, bf16=True: autocast on the CPU, LoRA and
 master weights fp32); trl-tuned (no checkpointing, fp32: the same arithmetic as pocketrlhf);
 pocketrlhf-bf16 (``--dtype bfloat16``: bf16 base, fp32 LoRA and log-probs); trl-tuned-bf16 (bf16
-autocast, no checkpointing); pocketrlhf-rloo and trl-rloo-tuned (RLOO, fp32, no checkpointing).
+autocast, no checkpointing: trl loads the base in fp32 unless told otherwise, so it keeps fp32 weights and
+generates in fp32); trl-tuned-bf16-base (the same work as pocketrlhf-bf16: the base loaded in bf16 with
+``model_init_kwargs={"dtype": "bfloat16"}``, peft's fp32 LoRA, bf16 autocast, no checkpointing); pocketrlhf-rloo and trl-rloo-tuned (RLOO, fp32, no checkpointing).
 Ratios compare each pocketrlhf side with each trl side of the same algorithm.
 
 Speed: completions per second in steady state, between the ends of generation batches (each =
@@ -86,6 +89,7 @@ import argparse
 import json
 import math
 import random
+import resource
 import shutil
 import statistics
 import sys
@@ -106,10 +110,12 @@ SIZES = {
     "small": dict(hidden_size=64, layers=2, heads=4, intermediate_size=256, pretrain_steps=300, pretrain_lr=3e-3,
                   prompts=4, generations=4, max_new_tokens=6, steps=4, batch_size=8),
 }
-SIDES = ("pocketrlhf", "trl-defaults", "trl-tuned", "pocketrlhf-bf16", "trl-tuned-bf16", "pocketrlhf-rloo",
-         "trl-rloo-tuned")
+SIDES = ("pocketrlhf", "trl-defaults", "trl-tuned", "pocketrlhf-bf16", "trl-tuned-bf16", "trl-tuned-bf16-base",
+         "pocketrlhf-rloo", "trl-rloo-tuned")
 TRL_SETUPS = {"trl-defaults": {}, "trl-tuned": dict(gradient_checkpointing=False, bf16=False),
               "trl-tuned-bf16": dict(gradient_checkpointing=False, bf16=True),
+              "trl-tuned-bf16-base": dict(gradient_checkpointing=False, bf16=True,
+                                          model_init_kwargs={"dtype": "bfloat16"}),
               "trl-rloo-tuned": dict(gradient_checkpointing=False, bf16=False)}
 REWARD = "pocketrlhf.data.synthetic:exact_match"
 LORA_R, LORA_ALPHA = 16, 32
@@ -203,8 +209,10 @@ def per_batch(a) -> int:
 
 
 def run_ours(a, files: dict, out: Path, dtype: str = "auto") -> dict:
+    import torch
+
     from pocketrlhf.models import generation
-    from pocketrlhf.stages import grpo, online
+    from pocketrlhf.stages import common, grpo, online
 
     rloo = algorithm(a.worker) == "rloo"
     dtype = "bfloat16" if a.worker.endswith("-bf16") else dtype
@@ -226,6 +234,26 @@ def run_ours(a, files: dict, out: Path, dtype: str = "auto") -> dict:
     online.reference_logprobs = clock.wrap("reference pass", online.reference_logprobs)
     grpo.GRPO._policy_pass = clock.wrap("old-policy pass", grpo.GRPO._policy_pass)
     grpo.GRPO._update = clock.wrap("update", grpo.GRPO._update)
+    before_report: list[float] = []
+    close = common.Run.close
+
+    def close_after_measuring(run) -> None:  # the report's plots (matplotlib) come after training
+        before_report.append(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+        close(run)
+
+    common.Run.close = close_after_measuring
+    from pocketrlhf.models import forward
+
+    layout_of, answer_tokens = forward.group_layout, [0, 0]  # in separate rows, in the group rows
+
+    def counted_layout(ids, attn, prompt_lengths, group_size):
+        layout = layout_of(ids, attn, prompt_lengths, group_size)
+        prompts = int(prompt_lengths.view(-1, group_size)[:, 0].sum())
+        answer_tokens[0] += int(attn.sum()) - int(prompt_lengths.sum())
+        answer_tokens[1] += torch.unique(layout.index[attn.bool()]).numel() - prompts
+        return layout
+
+    forward.group_layout = counted_layout
     wall, cpu = now()
     grpo.train(cfg)
     wall2, cpu2 = now()
@@ -238,6 +266,8 @@ def run_ours(a, files: dict, out: Path, dtype: str = "auto") -> dict:
               "update": t["update"], "of which scoring (reward function)": [rollout[i] - gen[i] for i in (0, 1)]}
     return {"ends": ends, "response_lengths": lengths, "rewards": rewards, "wall_s": wall2 - wall,
             "cpu_s": cpu2 - cpu, "phases": phases, "optimizer_steps": a.steps * per_batch(a),
+            "max_rss_before_report_mb": before_report[0],
+            "answer_tokens_in_passes": {"separate rows": answer_tokens[0], "group rows": answer_tokens[1]},
             "settings": {"dtype": dtype, "advantage": cfg.advantage, "loss_aggregation": cfg.loss_aggregation,
                          "share_prompt": cfg.share_prompt, "beta": cfg.beta}}
 
@@ -293,14 +323,15 @@ def run_trl(a, files: dict, out: Path, setup: str) -> dict:
     reward_key = "rewards/exact_match/mean"
     names = ["gradient_checkpointing", "bf16", "num_generations", "num_iterations", "steps_per_generation",
              "generation_batch_size", "per_device_train_batch_size", "gradient_accumulation_steps", "beta", "top_k",
-             "top_p", "temperature", "epsilon", "epsilon_high", "disable_dropout", "optim"]
+             "top_p", "temperature", "epsilon", "epsilon_high", "disable_dropout", "optim", "model_init_kwargs"]
     names += ["normalize_advantages"] if rloo else ["loss_type", "scale_rewards"]
+    base_dtype = str(trainer.model.get_input_embeddings().weight.dtype)
     return {"ends": clock.ends, "response_lengths": [h["completions/mean_length"] for h in history],
             "rewards": [h[reward_key] for h in history], "wall_s": wall2 - wall, "cpu_s": cpu2 - cpu,
             "optimizer_steps": trainer.state.global_step,
             "phases": {"generation": gen, "scoring + old/ref pass": [rollout[i] - gen[i] for i in (0, 1)],
                        "update": [step[i] - rollout[i] for i in (0, 1)], "of which scoring (reward function)": reward},
-            "settings": {k: getattr(args, k) for k in names}}
+            "settings": {**{k: getattr(args, k) for k in names}, "base_dtype": base_dtype}}
 
 
 def import_sides() -> None:
@@ -348,6 +379,8 @@ def summarize(a, runs: list[dict]) -> dict:
             "wall_s": r["wall_s"], "cpu_s": r["cpu_s"], "optimizer_steps": r["optimizer_steps"],
             "phases_s": {k: [round(v[0], 1), round(v[1], 1)] for k, v in r["phases"].items()},
             "max_rss_mb": max(x["max_rss_mb"] for x in runs), "settings": r.get("settings"),
+            **({"max_rss_before_report_mb": max(x["max_rss_before_report_mb"] for x in runs)}
+               if "max_rss_before_report_mb" in r else {}),
             "each_round_completions_per_s": [round(rate_of(a, x)["per_s"], 3) for x in runs]}
 
 
@@ -364,6 +397,8 @@ def seed_sweep(a, sides: list[str], child_args: list[str], out_dir: Path, show) 
     later: dict[str, list[float]] = {s: [] for s in sides}
     per_cpu: dict[str, list[float]] = {s: [] for s in sides}
     lengths: dict[str, list[float]] = {s: [] for s in sides}
+    rss: dict[str, list[float]] = {s: [] for s in sides}  # peak RSS, and pocketrlhf's before its report
+    early_rss: dict[str, list[float]] = {s: [] for s in sides}
     for seed in seeds:
         args = child_args + ["--seed", str(seed)]
         print(f"[bench] seed {seed}", flush=True)
@@ -372,12 +407,15 @@ def seed_sweep(a, sides: list[str], child_args: list[str], out_dir: Path, show) 
             later[s].append(later_mean(runs[s][0]["rewards"]))
             lengths[s].append(sum(runs[s][0]["response_lengths"]) / max(len(runs[s][0]["response_lengths"]), 1))
             per_cpu[s].append(rate_of(a, runs[s][0])["per_cpu_s"])
+            rss[s].append(runs[s][0]["max_rss_mb"])
+            early_rss[s].append(runs[s][0].get("max_rss_before_report_mb", runs[s][0]["max_rss_mb"]))
     print(f"\nlater-half mean reward over {len(seeds)} seeds {seeds} (mean +- standard error over seeds):")
     for s in sides:
         m, e = mean_and_error(later[s])
         print(f"  {s:<15} {m:.3f} +- {e:.3f}  (each seed: {[round(x, 3) for x in later[s]]}); completions per "
               f"CPU-s, median over seeds {statistics.median(per_cpu[s]):.1f}; mean completion tokens "
-              f"{sum(lengths[s]) / len(seeds):.2f}")
+              f"{sum(lengths[s]) / len(seeds):.2f}; peak RSS, highest seed {max(rss[s]):.0f} MB"
+              + (f" ({max(early_rss[s]):.0f} before its report)" if early_rss[s] != rss[s] else ""))
     gaps = {}
     for ours in [s for s in sides if s.startswith("pocketrlhf")]:
         for theirs in [s for s in sides if s.startswith("trl") and algorithm(s) == algorithm(ours)]:
@@ -385,9 +423,12 @@ def seed_sweep(a, sides: list[str], child_args: list[str], out_dir: Path, show) 
             gaps[f"{ours} / {theirs}"] = (m1 - m2, math.sqrt(e1 ** 2 + e2 ** 2))
             speed = sorted(x / y for x, y in zip(per_cpu[ours], per_cpu[theirs]))
             print(f"  {ours} - {theirs}: {m1 - m2:+.3f} +- {math.sqrt(e1 ** 2 + e2 ** 2):.3f}; completions per CPU-s, "
-                  f"ours / theirs seed by seed: median {statistics.median(speed):.2f}x (range {speed[0]:.2f}-{speed[-1]:.2f}x)")
+                  f"ours / theirs seed by seed: median {statistics.median(speed):.2f}x (range {speed[0]:.2f}-{speed[-1]:.2f}x); "
+                  f"peak RSS {max(rss[ours]) / max(rss[theirs]):.2f} "
+                  f"({max(early_rss[ours]) / max(rss[theirs]):.2f} up to pocketrlhf's report)")
     save_summary(out_dir / "seeds.json", {"seeds": seeds, "later_reward": later, "per_cpu_s": per_cpu,
-                                          "completion_tokens": lengths, "gaps": gaps, "repeat": a.repeat,
+                                          "completion_tokens": lengths, "gaps": gaps,
+                                          "max_rss_mb": rss, "max_rss_before_report_mb": early_rss, "repeat": a.repeat,
                                           "context": a.context, "machine": machine(),
                                           "date": time.strftime("%Y-%m-%d %H:%M")})
 
@@ -453,8 +494,11 @@ def main() -> None:
     def show(r: int, side: str, res: dict) -> None:
         rate = rate_of(a, res)
         print(f"  round {r + 1} {side:<15} {rate['per_s']:.2f} completions/s ({rate['per_cpu_s']:.2f} per CPU-s), "
-              f"{res['wall_s']:.0f} s wall / {res['cpu_s']:.0f} s CPU in all, max RSS {res['max_rss_mb']:.0f} MB, "
-              f"rewards {[round(x, 2) for x in res['rewards']]}", flush=True)
+              f"{res['wall_s']:.0f} s wall / {res['cpu_s']:.0f} s CPU in all, max RSS {res['max_rss_mb']:.0f} MB"
+              + (f" ({res['max_rss_before_report_mb']:.0f} before its report)" if "max_rss_before_report_mb" in res else "")
+              + (f", {1 - t['group rows'] / t['separate rows']:.0%} of answer tokens shared in its passes"
+                 if (t := res.get("answer_tokens_in_passes")) and t["separate rows"] else "")
+              + f", rewards {[round(x, 2) for x in res['rewards']]}", flush=True)
 
     if a.seeds:
         return seed_sweep(a, sides, child_args, work / f"seeds-{a.size}{suffix}", show)
@@ -473,7 +517,10 @@ def main() -> None:
         curves.update(reward_gaps(a, group))
     print("\nratios (ours / theirs): completions/s wall, per CPU-s; peak RSS (<= 1 is less memory):")
     for name, (wall, cpu, mem) in versus.items():
-        print(f"  {name}: {wall:.2f}x / {cpu:.2f}x; RSS {mem:.2f}")
+        ours, theirs = (rows[s] for s in name.split(" / "))
+        early = ours.get("max_rss_before_report_mb")
+        print(f"  {name}: {wall:.2f}x / {cpu:.2f}x; RSS {mem:.2f}"
+              + (f" ({early / theirs['max_rss_mb']:.2f} up to pocketrlhf's report)" if early else ""))
     print("\nmean reward (exact match) per generation batch, in order (the first batch is sampled before any update):")
     for s, r in rows.items():
         print(f"  {s:<15} {r['rewards']} (mean {r['mean_reward']:.3f}, later half {r['later_reward']:.3f})")

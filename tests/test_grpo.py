@@ -80,6 +80,56 @@ def test_group_prompt_sharing_gives_the_same_logprobs(digits):
         assert torch.allclose(shared, separate, atol=tolerance), (quantization, (shared - separate).abs().max())
 
 
+def test_answers_sharing_openings_are_laid_out_once_with_the_separate_rows_numbers(digits):
+    """Identical answers and answers with a common opening are one prefix tree in the group row:
+    each shared token once, and log-probs and LoRA gradients equal those of separate rows."""
+    from pocketrlhf.models.adapters import attach_adapter, fuse_lora_layers, make_peft_config
+    from pocketrlhf.models.forward import group_hidden_states, group_layout, response_logprobs
+    from pocketrlhf.models.loading import load_base
+
+    groups = [([5, 6, 7, 8], [[9, 10, 11], [9, 10, 11], [9, 12], [9, 10, 11, 13]]),  # a copy, a fork, a longer one
+              ([21, 22], [[30], [31, 32], [30], [31, 33, 34]]),
+              ([23, 24, 25], [[26], [27], [28], [29]])]  # nothing shared
+    rows = [prompt + answer for prompt, answers in groups for answer in answers]
+    width = max(map(len, rows))
+    ids = torch.tensor([r + [0] * (width - len(r)) for r in rows])
+    attn = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows])
+    plens = torch.tensor([len(prompt) for prompt, answers in groups for _ in answers])
+    resp = attn.clone()
+    for i, p in enumerate(plens.tolist()):
+        resp[i, :p] = 0
+    layout = group_layout(ids, attn, plens, 4)
+    # prompt + own tokens: 4 + 3 + 0 + 1 + 1, 2 + 1 + 2 + 0 + 2, 3 + 4 x 1
+    assert layout.length == 9 and (layout.ids != 0).sum(1).tolist() == [9, 7, 7]
+    for quantization, tolerance, grad_tolerance in (("none", 1e-5, 1e-5), ("4bit", 1e-3, 3e-2)):
+        model = attach_adapter(load_base(str(digits["model"]), quantization, device="cpu", training=True),
+                               make_peft_config("lora", r=4, alpha=8))
+        fuse_lora_layers(model)
+        torch.manual_seed(0)
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if "lora_B" in name:
+                    param.normal_(0, 0.05)
+        weights = torch.randn(ids.shape)  # a different weight on every token: any mix-up of rows shows
+        results = []
+        for hidden in (None, group_hidden_states(model, ids, attn, plens, 4, layout)):
+            if hidden is None:
+                logprobs = response_logprobs(model, ids, attn, resp).logprobs
+            else:
+                logprobs = response_logprobs(model, ids, attn, resp, hidden=hidden).logprobs
+            model.zero_grad()
+            (logprobs * weights).sum().backward()
+            grads = [p.grad.clone() for p in model.parameters() if p.requires_grad]
+            results.append((logprobs.detach(), grads))
+        (separate, separate_grads), (shared, shared_grads) = results
+        assert (separate != 0).sum() == resp[:, 1:].sum()
+        assert torch.allclose(shared, separate, atol=tolerance), (quantization, (shared - separate).abs().max())
+        # relative to the largest gradient entry; a 4-bit layer computes in bf16, so its rounding shows more
+        gap = max(float((a - b).abs().max()) for a, b in zip(shared_grads, separate_grads))
+        assert gap <= grad_tolerance * max(float(b.abs().max()) for b in separate_grads), (quantization, gap)
+        assert sum(g.abs().sum() for g in shared_grads) > 0
+
+
 def test_kill_and_resume_continues_the_same_trajectory(tmp_path, digits):
     full, crashed = tmp_path / "full", tmp_path / "crashed"
     grpo.train(config(digits, full, max_steps=4, save_steps=2, eval_at_start=False))
@@ -194,6 +244,7 @@ def test_sharing_the_prompt_only_where_it_pays():
     attn = torch.ones(4, 12)
     assert online.sharing_pays(attn, torch.tensor([10] * 4), 4)  # long prompt, short answers: one row
     assert not online.sharing_pays(attn, torch.tensor([2] * 4), 4)  # short prompt, long answers: separate rows
+    assert online.sharing_pays(attn, torch.tensor([2] * 4), 4, shared_length=12)  # the same answer 4 times: one row
 
 
 def test_sft_start_with_a_real_sampling_pass_has_ratio_one_and_kl_zero(tmp_path, digits):

@@ -376,16 +376,43 @@ def pair_hidden_states(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -
     return shared.flatten(0, 1)[batch["shared_index"]]  # back to the two-row layout
 
 
-def group_hidden_states(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                        prompt_lengths: torch.Tensor, group_size: int) -> torch.Tensor:
-    """Hidden states [N, T, d] of right-padded prompt + response rows where each run of
-    ``group_size`` rows answers one prompt (GRPO's G completions), computed with the prompt once
-    per group: one row holds the prompt and then every response, a response attending to the
-    prompt and to itself only, positions continuing from the prompt. The same numbers as
-    ``final_hidden_states`` on the rows (up to float rounding), with fewer tokens. An
-    encoder-decoder runs each group's prompt through its encoder once instead."""
-    if is_seq2seq_model(model):
-        return final_hidden_states(model, input_ids, attention_mask, response_mask_after(attention_mask, prompt_lengths))
+@dataclass
+class GroupLayout:
+    """Rows answering one prompt in groups, laid out as one row per group (``group_layout``)."""
+
+    ids: torch.Tensor  # [groups, L] the group rows' tokens
+    positions: torch.Tensor  # [groups, L] each token's position in its own original row
+    index: torch.Tensor  # [N, T] where each original row's token sits in the flattened group rows
+    length: int  # L: tokens per group row (the longest group)
+    owner: torch.Tensor  # [groups, G, A] the answer that holds answer a's token at depth t
+    answers: torch.Tensor  # [groups, G] answer lengths
+    slot_owner: torch.Tensor  # [groups, L] the answer holding each token; -1 prompt, -2 unused
+    slot_depth: torch.Tensor  # [groups, L] a token's depth in its answer
+
+    def allowed(self) -> torch.Tensor:
+        """[groups, L, L]: query may attend to key (built only for a layout that is used: L^2)."""
+        groups, group_size, _ = self.owner.shape
+        owner, depth = self.slot_owner, self.slot_depth
+        # Answer a's path holds key k when a's token at k's depth belongs to k's answer.
+        on_path = ((self.owner.gather(2, depth[:, None].expand(groups, group_size, self.length)) == owner[:, None])
+                   & (depth[:, None] < self.answers[:, :, None]) & (owner[:, None] >= 0))
+        query_path = on_path[torch.arange(groups, device=owner.device)[:, None], owner.clamp(min=0)]
+        is_answer, is_prompt = owner >= 0, owner == -1
+        causal = torch.ones(self.length, self.length, dtype=torch.bool, device=owner.device).tril()
+        # The prompt is seen by all; an answer token sees its ancestors; unused slots see what precedes them.
+        return causal & (is_prompt[:, None, :] | ~is_answer[:, :, None] & ~is_prompt[:, :, None]
+                         | is_answer[:, :, None] & query_path & (depth[:, None, :] <= depth[:, :, None]))
+
+
+def group_layout(input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_lengths: torch.Tensor,
+                 group_size: int) -> GroupLayout:
+    """One row per group of ``group_size`` right-padded prompt + answer rows that share their
+    prompt: the prompt once, then the answers as a prefix tree. Where answers of a group begin
+    with the same tokens (identical answers, or a shared opening), those tokens are laid out once,
+    by the first answer that has them, and every answer that starts so reads them; each answer
+    then adds only the tokens where it parts from every answer before it. A token attends to the
+    prompt and to the tokens of its own answer up to itself (its ancestors in the tree) and sits
+    at its own row's position, so it gets the numbers of its separate row."""
     n, width = input_ids.shape
     if n % group_size:
         raise ValueError(f"{n} rows do not split into groups of {group_size}")
@@ -393,30 +420,59 @@ def group_hidden_states(model: torch.nn.Module, input_ids: torch.Tensor, attenti
     lengths = attention_mask.long().sum(1)
     starts = prompt_lengths.to(device).long()
     answers = lengths - starts
-    # Where each answer starts in its group's row: after the prompt and the answers before it.
-    before = answers.view(groups, group_size).cumsum(1) - answers.view(groups, group_size)
-    offset = (starts.view(groups, group_size)[:, :1] + before).flatten()
-    length = int((offset + answers).max())
+    depth = torch.arange(max(int(answers.max()), 1), device=device)
+    # Answer tokens [N, A] by depth in the answer, and for every two answers of a group how many
+    # leading tokens they share.
+    in_answer = depth < answers[:, None]
+    tokens = torch.where(in_answer, input_ids.gather(1, (starts[:, None] + depth).clamp(max=width - 1)), -1)
+    tokens, in_answer = tokens.view(groups, group_size, -1), in_answer.view(groups, group_size, -1)
+    same = (tokens[:, :, None] == tokens[:, None]) & in_answer[:, :, None] & in_answer[:, None]
+    common = same.long().cumprod(-1).sum(-1)  # [groups, G, G]
+    # Each answer token belongs to the first answer of its group that has the same prefix up to it.
+    owner = (common[..., None] > depth).to(torch.uint8).argmax(2)  # [groups, G, A]
+    owns = (owner == torch.arange(group_size, device=device)[:, None]) & in_answer
+    own_count = owns.sum(-1)  # the answer's own tokens: a suffix of it, after what it shares
+    shared_count = answers.view(groups, group_size) - own_count
+    prompt_length = starts.view(groups, group_size)[:, 0]
+    offset = prompt_length[:, None] + own_count.cumsum(1) - own_count  # where each answer's own tokens start
+    length = int((prompt_length + own_count.sum(1)).max())
+    flat_owner = owner.flatten(1)
+    slot_by_depth = (offset.gather(1, flat_owner) - shared_count.gather(1, flat_owner)).view_as(owner) + depth
     column = torch.arange(width, device=device).expand(n, width)
     real = column < lengths[:, None]
     in_prompt = column < starts[:, None]
+    at_depth = (column - starts[:, None]).clamp(0, depth.numel() - 1)
+    slot = torch.where(in_prompt, column, slot_by_depth.view(n, -1).gather(1, at_depth))
     group = torch.arange(n, device=device) // group_size
-    # Prompt tokens map to the group row's prompt (the same for every answer), answer tokens after it.
-    slot = torch.where(in_prompt, column, offset[:, None] + column - starts[:, None])
     index = torch.where(real, group[:, None] * length + slot, 0)
     target = index[real]
-    ids = torch.zeros(groups * length, dtype=torch.long, device=device).index_put_((target,), input_ids[real])
-    segment_of = torch.where(in_prompt, 0, (torch.arange(n, device=device) % group_size + 1)[:, None])
-    segments = torch.full((groups * length,), -1, dtype=torch.long, device=device).index_put_((target,),
-                                                                                             segment_of[real])
-    # A token's position is its column in its own row: answers continue from their prompt.
-    positions = torch.zeros(groups * length, dtype=torch.long, device=device).index_put_((target,), column[real])
-    ids, segments, positions = (t.view(groups, length) for t in (ids, segments, positions))
-    query, key = segments.unsqueeze(2), segments.unsqueeze(1)
-    causal = torch.ones(length, length, dtype=torch.bool, device=device).tril()
-    allowed = causal & ((key == 0) | (key == query))  # a response never sees its siblings
-    shared = biased_hidden_states(model, ids, positions, allowed)
-    return shared.flatten(0, 1)[index]
+    # Tokens shared by several rows are written once per row, always with the same values.
+    def scatter(values: torch.Tensor, fill: int) -> torch.Tensor:
+        out = torch.full((groups * length,), fill, dtype=torch.long, device=device)
+        return out.index_put_((target,), values[real]).view(groups, length)
+
+    ids = scatter(input_ids, 0)
+    positions = scatter(column, 0)  # a token's position is its column in its own row
+    row_owner = owner.view(n, -1).gather(1, at_depth)
+    slot_owner = scatter(torch.where(in_prompt, -1, row_owner), -2)  # -1 prompt, -2 unused
+    slot_depth = scatter(at_depth, 0)
+    return GroupLayout(ids, positions, index, length, owner, answers.view(groups, group_size), slot_owner, slot_depth)
+
+
+def group_hidden_states(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                        prompt_lengths: torch.Tensor, group_size: int, layout: GroupLayout | None = None) -> torch.Tensor:
+    """Hidden states [N, T, d] of right-padded prompt + response rows where each run of
+    ``group_size`` rows answers one prompt (GRPO's G completions), computed in one row per group
+    (``group_layout``: the prompt once, answers sharing their common openings). The same numbers
+    as ``final_hidden_states`` on the rows (up to float rounding), with fewer tokens; rows that
+    read the same token get the same tensor entry, so their gradients meet there. An
+    encoder-decoder runs each group's prompt through its encoder once instead."""
+    if is_seq2seq_model(model):
+        return final_hidden_states(model, input_ids, attention_mask, response_mask_after(attention_mask, prompt_lengths))
+    if layout is None:
+        layout = group_layout(input_ids, attention_mask, prompt_lengths, group_size)
+    shared = biased_hidden_states(model, layout.ids, layout.positions, layout.allowed())
+    return shared.flatten(0, 1)[layout.index]
 
 
 def output_logits(model: torch.nn.Module, hidden: torch.Tensor) -> torch.Tensor:

@@ -69,8 +69,9 @@ class OnlineOptions:
     temperature: float = option(1.0, "sampling temperature; log-probs use logits / temperature everywhere")
     max_new_tokens: int = option(64, "response length limit")
     generation_batch_size: int = option(32, "sequences per generate() call (prompts x completions per prompt)")
-    share_prompt: bool = option(True, "completions of one prompt: compute the prompt once per group in every forward "
-                                      "pass (same numbers, fewer tokens; only with several completions per prompt)")
+    share_prompt: bool = option(True, "completions of one prompt: compute the prompt, and the openings completions "
+                                      "have in common, once per group in every forward pass (same numbers, fewer "
+                                      "tokens; only with several completions per prompt)")
     samples_to_log: int = option(4, "generations written to samples.jsonl at each eval")
     eval_at_start: bool = option(False, "evaluate on the held-out prompts before the first step too (step 0)")
 
@@ -352,12 +353,13 @@ def generate_rollouts(cfg, roles: Roles, tokenizer, prompts: Prompts, row_seeds:
 def rows_logprobs(model, ids, attn, resp, prompt_lengths, temperature: float, group_size: int, share: bool,
                   return_hidden: bool = False, return_entropy: bool = False):
     """``forward.response_logprobs`` of rollout rows; with ``share``, each group's prompt runs once."""
-    from pocketrlhf.models.forward import group_hidden_states, response_logprobs, supports_attention_bias
+    from pocketrlhf.models.forward import group_hidden_states, group_layout, response_logprobs, supports_attention_bias
 
     hidden = None
-    if (share and group_size > 1 and supports_attention_bias(model)
-            and sharing_pays(attn, prompt_lengths, group_size, linear_cost_per_pair(model))):
-        hidden = group_hidden_states(model, ids, attn, prompt_lengths, group_size)
+    if share and group_size > 1 and supports_attention_bias(model):
+        layout = group_layout(ids, attn, prompt_lengths, group_size)
+        if sharing_pays(attn, prompt_lengths, group_size, linear_cost_per_pair(model), layout.length):
+            hidden = group_hidden_states(model, ids, attn, prompt_lengths, group_size, layout)
     return response_logprobs(model, ids, attn, resp, temperature, return_hidden=return_hidden,
                              return_entropy=return_entropy, hidden=hidden)
 
@@ -384,17 +386,18 @@ def linear_cost_per_pair(model) -> float:
 
 
 def sharing_pays(attention_mask: torch.Tensor, prompt_lengths: torch.Tensor, group_size: int,
-                 linear_per_pair: float = 0.0) -> bool:
+                 linear_per_pair: float = 0.0, shared_length: int | None = None) -> bool:
     """Whether one row per group (prompt once, then every completion) costs less than G rows: it
     saves (G-1) x prompt tokens of every linear layer, but its attention is dense over the whole
     row (L^2 against G x T^2). The cost of a layout is tokens x ``linear_per_pair`` + attention
     pairs (``linear_cost_per_pair``): on a 7B model one token's linear work is worth ~25,000
     pairs, so the saved prompt copies outweigh the longer row's attention unless the prompt is a
-    small part of rows thousands of tokens long."""
+    small part of rows thousands of tokens long. ``shared_length``: the group row's length when
+    answers share openings (``forward.group_layout``); by default every answer token counts."""
     n, width = attention_mask.shape
     lengths = attention_mask.long().sum(1).view(-1, group_size)
     prompts = prompt_lengths.view(-1, group_size)[:, 0]
-    shared = int((prompts + (lengths - prompts[:, None]).sum(1)).max())
+    shared = shared_length if shared_length is not None else int((prompts + (lengths - prompts[:, None]).sum(1)).max())
     groups = n // group_size
     return groups * (shared * linear_per_pair + shared * shared) <= n * (width * linear_per_pair + width * width)
 
