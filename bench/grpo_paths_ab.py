@@ -6,7 +6,8 @@ On a loaded machine a bench run's rate moves by tens of percent between rounds; 
 code paths inside one process, back and forth, compares them under the same load. "before" turns
 off what issue 16's follow-up added: the fused LoRA forward (adapters.fuse_lora_layers), one
 prefill per distinct prompt in rollouts (generation.distinct_prompts) and the linear-work term
-of the prompt-sharing rule (online.linear_cost_per_pair). Uses the model and prompts of
+of the prompt-sharing rule (online.linear_cost_per_pair). The prefix-tree layout of a group's answers
+(forward.group_layout), added after these, is on in both. Uses the model and prompts of
 bench/grpo_vs_trl.py (run it once first) with its settings: 8 prompts x 8 completions, micro-batch
 16, fp32, one thread. Phases: generation of one batch, the reference pass, the training forward
 and backward of its 4 micro-batches; min and median over the repeats.

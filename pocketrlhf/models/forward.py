@@ -446,8 +446,9 @@ def group_layout(input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_l
     group = torch.arange(n, device=device) // group_size
     index = torch.where(real, group[:, None] * length + slot, 0)
     target = index[real]
-    # Tokens shared by several rows are written once per row, always with the same values.
+
     def scatter(values: torch.Tensor, fill: int) -> torch.Tensor:
+        # A token several rows share is written once per row, always with the same value.
         out = torch.full((groups * length,), fill, dtype=torch.long, device=device)
         return out.index_put_((target,), values[real]).view(groups, length)
 
