@@ -130,6 +130,36 @@ def test_answers_sharing_openings_are_laid_out_once_with_the_separate_rows_numbe
         assert sum(g.abs().sum() for g in shared_grads) > 0
 
 
+def test_group_layout_of_random_answers_is_their_prefix_tree():
+    """Random answers over 3 tokens (many shared openings, some repeats, different lengths): the
+    group row holds prompt + one slot per node of the answers' prefix tree, and every row's hidden
+    states equal its separate row's."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from pocketrlhf.models.forward import final_hidden_states, group_hidden_states, group_layout
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=40, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2)).eval()
+    rows, plens, nodes = [], [], []
+    for _ in range(5):
+        prompt = torch.randint(3, 40, (int(torch.randint(1, 6, ())),)).tolist()
+        answers = [torch.randint(0, 3, (int(torch.randint(1, 7, ())),)).tolist() for _ in range(6)]
+        nodes.append(len(prompt) + len({tuple(a[:k]) for a in answers for k in range(1, len(a) + 1)}))
+        rows += [prompt + a for a in answers]
+        plens += [len(prompt)] * 6
+    width = max(map(len, rows))
+    ids = torch.tensor([r + [0] * (width - len(r)) for r in rows])
+    attn = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows])
+    plens = torch.tensor(plens)
+    layout = group_layout(ids, attn, plens, 6)
+    assert layout.length == max(nodes) and (layout.slot_owner != -2).sum(1).tolist() == nodes
+    with torch.no_grad():
+        separate = final_hidden_states(model, ids, attn)
+        shared = group_hidden_states(model, ids, attn, plens, 6, layout)
+    assert torch.allclose(shared[attn.bool()], separate[attn.bool()], atol=1e-5)
+
+
 def test_kill_and_resume_continues_the_same_trajectory(tmp_path, digits):
     full, crashed = tmp_path / "full", tmp_path / "crashed"
     grpo.train(config(digits, full, max_steps=4, save_steps=2, eval_at_start=False))

@@ -426,8 +426,9 @@ def group_layout(input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_l
     in_answer = depth < answers[:, None]
     tokens = torch.where(in_answer, input_ids.gather(1, (starts[:, None] + depth).clamp(max=width - 1)), -1)
     tokens, in_answer = tokens.view(groups, group_size, -1), in_answer.view(groups, group_size, -1)
-    same = (tokens[:, :, None] == tokens[:, None]) & in_answer[:, :, None] & in_answer[:, None]
-    common = same.long().cumprod(-1).sum(-1)  # [groups, G, G]
+    differ = (tokens[:, :, None] != tokens[:, None]) | ~in_answer[:, :, None] | ~in_answer[:, None]
+    # the first depth where two answers differ (one byte per pair and depth, not an int64 cumprod)
+    common = torch.where(differ.any(-1), differ.to(torch.uint8).argmax(-1), depth.numel())  # [groups, G, G]
     # Each answer token belongs to the first answer of its group that has the same prefix up to it.
     owner = (common[..., None] > depth).to(torch.uint8).argmax(2)  # [groups, G, A]
     owns = (owner == torch.arange(group_size, device=device)[:, None]) & in_answer

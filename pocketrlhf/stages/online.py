@@ -352,7 +352,8 @@ def generate_rollouts(cfg, roles: Roles, tokenizer, prompts: Prompts, row_seeds:
 
 def rows_logprobs(model, ids, attn, resp, prompt_lengths, temperature: float, group_size: int, share: bool,
                   return_hidden: bool = False, return_entropy: bool = False):
-    """``forward.response_logprobs`` of rollout rows; with ``share``, each group's prompt runs once."""
+    """``forward.response_logprobs`` of rollout rows; with ``share``, each group's prompt, and the
+    openings its answers have in common, run once (``forward.group_layout``) where that pays."""
     from pocketrlhf.models.forward import group_hidden_states, group_layout, response_logprobs, supports_attention_bias
 
     hidden = None
