@@ -209,8 +209,6 @@ def per_batch(a) -> int:
 
 
 def run_ours(a, files: dict, out: Path, dtype: str = "auto") -> dict:
-    import torch
-
     from pocketrlhf.models import generation
     from pocketrlhf.stages import common, grpo, online
 
@@ -248,9 +246,8 @@ def run_ours(a, files: dict, out: Path, dtype: str = "auto") -> dict:
 
     def counted_layout(ids, attn, prompt_lengths, group_size):
         layout = layout_of(ids, attn, prompt_lengths, group_size)
-        prompts = int(prompt_lengths.view(-1, group_size)[:, 0].sum())
         answer_tokens[0] += int(attn.sum()) - int(prompt_lengths.sum())
-        answer_tokens[1] += torch.unique(layout.index[attn.bool()]).numel() - prompts
+        answer_tokens[1] += int((layout.slot_owner >= 0).sum())  # the tree's answer slots
         return layout
 
     forward.group_layout = counted_layout

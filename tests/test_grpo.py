@@ -112,11 +112,8 @@ def test_answers_sharing_openings_are_laid_out_once_with_the_separate_rows_numbe
                     param.normal_(0, 0.05)
         weights = torch.randn(ids.shape)  # a different weight on every token: any mix-up of rows shows
         results = []
-        for hidden in (None, group_hidden_states(model, ids, attn, plens, 4, layout)):
-            if hidden is None:
-                logprobs = response_logprobs(model, ids, attn, resp).logprobs
-            else:
-                logprobs = response_logprobs(model, ids, attn, resp, hidden=hidden).logprobs
+        for hidden in (None, group_hidden_states(model, ids, attn, plens, 4, layout)):  # None: separate rows
+            logprobs = response_logprobs(model, ids, attn, resp, hidden=hidden).logprobs
             model.zero_grad()
             (logprobs * weights).sum().backward()
             grads = [p.grad.clone() for p in model.parameters() if p.requires_grad]
